@@ -1,0 +1,127 @@
+//! The admin API under `/admin/v1`, behind a bearer token: the snapshot the ops agent reads,
+//! and the bounded tools it may call. Every call is audited.
+
+use std::net::IpAddr;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
+use crate::config::RateLimits;
+use crate::engine::{AdmissionChange, Snapshot};
+use crate::store::AuditEntry;
+
+/// Who the audit log names for calls made with the admin token.
+const ADMIN_ACTOR: &str = "admin";
+/// The most audit entries one call returns.
+const AUDIT_PAGE_MAX: u32 = 1_000;
+
+pub(super) fn routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/snapshot", get(snapshot))
+        .route("/schedules/{id}/admission", put(set_admission))
+        .route("/rate-limits", put(set_rate_limits))
+        .route("/blocks", post(block))
+        .route("/blocks/{ip}", delete(unblock))
+        .route("/hold-ttl", put(set_hold_ttl))
+        .route("/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(state, authenticate))
+}
+
+/// 401 without a bearer token, 403 with a wrong one; compared as digests, so the time taken
+/// does not depend on how much of the token was right.
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.engine.config().admin_token.as_deref() else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "the admin API is disabled").into_response();
+    };
+    match bearer(request.headers()) {
+        None => {
+            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "admin_unauthorized", "the admin API needs `Authorization: Bearer <admin token>`")
+                .into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response
+        }
+        Some(presented) if Sha256::digest(presented) == Sha256::digest(expected) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::FORBIDDEN, "admin_forbidden", "the admin token is wrong").into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BlockRequest {
+    #[schema(value_type = String)]
+    ip: IpAddr,
+    ttl_s: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HoldTtl {
+    ttl_s: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    /// How many of the newest entries (at most 1000).
+    limit: Option<u32>,
+}
+
+/// Rates, latencies, error rates, lines, top talkers and store latency of this node.
+#[utoipa::path(get, path = "/admin/v1/snapshot", security(("admin_token" = [])), responses((status = 200, body = Snapshot)))]
+pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
+    respond(StatusCode::OK, state.engine.snapshot_with_policies().await.map_err(ApiError::from))
+}
+
+/// Sets a line's admission rate, active maximum and pause.
+#[utoipa::path(put, path = "/admin/v1/schedules/{id}/admission", params(("id" = u64, Path)), request_body = AdmissionChange,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn set_admission(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, ApiJson(change): ApiJson<AdmissionChange>) -> Response {
+    respond(StatusCode::OK, state.engine.set_admission(ADMIN_ACTOR, id, change).await.map_err(ApiError::from))
+}
+
+/// Sets the per-IP and per-token rate limits.
+#[utoipa::path(put, path = "/admin/v1/rate-limits", request_body = RateLimits,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn set_rate_limits(State(state): State<AppState>, ApiJson(limits): ApiJson<RateLimits>) -> Response {
+    respond(StatusCode::OK, state.engine.set_rate_limits(ADMIN_ACTOR, limits).await.map_err(ApiError::from))
+}
+
+/// Blocks an IP for a while.
+#[utoipa::path(post, path = "/admin/v1/blocks", request_body = BlockRequest,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn block(State(state): State<AppState>, ApiJson(body): ApiJson<BlockRequest>) -> Response {
+    respond(StatusCode::OK, state.engine.block(ADMIN_ACTOR, body.ip, body.ttl_s).await.map_err(ApiError::from))
+}
+
+/// Lifts a block.
+#[utoipa::path(delete, path = "/admin/v1/blocks/{ip}", params(("ip" = String, Path)),
+    security(("admin_token" = [])), responses((status = 200), (status = 404, body = super::Problem)))]
+pub(super) async fn unblock(State(state): State<AppState>, ApiPath(ip): ApiPath<IpAddr>) -> Response {
+    respond(StatusCode::OK, state.engine.unblock(ADMIN_ACTOR, ip).await.map_err(ApiError::from))
+}
+
+/// Sets the TTL of new holds.
+#[utoipa::path(put, path = "/admin/v1/hold-ttl", request_body = HoldTtl,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn set_hold_ttl(State(state): State<AppState>, ApiJson(body): ApiJson<HoldTtl>) -> Response {
+    respond(StatusCode::OK, state.engine.set_hold_ttl(ADMIN_ACTOR, body.ttl_s).await.map_err(ApiError::from))
+}
+
+/// The audit log: when, what, value before and after.
+#[utoipa::path(get, path = "/admin/v1/audit", params(AuditQuery),
+    security(("admin_token" = [])), responses((status = 200, body = [AuditEntry])))]
+pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<AuditQuery>) -> Response {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
+        return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds", "limit must be in 1..=1000").into_response();
+    }
+    respond(StatusCode::OK, state.engine.audit_log(limit).await.map_err(ApiError::from))
+}

@@ -1,0 +1,111 @@
+//! `Idempotency-Key` on every mutating call: the same key with the same request returns the
+//! same response, byte for byte; the same key with another request is a 422; a key whose
+//! request is still running is a 409.
+//!
+//! **Invariant:** a response is stored only when the outcome is final (not a 5xx, 429 or
+//! 503), so a retry after a failure runs the request again instead of replaying the failure.
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState, REQUEST_BODY_MAX};
+use crate::domain::{IdempotencyDecision, StoredResponse};
+
+/// The header's name.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The longest key accepted.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
+/// The largest response stored for replay.
+pub const STORED_RESPONSE_MAX: usize = 256 * 1024;
+
+/// The middleware.
+pub(super) async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(key) = request.headers().get(IDEMPOTENCY_KEY).cloned() else {
+        return next.run(request).await;
+    };
+    let key = match key.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX => key.to_owned(),
+        _ => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+                .into_response();
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(body) = to_bytes(body, REQUEST_BODY_MAX).await else {
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large").into_response();
+    };
+    let fingerprint = fingerprint(&parts, &body);
+    let engine = &state.engine;
+    let lease_ms = engine.config().idempotency_lease_ms;
+    let decision = match engine.idempotency_begin(key.clone(), fingerprint, lease_ms).await {
+        Ok(decision) => decision,
+        Err(error) => return ApiError::from(error).into_response(),
+    };
+    match decision {
+        IdempotencyDecision::Replay(stored) => replay(stored),
+        IdempotencyDecision::InProgress => {
+            ApiError::new(StatusCode::CONFLICT, "idempotency_in_progress", "a request with this Idempotency-Key is still running")
+                .retry_after(1)
+                .into_response()
+        }
+        IdempotencyDecision::Mismatch => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        )
+        .into_response(),
+        IdempotencyDecision::Proceed => {
+            let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+            let status = response.status();
+            let (response_parts, response_body) = response.into_parts();
+            let Ok(bytes) = to_bytes(response_body, STORED_RESPONSE_MAX).await else {
+                let _ = engine.idempotency_release(key, fingerprint).await;
+                return ApiError::internal("response too large to store").into_response();
+            };
+            let outcome = if is_final(status) {
+                let content_type = response_parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("application/json")
+                    .to_owned();
+                let stored = StoredResponse { status: status.as_u16(), content_type, body: bytes.to_vec() };
+                engine.idempotency_complete(key, fingerprint, stored).await
+            } else {
+                engine.idempotency_release(key, fingerprint).await
+            };
+            if let Err(error) = outcome {
+                tracing::warn!(%error, "idempotency record not updated; the lease will lapse");
+            }
+            Response::from_parts(response_parts, Body::from(bytes))
+        }
+    }
+}
+
+fn is_final(status: StatusCode) -> bool {
+    !(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+fn fingerprint(parts: &axum::http::request::Parts, body: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str());
+    hasher.update([0]);
+    hasher.update(parts.uri.path());
+    hasher.update([0]);
+    hasher.update(parts.uri.query().unwrap_or(""));
+    hasher.update([0]);
+    hasher.update(parts.headers.get(header::AUTHORIZATION).map_or(&b""[..], HeaderValue::as_bytes));
+    hasher.update([0]);
+    hasher.update(body);
+    hasher.finalize().into()
+}
+
+fn replay(stored: StoredResponse) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let content_type = HeaderValue::from_str(&stored.content_type).unwrap_or(HeaderValue::from_static("application/json"));
+    (status, [(header::CONTENT_TYPE, content_type)], stored.body).into_response()
+}

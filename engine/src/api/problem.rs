@@ -1,0 +1,153 @@
+//! Errors as RFC 7807 `application/problem+json`, each with a stable `code`.
+//!
+//! **Invariant:** internal detail (store errors, panics) is logged, never sent: a 5xx body
+//! says only that something went wrong, with a request id to find it in the logs.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::{TokenStatus, TransitionError};
+use crate::engine::EngineError;
+use crate::guards::{LimitScope, Rejection};
+
+/// A problem document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable, machine-readable: clients branch on this, never on `title` or `detail`.
+    pub code: String,
+    pub detail: String,
+}
+
+/// An error on its way to becoming a problem response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    /// A problem with `status`, stable `code` and a human `detail`.
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into(), retry_after_s: None }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds.max(1));
+        self
+    }
+
+    /// The 500 a client sees for anything unexpected.
+    pub fn internal(request_id: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("something went wrong (request id {request_id})"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            problem_type: format!("urn:tcore:problem:{}", self.code),
+            title: self.status.canonical_reason().unwrap_or("error").to_owned(),
+            status: self.status.as_u16(),
+            code: self.code.to_owned(),
+            detail: self.detail,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(seconds) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        use StatusCode as S;
+        let detail = error.to_string();
+        match error {
+            EngineError::NotFound { .. } => Self::new(S::NOT_FOUND, "not_found", detail),
+            EngineError::TokenMissing => Self::new(S::UNAUTHORIZED, "token_missing", detail),
+            EngineError::TokenInvalid(_) => Self::new(S::UNAUTHORIZED, "token_invalid", detail),
+            EngineError::TokenWrongSchedule { .. } => Self::new(S::FORBIDDEN, "token_wrong_schedule", detail),
+            EngineError::TokenNotAdmitted { status } => match status {
+                TokenStatus::Waiting => Self::new(S::FORBIDDEN, "token_not_admitted", detail),
+                TokenStatus::Expired => Self::new(S::FORBIDDEN, "token_expired", detail),
+                TokenStatus::Used | TokenStatus::Admitted => Self::new(S::FORBIDDEN, "token_used", detail),
+            },
+            EngineError::NotOwner => Self::new(S::FORBIDDEN, "not_owner", detail),
+            EngineError::SeatTaken => Self::new(S::CONFLICT, "seat_taken", detail),
+            EngineError::SeatLocked => Self::new(S::CONFLICT, "seat_locked", detail).retry_after(1),
+            EngineError::Rejected(rejection) => match rejection {
+                TransitionError::HoldExpired { .. } => Self::new(S::GONE, "hold_expired", detail),
+                TransitionError::StaleFence { .. } => Self::new(S::CONFLICT, "stale_fence", detail),
+                TransitionError::NotHeld { .. } => Self::new(S::CONFLICT, "not_held", detail),
+                TransitionError::AlreadyFinal { .. } | TransitionError::HoldStillValid => {
+                    Self::new(S::CONFLICT, "already_final", detail)
+                }
+                TransitionError::InsufficientPoints { .. } => Self::new(S::PAYMENT_REQUIRED, "insufficient_points", detail),
+                TransitionError::InvalidAmount { .. } => Self::new(S::UNPROCESSABLE_ENTITY, "invalid_amount", detail),
+                TransitionError::TokenNotAdmitted { .. } => Self::new(S::FORBIDDEN, "token_not_admitted", detail),
+                TransitionError::SeatUnavailable => Self::new(S::CONFLICT, "seat_taken", detail),
+            },
+            EngineError::Invalid { .. } => Self::new(S::UNPROCESSABLE_ENTITY, "validation_failed", detail),
+            EngineError::OutOfBounds(_) => Self::new(S::UNPROCESSABLE_ENTITY, "out_of_bounds", detail),
+            EngineError::StoreUnavailable { reason } => {
+                tracing::warn!(%reason, "store unavailable");
+                Self::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "a store is unavailable; retry with the same Idempotency-Key").retry_after(1)
+            }
+        }
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::Blocked { until_ms } => {
+                Self::new(StatusCode::FORBIDDEN, "ip_blocked", format!("this address is blocked until {until_ms} ms"))
+            }
+            Rejection::RateLimited { scope, retry_after_s } => {
+                let what = match scope {
+                    LimitScope::Ip => "this address",
+                    LimitScope::Token => "this queue token",
+                };
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests from {what}"))
+                    .retry_after(retry_after_s)
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = match rejection {
+            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        Self::new(status, "invalid_body", rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
+    }
+}

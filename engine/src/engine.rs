@@ -1,0 +1,656 @@
+//! The engine's use cases, independent of HTTP: join the line, hold, confirm, cancel, charge
+//! points, the admin tools, and the background work (admission ticks, hold expiry).
+//!
+//! **Invariant:** every booking call checks a signed queue token first; a hold is taken only
+//! through the configured [`HoldMode`]; correctness settings never change after start.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use utoipa::ToSchema;
+
+use crate::clock::Clock;
+use crate::config::{ConfigError, EngineConfig, HoldMode, RateLimits, RuntimeSettings, bounds, check_bound};
+use crate::domain::{
+    Account, AdmissionPolicy, Concert, IdempotencyDecision, StoredResponse, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule,
+    ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, TokenStatus, TransitionError, UserId,
+    WriteGuard,
+};
+use crate::faults::{FaultContext, FaultHook, FaultPoint};
+use crate::guards::{Block, Guards};
+use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, StoreError};
+use crate::telemetry::{Telemetry, TrafficSnapshot};
+use crate::tokens::{QueueClaim, TokenError, TokenSigner};
+
+/// Why the engine refused or failed a call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: u64 },
+    #[error("this call needs a queue token: `Authorization: Bearer <token>`")]
+    TokenMissing,
+    #[error(transparent)]
+    TokenInvalid(#[from] TokenError),
+    #[error("the queue token is for schedule {token_schedule}, not {requested}")]
+    TokenWrongSchedule { token_schedule: ScheduleId, requested: ScheduleId },
+    #[error("the queue token is {status:?}")]
+    TokenNotAdmitted { status: TokenStatus },
+    #[error("the reservation belongs to another user")]
+    NotOwner,
+    #[error("the seat is taken")]
+    SeatTaken,
+    #[error("the seat is being taken by someone else right now")]
+    SeatLocked,
+    #[error(transparent)]
+    Rejected(TransitionError),
+    #[error("{reason}")]
+    Invalid { reason: String },
+    #[error(transparent)]
+    OutOfBounds(#[from] ConfigError),
+    #[error("a store is unavailable: {reason}")]
+    StoreUnavailable { reason: String },
+}
+
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound { entity, id } => EngineError::NotFound { entity, id },
+            StoreError::Rejected(TransitionError::SeatUnavailable) => EngineError::SeatTaken,
+            StoreError::Rejected(TransitionError::TokenNotAdmitted { status }) => EngineError::TokenNotAdmitted { status },
+            StoreError::Rejected(rejection) => EngineError::Rejected(rejection),
+            StoreError::NotOwner => EngineError::NotOwner,
+            StoreError::Unavailable { reason } => EngineError::StoreUnavailable { reason },
+            StoreError::Invalid { reason } => EngineError::Invalid { reason },
+        }
+    }
+}
+
+/// The answer to joining a line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Joined {
+    pub token: String,
+    pub position: u64,
+    pub eta_s: u64,
+}
+
+/// The answer to a queue status call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QueuePosition {
+    pub status: TokenStatus,
+    pub position: u64,
+    pub eta_s: u64,
+}
+
+impl From<QueueStatus> for QueuePosition {
+    fn from(status: QueueStatus) -> Self {
+        Self { status: status.status, position: status.position, eta_s: status.eta_s }
+    }
+}
+
+/// An admission change asked for by an admin.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionChange {
+    pub rate_per_s: f64,
+    pub active_max: u32,
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// A line's state in the admin snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct QueueSnapshot {
+    pub schedule_id: ScheduleId,
+    pub waiting: u64,
+    pub active: u32,
+    pub admitted_total: u64,
+    pub admission: AdmissionPolicy,
+}
+
+/// What the ops agent reads: traffic, lines, settings and blocks of one node.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Snapshot {
+    pub node: String,
+    pub at_ms: u64,
+    pub hold_mode: HoldMode,
+    pub traffic: TrafficSnapshot,
+    pub queues: Vec<QueueSnapshot>,
+    pub hold_ttl_s: u64,
+    pub rate_limits: RateLimits,
+    pub blocks: Vec<Block>,
+}
+
+/// Which token statuses a call accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenNeed {
+    /// Browsing and holding: the user must be admitted right now.
+    Admitted,
+    /// Paying for, reading or cancelling one's own hold: admitted, or already used to buy.
+    AdmittedOrUsed,
+}
+
+/// What an engine node is built from.
+#[derive(Debug)]
+pub struct EngineParts {
+    pub config: EngineConfig,
+    pub clock: Arc<dyn Clock>,
+    pub record: Arc<dyn RecordStore>,
+    pub cache: Arc<dyn CacheStore>,
+    pub faults: Arc<dyn FaultHook>,
+}
+
+/// One engine node.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    record: Arc<dyn RecordStore>,
+    cache: Arc<dyn CacheStore>,
+    faults: Arc<dyn FaultHook>,
+    signer: TokenSigner,
+    guards: Guards,
+    telemetry: Telemetry,
+    settings: RwLock<RuntimeSettings>,
+    lines: Mutex<BTreeMap<ScheduleId, LineWatch>>,
+}
+
+#[derive(Debug)]
+struct LineWatch {
+    head_order_index: watch::Sender<u64>,
+    last_report: Option<AdmitReport>,
+}
+
+/// The most a long poll on queue status waits.
+pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
+
+impl Engine {
+    /// Builds a node; refuses an invalid or unsafe configuration.
+    pub fn new(parts: EngineParts) -> Result<Arc<Self>, ConfigError> {
+        parts.config.validate()?;
+        let guards = Guards::new(parts.config.rate_limits, Arc::clone(&parts.clock));
+        Ok(Arc::new(Self {
+            signer: TokenSigner::new(&parts.config.token_secret),
+            telemetry: Telemetry::new(&parts.config.node),
+            settings: RwLock::new(parts.config.runtime_settings()),
+            lines: Mutex::new(BTreeMap::new()),
+            guards,
+            config: parts.config,
+            clock: parts.clock,
+            record: parts.record,
+            cache: parts.cache,
+            faults: parts.faults,
+        }))
+    }
+
+    /// The node's fixed configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The node's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The node's guards.
+    pub fn guards(&self) -> &Guards {
+        &self.guards
+    }
+
+    /// The node's measurements.
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    async fn timed<T>(&self, op: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, EngineError> {
+        let start_us = self.clock.monotonic_us();
+        let result = call.await;
+        let latency_us = self.clock.monotonic_us().saturating_sub(start_us);
+        self.telemetry.record_store_call(op, latency_us, self.now_ms());
+        Ok(result?)
+    }
+
+    async fn fault_point(&self, point: FaultPoint, context: FaultContext) {
+        if let Some(pause) = self.faults.pause_at(point, &context) {
+            tracing::warn!(point = point.name(), pause_ms = pause.as_millis() as u64, "fault point: pausing");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Answers whether both stores can be reached.
+    pub async fn ready(&self) -> Result<(), EngineError> {
+        self.timed("ping", self.record.ping()).await?;
+        self.timed("ping", self.cache.ping()).await
+    }
+
+    /// Puts a schedule on sale and opens its waiting line.
+    pub async fn add_schedule(&self, schedule: Schedule) -> Result<(), EngineError> {
+        let (id, opens_at_ms) = (schedule.id, schedule.opens_at_ms);
+        self.record.put_schedule(schedule).await?;
+        self.cache.create_line(id, opens_at_ms, self.config.queue_order, self.config.admission).await?;
+        Ok(())
+    }
+
+    /// Loads a demo concert with `seats` seats in three sections, on sale from now.
+    pub async fn load_demo(&self, seats: u32) -> Result<(), EngineError> {
+        let front = seats / 5;
+        let middle = seats * 2 / 5;
+        let back = seats - front - middle;
+        let sections = [("Floor", 300, front), ("Lower", 200, middle), ("Upper", 100, back)]
+            .into_iter()
+            .filter(|(_, _, count)| *count > 0)
+            .map(|(name, price_points, seats_count)| Section { name: name.into(), price_points, seats_count })
+            .collect();
+        self.add_schedule(Schedule {
+            id: 1,
+            concert: Concert { id: 1, name: "Demo Concert".into() },
+            opens_at_ms: self.now_ms(),
+            sections,
+        })
+        .await
+    }
+
+    /// What is on sale.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleSummary>, EngineError> {
+        self.timed("schedules", self.record.schedules(self.now_ms())).await
+    }
+
+    /// Opens an account.
+    pub async fn create_user(&self, name: String) -> Result<Account, EngineError> {
+        let name = name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(EngineError::Invalid { reason: "name must have 1 to 100 characters".into() });
+        }
+        self.timed("create_user", self.record.create_user(name, 0, self.now_ms())).await
+    }
+
+    /// Reads an account.
+    pub async fn user(&self, user_id: UserId) -> Result<Account, EngineError> {
+        self.timed("account", self.record.account(user_id)).await
+    }
+
+    /// Adds points, once per idempotency key.
+    pub async fn charge_points(&self, user_id: UserId, amount: u64, idempotency_key: String) -> Result<Account, EngineError> {
+        self.timed("top_up", self.record.top_up(user_id, amount, idempotency_key, self.now_ms())).await
+    }
+
+    /// Joins a schedule's line.
+    pub async fn join_queue(&self, schedule_id: ScheduleId, user_id: UserId) -> Result<Joined, EngineError> {
+        self.timed("account", self.record.account(user_id)).await?;
+        let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
+        let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
+        Ok(Joined { token, position: status.position, eta_s: status.eta_s })
+    }
+
+    /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.
+    pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
+        let claim = self.signer.verify(token)?;
+        let mut status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        if status.status != TokenStatus::Waiting || wait.is_zero() {
+            return Ok(status.into());
+        }
+        let mut head = self.line_watch(claim.schedule_id);
+        let deadline = tokio::time::Instant::now() + wait.min(QUEUE_WAIT_MAX);
+        loop {
+            tokio::select! {
+                changed = head.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if *head.borrow_and_update() <= status.order_index {
+                        continue;
+                    }
+                    status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+                    if status.status != TokenStatus::Waiting {
+                        return Ok(status.into());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        Ok(status.into())
+    }
+
+    fn line_watch(&self, schedule_id: ScheduleId) -> watch::Receiver<u64> {
+        let mut lines = self.lines.lock();
+        lines
+            .entry(schedule_id)
+            .or_insert_with(|| LineWatch { head_order_index: watch::Sender::new(0), last_report: None })
+            .head_order_index
+            .subscribe()
+    }
+
+    async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
+        let claim = self.signer.verify(token.ok_or(EngineError::TokenMissing)?)?;
+        let status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        if status.user_id != claim.user_id {
+            return Err(EngineError::TokenInvalid(TokenError::BadSignature));
+        }
+        match (status.status, need) {
+            (TokenStatus::Admitted, _) | (TokenStatus::Used, TokenNeed::AdmittedOrUsed) => Ok(claim),
+            (status, _) => Err(EngineError::TokenNotAdmitted { status }),
+        }
+    }
+
+    fn check_schedule(claim: QueueClaim, schedule_id: ScheduleId) -> Result<(), EngineError> {
+        if claim.schedule_id == schedule_id {
+            Ok(())
+        } else {
+            Err(EngineError::TokenWrongSchedule { token_schedule: claim.schedule_id, requested: schedule_id })
+        }
+    }
+
+    /// The seat map, for an admitted user.
+    pub async fn seat_map(&self, token: Option<&str>, schedule_id: ScheduleId) -> Result<Vec<SeatView>, EngineError> {
+        let claim = self.authorize(token, TokenNeed::Admitted).await?;
+        Self::check_schedule(claim, schedule_id)?;
+        self.timed("seat_map", self.record.seat_map(schedule_id, self.now_ms())).await
+    }
+
+    /// Takes a seat for an admitted user, the way the configured hold mode says.
+    pub async fn hold(&self, token: Option<&str>, schedule_id: ScheduleId, seat_id: SeatId) -> Result<Reservation, EngineError> {
+        let claim = self.authorize(token, TokenNeed::Admitted).await?;
+        Self::check_schedule(claim, schedule_id)?;
+        let request = HoldRequest { schedule_id, seat_id, user_id: claim.user_id, hold_ttl_ms: self.settings.read().hold_ttl_ms };
+        let reservation = match self.config.hold_mode {
+            HoldMode::Atomic => self.timed("try_hold", self.record.try_hold(request, self.now_ms())).await?,
+            HoldMode::FencedLock => self.hold_under_lock(request, WriteGuard::Fenced).await?,
+            HoldMode::UnfencedLock => self.hold_under_lock(request, WriteGuard::Unfenced).await?,
+        };
+        self.telemetry.record_hold(self.now_ms());
+        Ok(reservation)
+    }
+
+    /// Lock, read, check, write, unlock: the lock hold modes. Whether the write is fenced is
+    /// the whole difference between safe and unsafe.
+    async fn hold_under_lock(&self, request: HoldRequest, guard: fn(crate::domain::FenceToken) -> WriteGuard) -> Result<Reservation, EngineError> {
+        let key = format!("seat:{}:{}", request.schedule_id, request.seat_id);
+        let grant = self
+            .timed("acquire_lock", self.cache.acquire_lock(key.clone(), self.config.lock_ttl_ms, self.now_ms()))
+            .await?
+            .ok_or(EngineError::SeatLocked)?;
+        let context = |now_ms| FaultContext {
+            now_ms,
+            schedule_id: request.schedule_id,
+            seat_id: Some(request.seat_id),
+            lock_expires_at_ms: Some(grant.expires_at_ms),
+        };
+        self.fault_point(FaultPoint::HoldAfterLock, context(self.now_ms())).await;
+        let written = async {
+            let slot = self.timed("seat", self.record.seat(request.schedule_id, request.seat_id)).await?;
+            if slot.status(self.now_ms()) != SeatStatus::Available {
+                return Err(EngineError::SeatTaken);
+            }
+            self.fault_point(FaultPoint::HoldAfterCheck, context(self.now_ms())).await;
+            self.timed("write_hold", self.record.write_hold(request, guard(grant.fence), self.now_ms())).await
+        }
+        .await;
+        if let Err(error) = self.timed("release_lock", self.cache.release_lock(key, grant.fence)).await {
+            tracing::warn!(%error, "lock release failed; it ends with its TTL");
+        }
+        written
+    }
+
+    async fn owned_reservation(&self, claim: QueueClaim, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
+        let reservation = self.timed("reservation", self.record.reservation(reservation_id)).await?;
+        if reservation.user_id != claim.user_id {
+            return Err(EngineError::NotOwner);
+        }
+        Ok(reservation)
+    }
+
+    /// Pays for a hold with points and confirms it.
+    pub async fn confirm(&self, token: Option<&str>, reservation_id: ReservationId, idempotency_key: Option<String>) -> Result<Reservation, EngineError> {
+        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+        let before = self.owned_reservation(claim, reservation_id).await?;
+        let context = FaultContext { now_ms: self.now_ms(), schedule_id: before.schedule_id, seat_id: Some(before.seat_id), lock_expires_at_ms: None };
+        self.fault_point(FaultPoint::ConfirmBeforeCommit, context).await;
+        let confirmed = self
+            .timed("confirm", self.record.confirm(reservation_id, claim.user_id, idempotency_key, self.now_ms()))
+            .await?;
+        if before.status != ReservationStatus::Confirmed {
+            self.telemetry.record_confirmation(self.now_ms());
+        }
+        match self.timed("mark_used", self.cache.mark_used(claim.schedule_id, claim.seq, self.now_ms())).await {
+            Ok(()) | Err(EngineError::TokenNotAdmitted { .. }) => {}
+            Err(error) => tracing::warn!(%error, "could not mark the queue token used; it ends with its TTL"),
+        }
+        Ok(confirmed)
+    }
+
+    /// Cancels one's hold, or one's confirmed reservation with a refund.
+    pub async fn cancel(&self, token: Option<&str>, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
+        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+        self.owned_reservation(claim, reservation_id).await?;
+        self.timed("cancel", self.record.cancel(reservation_id, claim.user_id, self.now_ms())).await
+    }
+
+    /// Reads one's reservation.
+    pub async fn reservation(&self, token: Option<&str>, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
+        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+        self.owned_reservation(claim, reservation_id).await
+    }
+
+    /// Moves every known line forward, and wakes the long polls of those who were reached.
+    pub async fn tick_admission(&self) -> Result<(), EngineError> {
+        let schedule_ids: Vec<ScheduleId> = self.schedules().await?.into_iter().map(|summary| summary.id).collect();
+        for schedule_id in schedule_ids {
+            let report = self.timed("admit", self.cache.admit(schedule_id, self.now_ms())).await?;
+            self.telemetry.set_queue(schedule_id, report.waiting, report.active, report.admitted_total);
+            let mut lines = self.lines.lock();
+            let line = lines
+                .entry(schedule_id)
+                .or_insert_with(|| LineWatch { head_order_index: watch::Sender::new(0), last_report: None });
+            line.last_report = Some(report);
+            line.head_order_index.send_if_modified(|head| {
+                let moved = report.head_order_index > *head;
+                *head = (*head).max(report.head_order_index);
+                moved
+            });
+        }
+        Ok(())
+    }
+
+    /// Expires holds past their time and forgets stale guard state.
+    pub async fn sweep(&self) -> Result<u32, EngineError> {
+        self.guards.sweep();
+        let expired = self.timed("expire_holds", self.record.expire_holds(self.now_ms(), self.config.sweep_batch_max)).await?;
+        let taken: u64 = self.schedules().await?.iter().map(|s| s.seats_total - s.seats_available).sum();
+        self.telemetry.set_holds_active(taken);
+        Ok(expired)
+    }
+
+    /// Runs admission ticks and hold sweeps until the task is dropped.
+    pub async fn run_background(self: Arc<Self>) {
+        let mut admission = tokio::time::interval(Duration::from_millis(self.config.admission_tick_ms));
+        let mut sweep = tokio::time::interval(Duration::from_millis(self.config.sweep_interval_ms));
+        admission.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = admission.tick() => {
+                    if let Err(error) = self.tick_admission().await {
+                        tracing::warn!(%error, "admission tick failed");
+                    }
+                }
+                _ = sweep.tick() => {
+                    if let Err(error) = self.sweep().await {
+                        tracing::warn!(%error, "hold sweep failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// What the ops agent reads.
+    pub fn snapshot(&self) -> Snapshot {
+        let now_ms = self.now_ms();
+        let settings = *self.settings.read();
+        let queues = self
+            .lines
+            .lock()
+            .iter()
+            .filter_map(|(&schedule_id, line)| line.last_report.map(|report| (schedule_id, report)))
+            .map(|(schedule_id, report)| (schedule_id, report))
+            .collect::<Vec<_>>();
+        Snapshot {
+            node: self.config.node.clone(),
+            at_ms: now_ms,
+            hold_mode: self.config.hold_mode,
+            traffic: self.telemetry.traffic(now_ms),
+            queues: queues
+                .into_iter()
+                .map(|(schedule_id, report)| QueueSnapshot {
+                    schedule_id,
+                    waiting: report.waiting,
+                    active: report.active,
+                    admitted_total: report.admitted_total,
+                    admission: self.config.admission,
+                })
+                .collect(),
+            hold_ttl_s: settings.hold_ttl_ms / 1000,
+            rate_limits: self.guards.limits(),
+            blocks: self.guards.blocks(),
+        }
+    }
+
+    /// Fills in each line's current policy (the snapshot's cached report does not carry it).
+    pub async fn snapshot_with_policies(&self) -> Result<Snapshot, EngineError> {
+        let mut snapshot = self.snapshot();
+        for queue in &mut snapshot.queues {
+            queue.admission = self.timed("admission_policy", self.cache.admission_policy(queue.schedule_id)).await?;
+        }
+        Ok(snapshot)
+    }
+
+    async fn audit(&self, actor: &str, action: &str, target: String, before: serde_json::Value, after: serde_json::Value, outcome: &str) {
+        let entry = AuditEntry {
+            at_ms: self.now_ms(),
+            node: self.config.node.clone(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target,
+            before,
+            after,
+            outcome: outcome.to_owned(),
+        };
+        if let Err(error) = self.record.append_audit(entry).await {
+            tracing::error!(%error, action, "audit entry could not be written");
+        }
+    }
+
+    async fn audited<T: Serialize>(
+        &self,
+        actor: &str,
+        action: &str,
+        target: String,
+        requested: &T,
+        change: impl Future<Output = Result<(serde_json::Value, serde_json::Value), EngineError>>,
+    ) -> Result<serde_json::Value, EngineError> {
+        match change.await {
+            Ok((before, after)) => {
+                self.audit(actor, action, target, before, after.clone(), "applied").await;
+                Ok(after)
+            }
+            Err(error) => {
+                let requested = serde_json::to_value(requested).unwrap_or_default();
+                self.audit(actor, action, target, serde_json::Value::Null, requested, &format!("rejected: {error}")).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Sets a line's admission rate, active maximum and pause.
+    pub async fn set_admission(&self, actor: &str, schedule_id: ScheduleId, change: AdmissionChange) -> Result<serde_json::Value, EngineError> {
+        self.audited(actor, "set_admission", format!("schedule/{schedule_id}"), &change, async {
+            check_bound("rate_per_s", change.rate_per_s, &bounds::ADMISSION_RATE_PER_S)?;
+            check_bound("active_max", change.active_max, &bounds::ACTIVE_MAX)?;
+            let current = self.timed("admission_policy", self.cache.admission_policy(schedule_id)).await?;
+            let policy = AdmissionPolicy { rate_per_s: change.rate_per_s, active_max: change.active_max, paused: change.paused, ..current };
+            let before = self.timed("set_admission_policy", self.cache.set_admission_policy(schedule_id, policy)).await?;
+            Ok((json(&before), json(&policy)))
+        })
+        .await
+    }
+
+    /// Sets the per-IP and per-token rate limits of this node.
+    pub async fn set_rate_limits(&self, actor: &str, limits: RateLimits) -> Result<serde_json::Value, EngineError> {
+        self.audited(actor, "set_rate_limits", "rate-limits".into(), &limits, async {
+            check_bound("per_ip_per_s", limits.per_ip_per_s, &bounds::RATE_LIMIT_PER_S)?;
+            check_bound("per_token_per_s", limits.per_token_per_s, &bounds::RATE_LIMIT_PER_S)?;
+            check_bound("burst", limits.burst, &bounds::RATE_LIMIT_BURST)?;
+            let before = self.guards.set_limits(limits);
+            self.settings.write().rate_limits = limits;
+            Ok((json(&before), json(&limits)))
+        })
+        .await
+    }
+
+    /// Blocks an IP for `ttl_s` seconds on this node.
+    pub async fn block(&self, actor: &str, ip: IpAddr, ttl_s: u64) -> Result<serde_json::Value, EngineError> {
+        let requested = serde_json::json!({ "ip": ip, "ttl_s": ttl_s });
+        self.audited(actor, "block_ip", format!("ip/{ip}"), &requested, async {
+            check_bound("ttl_s", ttl_s, &bounds::BLOCK_TTL_S)?;
+            let before = self.guards.block(ip, ttl_s * 1000).map_err(|full| EngineError::Invalid { reason: full.to_string() })?;
+            let until_ms = self.now_ms() + ttl_s * 1000;
+            Ok((serde_json::json!({ "blocked_until_ms": before }), serde_json::json!({ "ip": ip, "blocked_until_ms": until_ms })))
+        })
+        .await
+    }
+
+    /// Lifts a block on this node.
+    pub async fn unblock(&self, actor: &str, ip: IpAddr) -> Result<serde_json::Value, EngineError> {
+        let requested = serde_json::json!({ "ip": ip });
+        self.audited(actor, "unblock_ip", format!("ip/{ip}"), &requested, async {
+            let before = self.guards.unblock(ip).ok_or(EngineError::NotFound { entity: "block", id: 0 })?;
+            Ok((serde_json::json!({ "blocked_until_ms": before }), serde_json::json!({ "ip": ip, "blocked_until_ms": null })))
+        })
+        .await
+    }
+
+    /// Sets the TTL of new holds on this node.
+    pub async fn set_hold_ttl(&self, actor: &str, ttl_s: u64) -> Result<serde_json::Value, EngineError> {
+        let requested = serde_json::json!({ "ttl_s": ttl_s });
+        self.audited(actor, "set_hold_ttl", "hold-ttl".into(), &requested, async {
+            check_bound("ttl_s", ttl_s, &bounds::HOLD_TTL_S)?;
+            let before = std::mem::replace(&mut self.settings.write().hold_ttl_ms, ttl_s * 1000);
+            Ok((serde_json::json!({ "ttl_s": before / 1000 }), serde_json::json!({ "ttl_s": ttl_s })))
+        })
+        .await
+    }
+
+    /// Claims an idempotency key for a request, or says why not.
+    pub async fn idempotency_begin(&self, key: String, fingerprint: [u8; 32], lease_ms: u64) -> Result<IdempotencyDecision, EngineError> {
+        self.timed("idempotency_begin", self.record.idempotency_begin(key, fingerprint, lease_ms, self.now_ms())).await
+    }
+
+    /// Stores the final response of a claimed key.
+    pub async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse) -> Result<(), EngineError> {
+        self.timed("idempotency_complete", self.record.idempotency_complete(key, fingerprint, response, self.now_ms())).await
+    }
+
+    /// Gives a claimed key up so the request can be retried.
+    pub async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), EngineError> {
+        self.timed("idempotency_release", self.record.idempotency_release(key, fingerprint)).await
+    }
+
+    /// The newest audit entries.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, EngineError> {
+        self.timed("audit", self.record.audit(limit)).await
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
+}

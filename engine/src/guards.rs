@@ -1,0 +1,192 @@
+//! Guards in front of the public API: rate limits per client IP and per queue token (GCRA,
+//! from `governor`, on engine time), and an IP blocklist whose entries expire.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+
+use crate::clock::{Clock, LimiterClock};
+use crate::config::RateLimits;
+
+type KeyedLimiter<K> = RateLimiter<K, HashMapStateStore<K>, LimiterClock, NoOpMiddleware<Duration>>;
+
+/// The most IPs the blocklist holds; a block beyond it is refused, not silently dropped.
+pub const BLOCKED_IPS_MAX: usize = 100_000;
+
+/// Why a request was turned away before it reached a handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The client IP is blocked until `until_ms`.
+    Blocked { until_ms: u64 },
+    /// Too many requests; try again after `retry_after_s`.
+    RateLimited { scope: LimitScope, retry_after_s: u64 },
+}
+
+/// Which limit was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitScope {
+    Ip,
+    Token,
+}
+
+/// A blocklist entry, for the admin snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Block {
+    #[schema(value_type = String)]
+    pub ip: IpAddr,
+    pub until_ms: u64,
+}
+
+/// The blocklist is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the blocklist holds {BLOCKED_IPS_MAX} IPs already")]
+pub struct BlocklistFull;
+
+/// Rate limits and blocklist of one engine node.
+#[derive(Debug)]
+pub struct Guards {
+    clock: Arc<dyn Clock>,
+    limits: RwLock<(RateLimits, Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>)>,
+    blocks: Mutex<BTreeMap<IpAddr, u64>>,
+}
+
+impl Guards {
+    /// Guards with `limits`, on `clock`.
+    pub fn new(limits: RateLimits, clock: Arc<dyn Clock>) -> Self {
+        let (per_ip, per_token) = limiters(limits, &clock);
+        Self { clock, limits: RwLock::new((limits, per_ip, per_token)), blocks: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// Admits or turns away a request from `ip` carrying `token` (if any).
+    pub fn check(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
+        let now_ms = self.clock.now_ms();
+        if let Some(&until_ms) = self.blocks.lock().get(&ip) {
+            if until_ms > now_ms {
+                return Err(Rejection::Blocked { until_ms });
+            }
+        }
+        let (per_ip, per_token) = {
+            let guard = self.limits.read();
+            (Arc::clone(&guard.1), Arc::clone(&guard.2))
+        };
+        let now = governor::clock::Clock::now(&LimiterClock(Arc::clone(&self.clock)));
+        per_ip.check_key(&ip).map_err(|not_until| rate_limited(LimitScope::Ip, not_until.wait_time_from(now)))?;
+        if let Some(token) = token {
+            per_token
+                .check_key(&token.to_owned())
+                .map_err(|not_until| rate_limited(LimitScope::Token, not_until.wait_time_from(now)))?;
+        }
+        Ok(())
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> RateLimits {
+        self.limits.read().0
+    }
+
+    /// Replaces the limits (bounds are checked by the caller); returns the old ones.
+    pub fn set_limits(&self, limits: RateLimits) -> RateLimits {
+        let (per_ip, per_token) = limiters(limits, &self.clock);
+        let mut guard = self.limits.write();
+        let before = guard.0;
+        *guard = (limits, per_ip, per_token);
+        before
+    }
+
+    /// Blocks `ip` for `ttl_ms`; returns when the previous block (if any) would have ended.
+    pub fn block(&self, ip: IpAddr, ttl_ms: u64) -> Result<Option<u64>, BlocklistFull> {
+        let mut blocks = self.blocks.lock();
+        if blocks.len() >= BLOCKED_IPS_MAX && !blocks.contains_key(&ip) {
+            return Err(BlocklistFull);
+        }
+        Ok(blocks.insert(ip, self.clock.now_ms().saturating_add(ttl_ms)))
+    }
+
+    /// Lifts a block; returns when it would have ended.
+    pub fn unblock(&self, ip: IpAddr) -> Option<u64> {
+        self.blocks.lock().remove(&ip)
+    }
+
+    /// The blocks in force, in IP order.
+    pub fn blocks(&self) -> Vec<Block> {
+        let now_ms = self.clock.now_ms();
+        self.blocks.lock().iter().filter(|(_, until)| **until > now_ms).map(|(&ip, &until_ms)| Block { ip, until_ms }).collect()
+    }
+
+    /// Forgets expired blocks and idle limiter state, so memory stays bounded.
+    pub fn sweep(&self) {
+        let now_ms = self.clock.now_ms();
+        self.blocks.lock().retain(|_, until| *until > now_ms);
+        let guard = self.limits.read();
+        guard.1.retain_recent();
+        guard.2.retain_recent();
+    }
+}
+
+fn limiters(limits: RateLimits, clock: &Arc<dyn Clock>) -> (Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>) {
+    let quota = |per_s: u32| {
+        let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
+        Quota::per_second(per_s).allow_burst(burst)
+    };
+    let limiter_clock = LimiterClock(Arc::clone(clock));
+    (
+        Arc::new(RateLimiter::hashmap_with_clock(quota(limits.per_ip_per_s), limiter_clock.clone())),
+        Arc::new(RateLimiter::hashmap_with_clock(quota(limits.per_token_per_s), limiter_clock)),
+    )
+}
+
+fn rate_limited(scope: LimitScope, wait: Duration) -> Rejection {
+    Rejection::RateLimited { scope, retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn guards(per_ip_per_s: u32, burst: u32) -> (Guards, ManualClock) {
+        let clock = ManualClock::starting_at_ms(1_000_000);
+        let limits = RateLimits { per_ip_per_s, per_token_per_s: per_ip_per_s, burst };
+        (Guards::new(limits, Arc::new(clock.clone())), clock)
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+    #[test]
+    fn an_ip_over_its_rate_is_limited_with_a_retry_after() {
+        let (guards, clock) = guards(2, 2);
+        assert_eq!(guards.check(IP, None), Ok(()));
+        assert_eq!(guards.check(IP, None), Ok(()));
+        assert_eq!(guards.check(IP, None), Err(Rejection::RateLimited { scope: LimitScope::Ip, retry_after_s: 1 }));
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(guards.check(IP, None), Ok(()));
+    }
+
+    #[test]
+    fn a_token_over_its_rate_is_limited_even_across_ips() {
+        let (guards, _clock) = guards(1_000, 1);
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(guards.check(IP, Some("t")), Ok(()));
+        assert!(matches!(guards.check(other, Some("t")), Err(Rejection::RateLimited { scope: LimitScope::Token, .. })));
+    }
+
+    #[test]
+    fn blocks_expire() {
+        let (guards, clock) = guards(1_000, 1_000);
+        guards.block(IP, 10_000).expect("room");
+        assert_eq!(guards.check(IP, None), Err(Rejection::Blocked { until_ms: 1_010_000 }));
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(guards.check(IP, None), Ok(()));
+        guards.sweep();
+        assert!(guards.blocks().is_empty());
+    }
+}

@@ -1,0 +1,20 @@
+//! T-CORE's ticketing engine: a waiting room, seat holds with fencing tokens, point
+//! payments, idempotent retries and an outbox, behind an HTTP API.
+//!
+//! The layers, from the inside out: [`domain`] (pure rules), [`store`] (the traits and the
+//! embedded store), [`engine`] (use cases, guards, background work), [`api`] (HTTP).
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod faults;
+pub mod guards;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tokens;
+
+pub use api::app;
+pub use engine::{Engine, EngineError, EngineParts};

@@ -1,0 +1,219 @@
+//! `tcore-engine`: the engine server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::RngExt;
+use tcore_engine::clock::SystemClock;
+use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
+use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
+use tcore_engine::faults::NoFaults;
+use tcore_engine::store::{MemoryStore, MemoryStoreConfig};
+use tcore_engine::{Engine, EngineParts};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "tcore-engine", version, about = "T-CORE's ticketing engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    /// Embedded, single process: nothing to install.
+    Memory,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TCORE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where state lives.
+    #[arg(long, env = "TCORE_STORE", value_enum, default_value = "memory")]
+    store: StoreKind,
+    /// Bearer token of the admin API; without one the admin API is not served.
+    #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Load a demo concert with this many seats (0: none).
+    #[arg(long, env = "TCORE_DEMO_SEATS", default_value_t = 0)]
+    demo_seats: u32,
+    /// With --demo-seats: how many demo users to create.
+    #[arg(long, env = "TCORE_DEMO_USERS", default_value_t = 100)]
+    demo_users: u32,
+    /// With --demo-seats: the points each demo user starts with.
+    #[arg(long, env = "TCORE_DEMO_POINTS", default_value_t = 100_000)]
+    demo_points: u64,
+    /// This node's name in logs, metrics and the audit log.
+    #[arg(long, env = "TCORE_NODE", default_value = "engine-1")]
+    node: String,
+    /// How a seat is taken.
+    #[arg(long, env = "TCORE_HOLD_MODE", value_enum, default_value = "atomic")]
+    hold_mode: HoldMode,
+    /// Allow the known-unsafe `unfenced-lock` hold mode (it oversells; for testbed runs only).
+    #[arg(long, env = "TCORE_ALLOW_UNSAFE_HOLD_MODE")]
+    allow_unsafe_hold_mode: bool,
+    /// How long a hold lasts before it expires, in seconds.
+    #[arg(long, env = "TCORE_HOLD_TTL_S", default_value_t = 300)]
+    hold_ttl_s: u64,
+    /// TTL of the seat lock in the lock hold modes, in milliseconds.
+    #[arg(long, env = "TCORE_LOCK_TTL_MS", default_value_t = 2_000)]
+    lock_ttl_ms: u64,
+    /// Users admitted from each waiting line per second.
+    #[arg(long, env = "TCORE_ADMISSION_RATE", default_value_t = 200.0)]
+    admission_rate_per_s: f64,
+    /// Admitted users active at once, per line.
+    #[arg(long, env = "TCORE_ACTIVE_MAX", default_value_t = 2_000)]
+    active_max: u32,
+    /// Order of admission.
+    #[arg(long, env = "TCORE_QUEUE_ORDER", value_enum, default_value = "fifo")]
+    queue_order: QueueOrderArg,
+    /// Requests per second allowed per client IP.
+    #[arg(long, env = "TCORE_RATE_LIMIT_PER_IP", default_value_t = 50)]
+    rate_limit_per_ip: u32,
+    /// Requests per second allowed per queue token.
+    #[arg(long, env = "TCORE_RATE_LIMIT_PER_TOKEN", default_value_t = 20)]
+    rate_limit_per_token: u32,
+    /// Burst allowed above the rate limits.
+    #[arg(long, env = "TCORE_RATE_LIMIT_BURST", default_value_t = 100)]
+    rate_limit_burst: u32,
+    /// Secret that signs queue tokens (at least 16 bytes); nodes sharing a store must share
+    /// it. Default: a random secret for this process.
+    #[arg(long, env = "TCORE_TOKEN_SECRET", hide_env_values = true)]
+    token_secret: Option<String>,
+    /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
+    #[arg(long, env = "TCORE_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum QueueOrderArg {
+    Fifo,
+    RandomAtOpen,
+}
+
+impl ServeArgs {
+    fn engine_config(&self) -> EngineConfig {
+        let token_secret = match &self.token_secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => {
+                tracing::info!("no --token-secret: using a random one; nodes sharing a store need the same secret");
+                let mut rng = rand::rng();
+                (0..32).map(|_| rng.random::<u8>()).collect()
+            }
+        };
+        EngineConfig {
+            node: self.node.clone(),
+            hold_mode: self.hold_mode,
+            allow_unsafe_hold_mode: self.allow_unsafe_hold_mode,
+            lock_ttl_ms: self.lock_ttl_ms,
+            hold_ttl_ms: self.hold_ttl_s.saturating_mul(1000),
+            queue_order: match self.queue_order {
+                QueueOrderArg::Fifo => QueueOrder::Fifo,
+                QueueOrderArg::RandomAtOpen => QueueOrder::RandomAtOpen,
+            },
+            admission: AdmissionPolicy {
+                rate_per_s: self.admission_rate_per_s,
+                active_max: self.active_max,
+                ..AdmissionPolicy::default()
+            },
+            rate_limits: RateLimits {
+                per_ip_per_s: self.rate_limit_per_ip,
+                per_token_per_s: self.rate_limit_per_token,
+                burst: self.rate_limit_burst,
+            },
+            token_secret,
+            admin_token: self.admin_token.clone(),
+            trust_forwarded_for: self.trust_forwarded_for,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.engine_config();
+    let store = match args.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(MemoryStoreConfig { seed: rand::rng().random(), ..MemoryStoreConfig::default() })),
+    };
+    let admin_enabled = config.admin_token.is_some();
+    let engine = Engine::new(EngineParts {
+        config,
+        clock: Arc::new(SystemClock::new()),
+        record: store.clone(),
+        cache: store,
+        faults: Arc::new(NoFaults),
+    })
+    .context("refusing to start")?;
+    if args.demo_seats > 0 {
+        load_demo(&engine, &args).await?;
+    }
+    if !admin_enabled {
+        tracing::warn!("no --admin-token: the admin API is not served");
+    }
+    if engine.config().hold_mode.is_unsafe() {
+        tracing::warn!("hold mode unfenced-lock is KNOWN UNSAFE: it oversells when a lock holder pauses past the lock TTL");
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    tracing::info!(listen = %args.listen, node = %engine.config().node, hold_mode = engine.config().hold_mode.name(), "serving");
+    tcore_engine::server::serve(listener, engine, shutdown_signal()).await.context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn load_demo(engine: &Arc<Engine>, args: &ServeArgs) -> anyhow::Result<()> {
+    engine.load_demo(args.demo_seats).await.context("loading the demo concert")?;
+    for index in 0..args.demo_users {
+        let user = engine.create_user(format!("demo-{index}")).await.context("creating demo users")?;
+        if args.demo_points > 0 {
+            engine
+                .charge_points(user.user_id, args.demo_points, format!("demo-top-up-{}", user.user_id))
+                .await
+                .context("giving demo users points")?;
+        }
+    }
+    tracing::info!(seats = args.demo_seats, users = args.demo_users, points = args.demo_points, "demo concert loaded as schedule 1");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

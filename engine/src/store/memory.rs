@@ -1,0 +1,586 @@
+//! The embedded store: both roles in one process, each behind one mutex, so every trait call
+//! is one atomic step. It is the default for `serve` and the state machine the simulator's
+//! store hosts serve over the simulated network.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::{
+    AcceptedFence, AdmitReport, AuditEntry, CacheStore, HoldRequest, LockGrant, RecordDump, RecordStore, StoreError,
+};
+use crate::domain::{
+    Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
+    OutboxKind, QueueOrder, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId,
+    ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine,
+    WriteGuard, idempotency_decision,
+};
+
+/// Sizes and seeds of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStoreConfig {
+    /// Seeds the shuffle of `random-at-open` lines.
+    pub seed: u64,
+    /// The most audit entries kept; older ones are dropped first.
+    pub audit_entries_max: usize,
+    /// The most idempotency records kept; the oldest completed ones are dropped first.
+    pub idempotency_records_max: usize,
+}
+
+impl Default for MemoryStoreConfig {
+    fn default() -> Self {
+        Self { seed: 0, audit_entries_max: 10_000, idempotency_records_max: 2_000_000 }
+    }
+}
+
+/// The embedded store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    config: MemoryStoreConfig,
+    records: Mutex<Records>,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Records {
+    schedules: BTreeMap<ScheduleId, Schedule>,
+    seats: BTreeMap<ScheduleId, BTreeMap<SeatId, SeatSlot>>,
+    seat_schedule: HashMap<SeatId, ScheduleId>,
+    next_seat_id: SeatId,
+    accounts: BTreeMap<UserId, Account>,
+    next_user_id: UserId,
+    ledger: Vec<LedgerEntry>,
+    top_up_keys: HashMap<String, UserId>,
+    reservations: BTreeMap<ReservationId, Reservation>,
+    next_reservation_id: ReservationId,
+    held_by_expiry: BTreeSet<(u64, ReservationId)>,
+    fences: Vec<AcceptedFence>,
+    idempotency: HashMap<String, IdempotencyRecord>,
+    idempotency_order: VecDeque<String>,
+    outbox: Vec<OutboxEvent>,
+    outbox_unsent_from: usize,
+    audit: VecDeque<AuditEntry>,
+}
+
+#[derive(Debug)]
+struct Cache {
+    lines: BTreeMap<ScheduleId, WaitingLine>,
+    admissions: Vec<Admitted>,
+    locks: HashMap<String, LockState>,
+    rng: StdRng,
+}
+
+#[derive(Debug, Default)]
+struct LockState {
+    fence_last: FenceToken,
+    holder: Option<LockGrant>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(config: MemoryStoreConfig) -> Self {
+        let records = Records { next_seat_id: 1, next_user_id: 1, next_reservation_id: 1, ..Records::default() };
+        let cache = Cache {
+            lines: BTreeMap::new(),
+            admissions: Vec::new(),
+            locks: HashMap::new(),
+            rng: StdRng::seed_from_u64(config.seed),
+        };
+        Self { config, records: Mutex::new(records), cache: Mutex::new(cache) }
+    }
+}
+
+impl Records {
+    fn slot_mut(&mut self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<&mut SeatSlot, StoreError> {
+        self.seats
+            .get_mut(&schedule_id)
+            .and_then(|seats| seats.get_mut(&seat_id))
+            .ok_or(StoreError::NotFound { entity: "seat", id: seat_id })
+    }
+
+    fn account_mut(&mut self, user_id: UserId) -> Result<&mut Account, StoreError> {
+        self.accounts.get_mut(&user_id).ok_or(StoreError::NotFound { entity: "user", id: user_id })
+    }
+
+    fn owned_reservation(&self, reservation_id: ReservationId, user_id: UserId) -> Result<Reservation, StoreError> {
+        let reservation = self
+            .reservations
+            .get(&reservation_id)
+            .ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })?;
+        if reservation.user_id != user_id {
+            return Err(StoreError::NotOwner);
+        }
+        Ok(reservation.clone())
+    }
+
+    fn emit(&mut self, kind: OutboxKind, reservation_id: Option<ReservationId>, user_id: UserId, at_ms: u64) {
+        let id = self.outbox.len() as u64 + 1;
+        self.outbox.push(OutboxEvent { id, kind, reservation_id, user_id, at_ms, sent: false });
+    }
+
+    /// Ends a hold that ran out of time: the reservation expires and its seat is freed.
+    fn expire_reservation(&mut self, reservation_id: ReservationId, now_ms: u64) {
+        let Some(reservation) = self.reservations.get_mut(&reservation_id) else { return };
+        if reservation.expire(now_ms).is_err() {
+            return;
+        }
+        let (schedule_id, seat_id, user_id, expires_at_ms) =
+            (reservation.schedule_id, reservation.seat_id, reservation.user_id, reservation.expires_at_ms);
+        self.held_by_expiry.remove(&(expires_at_ms, reservation_id));
+        if let Ok(slot) = self.slot_mut(schedule_id, seat_id) {
+            slot.release(reservation_id);
+        }
+        self.emit(OutboxKind::ReservationExpired, Some(reservation_id), user_id, now_ms);
+    }
+
+    fn insert_hold(&mut self, request: HoldRequest, guard: Option<WriteGuard>, now_ms: u64) -> Result<Reservation, StoreError> {
+        if !self.accounts.contains_key(&request.user_id) {
+            return Err(StoreError::NotFound { entity: "user", id: request.user_id });
+        }
+        let reservation_id = self.next_reservation_id;
+        let slot = self.slot_mut(request.schedule_id, request.seat_id)?;
+        let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
+        let fence = match guard {
+            None => slot.try_hold(reservation_id, request.hold_ttl_ms, now_ms)?,
+            Some(guard) => slot.write_hold(reservation_id, guard, request.hold_ttl_ms, now_ms)?,
+        };
+        let seat = slot.seat;
+        if let Some(previous) = previous {
+            self.expire_reservation(previous, now_ms);
+        }
+        self.next_reservation_id += 1;
+        let reservation = Reservation::hold(reservation_id, &seat, request.user_id, fence, request.hold_ttl_ms, now_ms);
+        self.held_by_expiry.insert((reservation.expires_at_ms, reservation_id));
+        self.fences.push(AcceptedFence {
+            schedule_id: request.schedule_id,
+            seat_id: request.seat_id,
+            fence,
+            reservation_id,
+            at_ms: now_ms,
+        });
+        self.reservations.insert(reservation_id, reservation.clone());
+        self.emit(OutboxKind::ReservationHeld, Some(reservation_id), request.user_id, now_ms);
+        Ok(reservation)
+    }
+
+    fn confirm(
+        &mut self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        idempotency_key: Option<String>,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
+        let reservation = self.owned_reservation(reservation_id, user_id)?;
+        if reservation.status == ReservationStatus::Confirmed {
+            return Ok(reservation);
+        }
+        if let Err(error) = reservation.check_confirmable(now_ms) {
+            self.expire_reservation(reservation_id, now_ms);
+            return Err(error.into());
+        }
+        self.slot_mut(reservation.schedule_id, reservation.seat_id)?.check_holder(reservation_id, reservation.fence)?;
+        let charge = self.account_mut(user_id)?.debit(reservation.price_points, reservation_id, idempotency_key, now_ms)?;
+        self.ledger.push(charge);
+        self.slot_mut(reservation.schedule_id, reservation.seat_id)?.mark_sold();
+        self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
+        let stored = self
+            .reservations
+            .get_mut(&reservation_id)
+            .ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })?;
+        stored.confirm(reservation.price_points, now_ms)?;
+        let confirmed = stored.clone();
+        self.emit(OutboxKind::PointsCharged, Some(reservation_id), user_id, now_ms);
+        self.emit(OutboxKind::ReservationConfirmed, Some(reservation_id), user_id, now_ms);
+        Ok(confirmed)
+    }
+
+    fn cancel(&mut self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
+        let reservation = self.owned_reservation(reservation_id, user_id)?;
+        let stored = self
+            .reservations
+            .get_mut(&reservation_id)
+            .ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })?;
+        let refund = stored.cancel(now_ms)?;
+        let cancelled = stored.clone();
+        self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
+        self.slot_mut(reservation.schedule_id, reservation.seat_id)?.release(reservation_id);
+        if refund > 0 {
+            let entry = self.account_mut(user_id)?.refund(refund, reservation_id, now_ms);
+            self.ledger.push(entry);
+            self.emit(OutboxKind::PointsRefunded, Some(reservation_id), user_id, now_ms);
+        }
+        self.emit(OutboxKind::ReservationCancelled, Some(reservation_id), user_id, now_ms);
+        Ok(cancelled)
+    }
+
+    fn remember_idempotency(&mut self, key: String, record: IdempotencyRecord, records_max: usize) {
+        if self.idempotency.insert(key.clone(), record).is_none() {
+            self.idempotency_order.push_back(key);
+        }
+        while self.idempotency.len() > records_max {
+            let Some(oldest) = self.idempotency_order.pop_front() else { break };
+            self.idempotency.remove(&oldest);
+        }
+    }
+}
+
+fn line_mut(lines: &mut BTreeMap<ScheduleId, WaitingLine>, schedule_id: ScheduleId) -> Result<&mut WaitingLine, StoreError> {
+    lines.get_mut(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })
+}
+
+#[async_trait]
+impl RecordStore for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn put_schedule(&self, schedule: Schedule) -> Result<(), StoreError> {
+        let mut records = self.records.lock();
+        if records.schedules.contains_key(&schedule.id) {
+            return Err(StoreError::Invalid { reason: format!("schedule {} exists", schedule.id) });
+        }
+        let seats = schedule.layout_seats(records.next_seat_id);
+        records.next_seat_id += seats.len() as u64;
+        for seat in &seats {
+            records.seat_schedule.insert(seat.id, schedule.id);
+        }
+        let slots = seats.into_iter().map(|seat| (seat.id, SeatSlot::new(seat))).collect();
+        records.seats.insert(schedule.id, slots);
+        records.schedules.insert(schedule.id, schedule);
+        Ok(())
+    }
+
+    async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError> {
+        let records = self.records.lock();
+        Ok(records
+            .schedules
+            .values()
+            .map(|schedule| {
+                let seats = records.seats.get(&schedule.id);
+                let available = seats.map_or(0, |seats| {
+                    seats.values().filter(|slot| slot.status(now_ms) == SeatStatus::Available).count() as u64
+                });
+                ScheduleSummary {
+                    id: schedule.id,
+                    concert: schedule.concert.name.clone(),
+                    opens_at: schedule.opens_at_ms,
+                    seats_total: schedule.seats_total(),
+                    seats_available: available,
+                }
+            })
+            .collect())
+    }
+
+    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError> {
+        let records = self.records.lock();
+        records.schedules.get(&schedule_id).cloned().ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })
+    }
+
+    async fn seat_map(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<Vec<SeatView>, StoreError> {
+        let records = self.records.lock();
+        let schedule = records.schedules.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
+        let seats = records.seats.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
+        Ok(seats
+            .values()
+            .map(|slot| SeatView {
+                id: slot.seat.id,
+                section: schedule.sections.get(slot.seat.section_index).map(|s| s.name.clone()).unwrap_or_default(),
+                price: slot.seat.price_points,
+                status: slot.status(now_ms),
+            })
+            .collect())
+    }
+
+    async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError> {
+        let mut records = self.records.lock();
+        records.slot_mut(schedule_id, seat_id).map(|slot| slot.clone())
+    }
+
+    async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {
+        let mut records = self.records.lock();
+        let user_id = records.next_user_id;
+        let mut account = Account { user_id, name, balance: 0 };
+        if points > 0 {
+            let entry = account.top_up(points, None, now_ms)?;
+            records.ledger.push(entry);
+        }
+        records.next_user_id += 1;
+        records.accounts.insert(user_id, account.clone());
+        Ok(account)
+    }
+
+    async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
+        let mut records = self.records.lock();
+        records.account_mut(user_id).map(|account| account.clone())
+    }
+
+    async fn top_up(&self, user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64) -> Result<Account, StoreError> {
+        let mut records = self.records.lock();
+        match records.top_up_keys.get(&idempotency_key) {
+            Some(&owner) if owner == user_id => return records.account_mut(user_id).map(|account| account.clone()),
+            Some(_) => return Err(StoreError::Invalid { reason: "idempotency key used for another user".into() }),
+            None => {}
+        }
+        let account = records.account_mut(user_id)?;
+        let entry = account.top_up(amount, Some(idempotency_key.clone()), now_ms)?;
+        let account = account.clone();
+        records.ledger.push(entry);
+        records.top_up_keys.insert(idempotency_key, user_id);
+        records.emit(OutboxKind::PointsCharged, None, user_id, now_ms);
+        Ok(account)
+    }
+
+    async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError> {
+        self.records.lock().insert_hold(request, None, now_ms)
+    }
+
+    async fn write_hold(&self, request: HoldRequest, guard: WriteGuard, now_ms: u64) -> Result<Reservation, StoreError> {
+        self.records.lock().insert_hold(request, Some(guard), now_ms)
+    }
+
+    async fn confirm(
+        &self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        idempotency_key: Option<String>,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
+        self.records.lock().confirm(reservation_id, user_id, idempotency_key, now_ms)
+    }
+
+    async fn cancel(&self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
+        self.records.lock().cancel(reservation_id, user_id, now_ms)
+    }
+
+    async fn reservation(&self, reservation_id: ReservationId) -> Result<Reservation, StoreError> {
+        let records = self.records.lock();
+        records.reservations.get(&reservation_id).cloned().ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })
+    }
+
+    async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        let mut records = self.records.lock();
+        let mut expired = 0;
+        while expired < limit {
+            let Some(&(expires_at_ms, reservation_id)) = records.held_by_expiry.first() else { break };
+            if expires_at_ms > now_ms {
+                break;
+            }
+            records.held_by_expiry.pop_first();
+            records.expire_reservation(reservation_id, now_ms);
+            expired += 1;
+        }
+        Ok(expired)
+    }
+
+    async fn idempotency_begin(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<IdempotencyDecision, StoreError> {
+        let mut records = self.records.lock();
+        let decision = idempotency_decision(records.idempotency.get(&key), &fingerprint, now_ms);
+        if decision == IdempotencyDecision::Proceed {
+            let lease = IdempotencyRecord::InProgress { fingerprint, lease_until_ms: now_ms.saturating_add(lease_ms) };
+            records.remember_idempotency(key, lease, self.config.idempotency_records_max);
+        }
+        Ok(decision)
+    }
+
+    async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse, now_ms: u64) -> Result<(), StoreError> {
+        let mut records = self.records.lock();
+        let holds_lease =
+            matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
+        if holds_lease {
+            let completed = IdempotencyRecord::Completed { fingerprint, response, completed_at_ms: now_ms };
+            records.remember_idempotency(key, completed, self.config.idempotency_records_max);
+        }
+        Ok(())
+    }
+
+    async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
+        let mut records = self.records.lock();
+        let holds_lease =
+            matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
+        if holds_lease {
+            records.idempotency.remove(&key);
+        }
+        Ok(())
+    }
+
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        let records = self.records.lock();
+        Ok(records.outbox[records.outbox_unsent_from..]
+            .iter()
+            .filter(|event| !event.sent)
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .cloned()
+            .collect())
+    }
+
+    async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError> {
+        let mut records = self.records.lock();
+        for id in ids {
+            if let Some(event) = usize::try_from(id).ok().and_then(|id| records.outbox.get_mut(id.wrapping_sub(1))) {
+                event.sent = true;
+            }
+        }
+        while records.outbox.get(records.outbox_unsent_from).is_some_and(|event| event.sent) {
+            records.outbox_unsent_from += 1;
+        }
+        Ok(())
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        let mut records = self.records.lock();
+        records.audit.push_back(entry);
+        while records.audit.len() > self.config.audit_entries_max {
+            records.audit.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let records = self.records.lock();
+        let skip = records.audit.len().saturating_sub(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(records.audit.iter().skip(skip).cloned().collect())
+    }
+
+    async fn dump(&self) -> Result<RecordDump, StoreError> {
+        let records = self.records.lock();
+        Ok(RecordDump {
+            schedules: records.schedules.values().cloned().collect(),
+            accounts: records.accounts.values().cloned().collect(),
+            ledger: records.ledger.clone(),
+            reservations: records.reservations.values().cloned().collect(),
+            fences: records.fences.clone(),
+            outbox: records.outbox.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl CacheStore for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn create_line(&self, schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: AdmissionPolicy) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock();
+        cache.lines.entry(schedule_id).or_insert_with(|| WaitingLine::new(schedule_id, opens_at_ms, order, policy));
+        Ok(())
+    }
+
+    async fn join(&self, schedule_id: ScheduleId, user_id: UserId, now_ms: u64) -> Result<QueueStatus, StoreError> {
+        let mut cache = self.cache.lock();
+        Ok(line_mut(&mut cache.lines, schedule_id)?.join(user_id, now_ms))
+    }
+
+    async fn queue_status(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<QueueStatus, StoreError> {
+        let mut cache = self.cache.lock();
+        line_mut(&mut cache.lines, schedule_id)?.status(seq, now_ms).ok_or(StoreError::NotFound { entity: "queue token", id: seq })
+    }
+
+    async fn admit(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<AdmitReport, StoreError> {
+        let mut guard = self.cache.lock();
+        let cache = &mut *guard;
+        let line = line_mut(&mut cache.lines, schedule_id)?;
+        let admitted = line.admit(now_ms, &mut cache.rng);
+        let (waiting, active) = line.depth();
+        let report = AdmitReport {
+            admitted_now: u32::try_from(admitted.len()).unwrap_or(u32::MAX),
+            waiting,
+            active,
+            admitted_total: line.admitted_total(),
+            head_order_index: line.head_order_index(),
+        };
+        cache.admissions.extend(admitted);
+        Ok(report)
+    }
+
+    async fn mark_used(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock();
+        Ok(line_mut(&mut cache.lines, schedule_id)?.mark_used(seq, now_ms)?)
+    }
+
+    async fn admission_policy(&self, schedule_id: ScheduleId) -> Result<AdmissionPolicy, StoreError> {
+        let mut cache = self.cache.lock();
+        Ok(line_mut(&mut cache.lines, schedule_id)?.policy())
+    }
+
+    async fn set_admission_policy(&self, schedule_id: ScheduleId, policy: AdmissionPolicy) -> Result<AdmissionPolicy, StoreError> {
+        let mut cache = self.cache.lock();
+        let line = line_mut(&mut cache.lines, schedule_id)?;
+        let before = line.policy();
+        line.set_policy(policy);
+        Ok(before)
+    }
+
+    async fn admissions(&self) -> Result<Vec<Admitted>, StoreError> {
+        Ok(self.cache.lock().admissions.clone())
+    }
+
+    async fn acquire_lock(&self, key: String, ttl_ms: u64, now_ms: u64) -> Result<Option<LockGrant>, StoreError> {
+        let mut cache = self.cache.lock();
+        let lock = cache.locks.entry(key).or_default();
+        if lock.holder.is_some_and(|holder| holder.expires_at_ms > now_ms) {
+            return Ok(None);
+        }
+        let grant = LockGrant { fence: lock.fence_last.next(), expires_at_ms: now_ms.saturating_add(ttl_ms) };
+        lock.fence_last = grant.fence;
+        lock.holder = Some(grant);
+        Ok(Some(grant))
+    }
+
+    async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError> {
+        let mut cache = self.cache.lock();
+        if let Some(lock) = cache.locks.get_mut(&key) {
+            if lock.holder.is_some_and(|holder| holder.fence == fence) {
+                lock.holder = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lock_is_exclusive_until_its_ttl_and_fences_grow() {
+        let store = MemoryStore::new(MemoryStoreConfig::default());
+        let first = store.acquire_lock("seat:1".into(), 100, 0).await.expect("store").expect("free");
+        assert_eq!(store.acquire_lock("seat:1".into(), 100, 99).await.expect("store"), None);
+        let second = store.acquire_lock("seat:1".into(), 100, 100).await.expect("store").expect("expired");
+        assert!(second.fence > first.fence);
+        store.release_lock("seat:1".into(), first.fence).await.expect("store");
+        assert_eq!(store.acquire_lock("seat:1".into(), 100, 150).await.expect("store"), None, "a stale release frees nothing");
+    }
+
+    #[tokio::test]
+    async fn outbox_marks_advance_the_pending_cursor() {
+        let store = MemoryStore::new(MemoryStoreConfig::default());
+        let user = store.create_user("ada".into(), 0, 0).await.expect("user");
+        store.top_up(user.user_id, 5, "k1".into(), 1).await.expect("top up");
+        store.top_up(user.user_id, 5, "k2".into(), 2).await.expect("top up");
+        let pending = store.outbox_pending(10).await.expect("pending");
+        assert_eq!(pending.len(), 2);
+        store.outbox_mark_sent(vec![pending[0].id]).await.expect("mark");
+        let pending = store.outbox_pending(10).await.expect("pending");
+        assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_repeated_top_up_key_adds_points_once() {
+        let store = MemoryStore::new(MemoryStoreConfig::default());
+        let user = store.create_user("ada".into(), 10, 0).await.expect("user");
+        store.top_up(user.user_id, 5, "k".into(), 1).await.expect("top up");
+        let again = store.top_up(user.user_id, 5, "k".into(), 2).await.expect("replay");
+        assert_eq!(again.balance, 15);
+    }
+}

@@ -1,0 +1,204 @@
+//! The stores behind the engine, as traits at the level of the domain.
+//!
+//! Two roles, so that each can be placed, cut off or fail on its own:
+//! - [`RecordStore`], the system of record: catalogue, accounts and ledger, seats and
+//!   reservations, idempotency records, outbox and audit log;
+//! - [`CacheStore`], the fast shared state: waiting lines and admission, locks for the lock
+//!   hold modes.
+//!
+//! **Invariant:** every method is one atomic step of the domain (a hold is one call; a
+//! confirm checks the fence, debits, confirms and writes its outbox event together), so a
+//! caller never has to compose store calls to stay correct.
+//! **API boundary:** callers see domain types and [`StoreError`] only, never a backend's types.
+
+mod memory;
+
+pub use memory::{MemoryStore, MemoryStoreConfig};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{
+    Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
+    QueueStatus, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView,
+    StoredResponse, TransitionError, UserId, WriteGuard,
+};
+
+/// Why a store call did not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The thing named does not exist.
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: u64 },
+    /// The domain refused the change; nothing was written.
+    #[error(transparent)]
+    Rejected(#[from] TransitionError),
+    /// The reservation or token belongs to someone else.
+    #[error("not the owner")]
+    NotOwner,
+    /// The store could not be reached or did not answer in time; the outcome is unknown.
+    #[error("store unavailable: {reason}")]
+    Unavailable { reason: String },
+    /// The request is malformed for the store (for example a duplicate id).
+    #[error("invalid: {reason}")]
+    Invalid { reason: String },
+}
+
+/// What a hold asks of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldRequest {
+    pub schedule_id: ScheduleId,
+    pub seat_id: SeatId,
+    pub user_id: UserId,
+    pub hold_ttl_ms: u64,
+}
+
+/// A fence the store accepted for a seat, in the order it accepted them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedFence {
+    pub schedule_id: ScheduleId,
+    pub seat_id: SeatId,
+    pub fence: FenceToken,
+    pub reservation_id: ReservationId,
+    pub at_ms: u64,
+}
+
+/// One audited admin call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    pub at_ms: u64,
+    pub node: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    #[schema(value_type = Object)]
+    pub before: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub after: serde_json::Value,
+    pub outcome: String,
+}
+
+/// Everything the record store holds, read at the end of a run for the checker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordDump {
+    pub schedules: Vec<Schedule>,
+    pub accounts: Vec<Account>,
+    pub ledger: Vec<LedgerEntry>,
+    pub reservations: Vec<Reservation>,
+    pub fences: Vec<AcceptedFence>,
+    pub outbox: Vec<OutboxEvent>,
+}
+
+/// Counts after one admission step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmitReport {
+    pub admitted_now: u32,
+    pub waiting: u64,
+    pub active: u32,
+    pub admitted_total: u64,
+    /// The order index of the next one in line: every waiter below it has been reached.
+    pub head_order_index: u64,
+}
+
+/// A lock for the lock hold modes: held by `owner` until `expires_at_ms`, with a fence that
+/// grows with every grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockGrant {
+    pub fence: FenceToken,
+    pub expires_at_ms: u64,
+}
+
+/// The system of record.
+#[async_trait]
+pub trait RecordStore: Send + Sync + std::fmt::Debug {
+    /// Answers if the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Adds a schedule with its seats.
+    async fn put_schedule(&self, schedule: Schedule) -> Result<(), StoreError>;
+    /// What is on sale, with live availability.
+    async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError>;
+    /// One schedule.
+    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError>;
+    /// The seat map of a schedule.
+    async fn seat_map(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<Vec<SeatView>, StoreError>;
+    /// One seat's record, as the lock hold modes read it before writing.
+    async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError>;
+
+    /// Opens an account with a starting balance (recorded as a top-up).
+    async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError>;
+    /// Reads an account.
+    async fn account(&self, user_id: UserId) -> Result<Account, StoreError>;
+    /// Adds points once per idempotency key: a repeated key changes nothing.
+    async fn top_up(&self, user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64) -> Result<Account, StoreError>;
+
+    /// The atomic hold: takes the seat if it is available, with a fence one above the seat's last.
+    async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError>;
+    /// A hold decided under a lock, written as `guard` says.
+    async fn write_hold(&self, request: HoldRequest, guard: WriteGuard, now_ms: u64) -> Result<Reservation, StoreError>;
+    /// Pays for a hold: checks owner, expiry and fence, debits, confirms, writes the outbox
+    /// event, all at once. Confirming an already confirmed reservation again returns it unchanged.
+    async fn confirm(
+        &self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        idempotency_key: Option<String>,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError>;
+    /// Cancels a hold, or a confirmed reservation with a refund, at once.
+    async fn cancel(&self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError>;
+    /// Reads a reservation.
+    async fn reservation(&self, reservation_id: ReservationId) -> Result<Reservation, StoreError>;
+    /// Expires up to `limit` holds past their time and frees their seats; returns how many.
+    async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError>;
+
+    /// Claims an idempotency key for a request with `fingerprint`, or says why not.
+    async fn idempotency_begin(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<IdempotencyDecision, StoreError>;
+    /// Stores the response for a claimed key.
+    async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse, now_ms: u64) -> Result<(), StoreError>;
+    /// Gives up a claimed key without a response (the request may be retried).
+    async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError>;
+
+    /// Outbox events not yet published, oldest first.
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
+    /// Marks outbox events published.
+    async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError>;
+    /// Appends to the admin audit log.
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
+    /// The newest audit entries, oldest first.
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Everything, for the checker.
+    async fn dump(&self) -> Result<RecordDump, StoreError>;
+}
+
+/// The fast shared state: waiting lines and locks.
+#[async_trait]
+pub trait CacheStore: Send + Sync + std::fmt::Debug {
+    /// Answers if the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Creates the waiting line of a schedule (again: no change).
+    async fn create_line(&self, schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: AdmissionPolicy) -> Result<(), StoreError>;
+    /// Joins a line.
+    async fn join(&self, schedule_id: ScheduleId, user_id: UserId, now_ms: u64) -> Result<QueueStatus, StoreError>;
+    /// Where a token stands (and proof its holder is still there).
+    async fn queue_status(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<QueueStatus, StoreError>;
+    /// Moves a line forward to `now_ms`.
+    async fn admit(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<AdmitReport, StoreError>;
+    /// Marks an admitted token used.
+    async fn mark_used(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<(), StoreError>;
+    /// The admission policy of a line.
+    async fn admission_policy(&self, schedule_id: ScheduleId) -> Result<AdmissionPolicy, StoreError>;
+    /// Replaces the admission policy of a line; returns the one before.
+    async fn set_admission_policy(&self, schedule_id: ScheduleId, policy: AdmissionPolicy) -> Result<AdmissionPolicy, StoreError>;
+    /// Every admission so far, in order, for the checker.
+    async fn admissions(&self) -> Result<Vec<Admitted>, StoreError>;
+    /// Takes the lock on `key` if it is free or its holder's time ran out.
+    async fn acquire_lock(&self, key: String, ttl_ms: u64, now_ms: u64) -> Result<Option<LockGrant>, StoreError>;
+    /// Releases the lock if `fence` still holds it.
+    async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError>;
+}

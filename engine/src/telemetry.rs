@@ -1,0 +1,414 @@
+//! What the engine measures about itself: Prometheus metrics for `/metrics`, and a rolling
+//! per-second window for the admin snapshot the ops agent reads.
+//!
+//! **Invariant:** all durations are measured on the engine's [`Clock`](crate::clock::Clock),
+//! so in the simulator they are simulated time; memory is bounded (a fixed window of
+//! seconds, a capped number of IPs per second).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+
+use hdrhistogram::Histogram as Hdr;
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Seconds the snapshot looks back over.
+pub const WINDOW_S: u64 = 10;
+/// Distinct IPs counted per second; beyond it requests are counted as overflow.
+pub const IPS_PER_SECOND_MAX: usize = 20_000;
+/// Top talkers listed in a snapshot.
+pub const TOP_TALKERS_MAX: usize = 10;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScheduleLabel {
+    schedule: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreOpLabel {
+    op: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// One engine node's measurements.
+#[derive(Debug)]
+pub struct Telemetry {
+    registry: Registry,
+    http_requests: Family<HttpLabels, Counter>,
+    http_latency: HistogramFamily<RouteLabel>,
+    rejections: Family<ReasonLabel, Counter>,
+    store_latency: HistogramFamily<StoreOpLabel>,
+    confirmations: Counter,
+    holds_granted: Counter,
+    holds_active: Gauge,
+    queue_waiting: Family<ScheduleLabel, Gauge>,
+    queue_active: Family<ScheduleLabel, Gauge>,
+    queue_admitted: Family<ScheduleLabel, Gauge>,
+    window: Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    buckets: VecDeque<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    second: u64,
+    routes: BTreeMap<String, RouteWindow>,
+    ips: HashMap<IpAddr, u32>,
+    ips_overflow: u64,
+    store_latency: Hdr<u64>,
+    confirmations: u64,
+    holds: u64,
+}
+
+#[derive(Debug)]
+struct RouteWindow {
+    requests: u64,
+    errors: u64,
+    rejections: u64,
+    latency: Hdr<u64>,
+}
+
+fn hdr() -> Hdr<u64> {
+    Hdr::new_with_bounds(1, 600_000_000, 2).unwrap_or_else(|_| unreachable!("static bounds are valid"))
+}
+
+impl Bucket {
+    fn new(second: u64) -> Self {
+        Self {
+            second,
+            routes: BTreeMap::new(),
+            ips: HashMap::new(),
+            ips_overflow: 0,
+            store_latency: hdr(),
+            confirmations: 0,
+            holds: 0,
+        }
+    }
+}
+
+impl Window {
+    fn bucket(&mut self, now_ms: u64) -> &mut Bucket {
+        let second = now_ms / 1000;
+        if self.buckets.back().is_none_or(|bucket| bucket.second < second) {
+            self.buckets.push_back(Bucket::new(second));
+        }
+        while self.buckets.len() as u64 > WINDOW_S + 1 {
+            self.buckets.pop_front();
+        }
+        let index = self.buckets.len() - 1;
+        &mut self.buckets[index]
+    }
+}
+
+/// A route's figures over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct RouteSnapshot {
+    pub route: String,
+    pub requests_per_s: f64,
+    pub error_rate: f64,
+    pub rejection_rate: f64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+}
+
+/// One client IP's request rate over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Talker {
+    #[schema(value_type = String)]
+    pub ip: IpAddr,
+    pub requests_per_s: f64,
+}
+
+/// The traffic part of the admin snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TrafficSnapshot {
+    pub window_s: u64,
+    pub requests_per_s: f64,
+    pub error_rate: f64,
+    pub rejection_rate: f64,
+    pub latency_us_p50: u64,
+    pub latency_us_p99: u64,
+    pub confirmations_per_s: f64,
+    pub holds_per_s: f64,
+    pub routes: Vec<RouteSnapshot>,
+    pub top_talkers: Vec<Talker>,
+    /// The median request rate of the IPs seen: what "normal" looks like.
+    pub ip_median_requests_per_s: f64,
+    pub distinct_ips: u64,
+    pub store_latency_us_p50: u64,
+    pub store_latency_us_p99: u64,
+}
+
+/// Was a response an error of the server, or a refusal of the client?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Served,
+    Rejected,
+    Failed,
+}
+
+impl Verdict {
+    /// Classifies a status code.
+    pub fn of_status(status: u16) -> Verdict {
+        match status {
+            500..=599 => Verdict::Failed,
+            403 | 429 => Verdict::Rejected,
+            _ => Verdict::Served,
+        }
+    }
+}
+
+impl Telemetry {
+    /// Metrics for the node called `node`.
+    pub fn new(node: &str) -> Self {
+        let mut registry = Registry::with_prefix_and_labels("tcore", [("node".into(), node.to_owned().into())].into_iter());
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_latency = HistogramFamily::<RouteLabel>::new_with_constructor(latency_histogram);
+        let rejections = Family::<ReasonLabel, Counter>::default();
+        let store_latency = HistogramFamily::<StoreOpLabel>::new_with_constructor(latency_histogram);
+        let confirmations = Counter::default();
+        let holds_granted = Counter::default();
+        let holds_active = Gauge::default();
+        let queue_waiting = Family::<ScheduleLabel, Gauge>::default();
+        let queue_active = Family::<ScheduleLabel, Gauge>::default();
+        let queue_admitted = Family::<ScheduleLabel, Gauge>::default();
+        registry.register("http_requests", "HTTP requests by route and status", http_requests.clone());
+        registry.register("http_request_duration_seconds", "HTTP request latency by route", http_latency.clone());
+        registry.register("rejections", "Requests refused, by reason", rejections.clone());
+        registry.register("store_call_duration_seconds", "Store call latency by operation", store_latency.clone());
+        registry.register("confirmations", "Reservations confirmed by this node", confirmations.clone());
+        registry.register("holds_granted", "Holds granted by this node", holds_granted.clone());
+        registry.register("holds_active", "Holds not yet confirmed, cancelled or expired", holds_active.clone());
+        registry.register("queue_waiting", "Users waiting in line", queue_waiting.clone());
+        registry.register("queue_active", "Admitted users not yet done", queue_active.clone());
+        registry.register("queue_admitted", "Users admitted so far", queue_admitted.clone());
+        Self {
+            registry,
+            http_requests,
+            http_latency,
+            rejections,
+            store_latency,
+            confirmations,
+            holds_granted,
+            holds_active,
+            queue_waiting,
+            queue_active,
+            queue_admitted,
+            window: Mutex::new(Window::default()),
+        }
+    }
+
+    /// Records one HTTP request.
+    pub fn record_request(&self, route: &str, status: u16, latency_us: u64, ip: IpAddr, now_ms: u64) {
+        self.http_requests.get_or_create(&HttpLabels { route: route.to_owned(), status }).inc();
+        self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).observe(latency_us as f64 / 1e6);
+        let verdict = Verdict::of_status(status);
+        let mut window = self.window.lock();
+        let bucket = window.bucket(now_ms);
+        let route_window = bucket.routes.entry(route.to_owned()).or_insert_with(|| RouteWindow {
+            requests: 0,
+            errors: 0,
+            rejections: 0,
+            latency: hdr(),
+        });
+        route_window.requests += 1;
+        route_window.errors += u64::from(verdict == Verdict::Failed);
+        route_window.rejections += u64::from(verdict == Verdict::Rejected);
+        route_window.latency.saturating_record(latency_us.max(1));
+        if let Some(count) = bucket.ips.get_mut(&ip) {
+            *count += 1;
+        } else if bucket.ips.len() < IPS_PER_SECOND_MAX {
+            bucket.ips.insert(ip, 1);
+        } else {
+            bucket.ips_overflow += 1;
+        }
+    }
+
+    /// Records a refusal with its stable reason code.
+    pub fn record_rejection(&self, reason: &str) {
+        self.rejections.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// Records how long a store call took.
+    pub fn record_store_call(&self, op: &str, latency_us: u64, now_ms: u64) {
+        self.store_latency.get_or_create(&StoreOpLabel { op: op.to_owned() }).observe(latency_us as f64 / 1e6);
+        self.window.lock().bucket(now_ms).store_latency.saturating_record(latency_us.max(1));
+    }
+
+    /// Records a granted hold.
+    pub fn record_hold(&self, now_ms: u64) {
+        self.holds_granted.inc();
+        self.window.lock().bucket(now_ms).holds += 1;
+    }
+
+    /// Records a confirmation.
+    pub fn record_confirmation(&self, now_ms: u64) {
+        self.confirmations.inc();
+        self.window.lock().bucket(now_ms).confirmations += 1;
+    }
+
+    /// Publishes a waiting line's counts.
+    pub fn set_queue(&self, schedule_id: u64, waiting: u64, active: u32, admitted_total: u64) {
+        let label = ScheduleLabel { schedule: schedule_id.to_string() };
+        self.queue_waiting.get_or_create(&label).set(i64::try_from(waiting).unwrap_or(i64::MAX));
+        self.queue_active.get_or_create(&label).set(i64::from(active));
+        self.queue_admitted.get_or_create(&label).set(i64::try_from(admitted_total).unwrap_or(i64::MAX));
+    }
+
+    /// Publishes the number of live holds.
+    pub fn set_holds_active(&self, holds_active: u64) {
+        self.holds_active.set(i64::try_from(holds_active).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed");
+        }
+        text
+    }
+
+    /// The traffic figures over the last [`WINDOW_S`] whole seconds before `now_ms`.
+    pub fn traffic(&self, now_ms: u64) -> TrafficSnapshot {
+        let now_s = now_ms / 1000;
+        let window = self.window.lock();
+        let recent: Vec<&Bucket> =
+            window.buckets.iter().filter(|bucket| bucket.second < now_s && bucket.second + WINDOW_S >= now_s).collect();
+        let window_s = WINDOW_S as f64;
+        let mut routes: BTreeMap<&str, (u64, u64, u64, Hdr<u64>)> = BTreeMap::new();
+        let mut all_latency = hdr();
+        let mut store_latency = hdr();
+        let mut ips: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        let (mut confirmations, mut holds) = (0, 0);
+        for bucket in &recent {
+            for (route, figures) in &bucket.routes {
+                let entry = routes.entry(route.as_str()).or_insert_with(|| (0, 0, 0, hdr()));
+                entry.0 += figures.requests;
+                entry.1 += figures.errors;
+                entry.2 += figures.rejections;
+                entry.3.add(&figures.latency).unwrap_or_else(|_| unreachable!("same bounds"));
+                all_latency.add(&figures.latency).unwrap_or_else(|_| unreachable!("same bounds"));
+            }
+            for (&ip, &count) in &bucket.ips {
+                *ips.entry(ip).or_default() += u64::from(count);
+            }
+            store_latency.add(&bucket.store_latency).unwrap_or_else(|_| unreachable!("same bounds"));
+            confirmations += bucket.confirmations;
+            holds += bucket.holds;
+        }
+        let total: u64 = routes.values().map(|figures| figures.0).sum();
+        let errors: u64 = routes.values().map(|figures| figures.1).sum();
+        let rejections: u64 = routes.values().map(|figures| figures.2).sum();
+        let mut talkers: Vec<(IpAddr, u64)> = ips.into_iter().collect();
+        let mut counts: Vec<u64> = talkers.iter().map(|(_, count)| *count).collect();
+        counts.sort_unstable();
+        let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
+        talkers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        TrafficSnapshot {
+            window_s: WINDOW_S,
+            requests_per_s: total as f64 / window_s,
+            error_rate: ratio(errors, total),
+            rejection_rate: ratio(rejections, total),
+            latency_us_p50: quantile(&all_latency, 0.5),
+            latency_us_p99: quantile(&all_latency, 0.99),
+            confirmations_per_s: confirmations as f64 / window_s,
+            holds_per_s: holds as f64 / window_s,
+            routes: routes
+                .into_iter()
+                .map(|(route, (requests, errors, rejections, latency))| RouteSnapshot {
+                    route: route.to_owned(),
+                    requests_per_s: requests as f64 / window_s,
+                    error_rate: ratio(errors, requests),
+                    rejection_rate: ratio(rejections, requests),
+                    latency_us_p50: quantile(&latency, 0.5),
+                    latency_us_p99: quantile(&latency, 0.99),
+                })
+                .collect(),
+            distinct_ips: counts.len() as u64,
+            top_talkers: talkers
+                .into_iter()
+                .take(TOP_TALKERS_MAX)
+                .map(|(ip, count)| Talker { ip, requests_per_s: count as f64 / window_s })
+                .collect(),
+            ip_median_requests_per_s: median as f64 / window_s,
+            store_latency_us_p50: quantile(&store_latency, 0.5),
+            store_latency_us_p99: quantile(&store_latency, 0.99),
+        }
+    }
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+}
+
+fn quantile(histogram: &Hdr<u64>, q: f64) -> u64 {
+    if histogram.is_empty() { 0 } else { histogram.value_at_quantile(q) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn the_window_reports_rates_errors_and_top_talkers_over_whole_seconds() {
+        let telemetry = Telemetry::new("engine-1");
+        for i in 0..90 {
+            telemetry.record_request("/v1/holds", 201, 1_000, A, 10_000 + i);
+        }
+        for i in 0..10 {
+            telemetry.record_request("/v1/holds", 503, 9_000, B, 10_100 + i);
+        }
+        telemetry.record_request("/v1/holds", 201, 5, A, 12_500);
+        let traffic = telemetry.traffic(12_000);
+        assert_eq!(traffic.requests_per_s, 10.0);
+        assert_eq!(traffic.error_rate, 0.1);
+        assert_eq!(traffic.top_talkers[0].ip, A);
+        assert_eq!(traffic.top_talkers[0].requests_per_s, 9.0);
+        assert!(traffic.latency_us_p99 >= 8_900, "p99 sees the slow failures: {}", traffic.latency_us_p99);
+    }
+
+    #[test]
+    fn metrics_text_names_routes_and_reasons() {
+        let telemetry = Telemetry::new("engine-1");
+        telemetry.record_request("/v1/holds", 409, 100, A, 1_000);
+        telemetry.record_rejection("seat_taken");
+        let text = telemetry.encode();
+        assert!(text.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"409\"} 1"), "{text}");
+        assert!(text.contains("tcore_rejections_total{node=\"engine-1\",reason=\"seat_taken\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Run results rendered as self-contained HTML.

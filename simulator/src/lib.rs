@@ -1,0 +1,1 @@
+//! Scenarios, the simulated world, the checker and the score.
