@@ -35,9 +35,7 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        let since_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO);
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or(Duration::ZERO);
         u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -72,6 +70,40 @@ impl Clock for ManualClock {
 
     fn monotonic_us(&self) -> u64 {
         self.now_us.load(Ordering::SeqCst)
+    }
+}
+
+/// Time from tokio's clock plus a fixed epoch and an adjustable skew. In a simulated world
+/// tokio's clock is simulated, so this is the simulator's node clock; with tokio's paused
+/// test clock it lets tests pause a node for minutes in no time.
+#[derive(Debug)]
+pub struct TokioClock {
+    epoch_ms: u64,
+    origin: tokio::time::Instant,
+    skew_ms: std::sync::atomic::AtomicI64,
+}
+
+impl TokioClock {
+    /// A clock that reads `epoch_ms` now. Must be called inside a tokio runtime.
+    pub fn new(epoch_ms: u64) -> Self {
+        Self { epoch_ms, origin: tokio::time::Instant::now(), skew_ms: std::sync::atomic::AtomicI64::new(0) }
+    }
+
+    /// Skews this node's wall time by `skew_ms` (negative: behind).
+    pub fn set_skew_ms(&self, skew_ms: i64) {
+        self.skew_ms.store(skew_ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        let elapsed_ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let unskewed = self.epoch_ms.saturating_add(elapsed_ms);
+        unskewed.saturating_add_signed(self.skew_ms.load(Ordering::SeqCst))
+    }
+
+    fn monotonic_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 }
 

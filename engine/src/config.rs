@@ -170,7 +170,11 @@ pub fn check_bound<T: PartialOrd + std::fmt::Display + std::fmt::Debug>(
     if range.contains(&value) {
         Ok(())
     } else {
-        Err(ConfigError::OutOfBounds { name, range: format!("{}..={}", range.start(), range.end()), value: value.to_string() })
+        Err(ConfigError::OutOfBounds {
+            name,
+            range: format!("{}..={}", range.start(), range.end()),
+            value: value.to_string(),
+        })
     }
 }
 

@@ -18,9 +18,9 @@ use utoipa::ToSchema;
 use crate::clock::Clock;
 use crate::config::{ConfigError, EngineConfig, HoldMode, RateLimits, RuntimeSettings, bounds, check_bound};
 use crate::domain::{
-    Account, AdmissionPolicy, Concert, IdempotencyDecision, StoredResponse, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule,
-    ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, TokenStatus, TransitionError, UserId,
-    WriteGuard,
+    Account, AdmissionPolicy, Concert, IdempotencyDecision, QueueStatus, Reservation, ReservationId, ReservationStatus,
+    Schedule, ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, StoredResponse, TokenStatus,
+    TransitionError, UserId, WriteGuard,
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards};
@@ -62,7 +62,9 @@ impl From<StoreError> for EngineError {
         match error {
             StoreError::NotFound { entity, id } => EngineError::NotFound { entity, id },
             StoreError::Rejected(TransitionError::SeatUnavailable) => EngineError::SeatTaken,
-            StoreError::Rejected(TransitionError::TokenNotAdmitted { status }) => EngineError::TokenNotAdmitted { status },
+            StoreError::Rejected(TransitionError::TokenNotAdmitted { status }) => {
+                EngineError::TokenNotAdmitted { status }
+            }
             StoreError::Rejected(rejection) => EngineError::Rejected(rejection),
             StoreError::NotOwner => EngineError::NotOwner,
             StoreError::Unavailable { reason } => EngineError::StoreUnavailable { reason },
@@ -212,7 +214,11 @@ impl Engine {
         self.clock.now_ms()
     }
 
-    async fn timed<T>(&self, op: &'static str, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, EngineError> {
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, EngineError> {
         let start_us = self.clock.monotonic_us();
         let result = call.await;
         let latency_us = self.clock.monotonic_us().saturating_sub(start_us);
@@ -280,7 +286,12 @@ impl Engine {
     }
 
     /// Adds points, once per idempotency key.
-    pub async fn charge_points(&self, user_id: UserId, amount: u64, idempotency_key: String) -> Result<Account, EngineError> {
+    pub async fn charge_points(
+        &self,
+        user_id: UserId,
+        amount: u64,
+        idempotency_key: String,
+    ) -> Result<Account, EngineError> {
         self.timed("top_up", self.record.top_up(user_id, amount, idempotency_key, self.now_ms())).await
     }
 
@@ -295,7 +306,8 @@ impl Engine {
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.
     pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
         let claim = self.signer.verify(token)?;
-        let mut status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        let mut status =
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
         if status.status != TokenStatus::Waiting || wait.is_zero() {
             return Ok(status.into());
         }
@@ -318,7 +330,8 @@ impl Engine {
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
-        let status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        let status =
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
         Ok(status.into())
     }
 
@@ -333,7 +346,8 @@ impl Engine {
 
     async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
         let claim = self.signer.verify(token.ok_or(EngineError::TokenMissing)?)?;
-        let status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        let status =
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
         if status.user_id != claim.user_id {
             return Err(EngineError::TokenInvalid(TokenError::BadSignature));
         }
@@ -359,10 +373,16 @@ impl Engine {
     }
 
     /// Takes a seat for an admitted user, the way the configured hold mode says.
-    pub async fn hold(&self, token: Option<&str>, schedule_id: ScheduleId, seat_id: SeatId) -> Result<Reservation, EngineError> {
+    pub async fn hold(
+        &self,
+        token: Option<&str>,
+        schedule_id: ScheduleId,
+        seat_id: SeatId,
+    ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(token, TokenNeed::Admitted).await?;
         Self::check_schedule(claim, schedule_id)?;
-        let request = HoldRequest { schedule_id, seat_id, user_id: claim.user_id, hold_ttl_ms: self.settings.read().hold_ttl_ms };
+        let request =
+            HoldRequest { schedule_id, seat_id, user_id: claim.user_id, hold_ttl_ms: self.settings.read().hold_ttl_ms };
         let reservation = match self.config.hold_mode {
             HoldMode::Atomic => self.timed("try_hold", self.record.try_hold(request, self.now_ms())).await?,
             HoldMode::FencedLock => self.hold_under_lock(request, WriteGuard::Fenced).await?,
@@ -374,7 +394,11 @@ impl Engine {
 
     /// Lock, read, check, write, unlock: the lock hold modes. Whether the write is fenced is
     /// the whole difference between safe and unsafe.
-    async fn hold_under_lock(&self, request: HoldRequest, guard: fn(crate::domain::FenceToken) -> WriteGuard) -> Result<Reservation, EngineError> {
+    async fn hold_under_lock(
+        &self,
+        request: HoldRequest,
+        guard: fn(crate::domain::FenceToken) -> WriteGuard,
+    ) -> Result<Reservation, EngineError> {
         let key = format!("seat:{}:{}", request.schedule_id, request.seat_id);
         let grant = self
             .timed("acquire_lock", self.cache.acquire_lock(key.clone(), self.config.lock_ttl_ms, self.now_ms()))
@@ -402,7 +426,11 @@ impl Engine {
         written
     }
 
-    async fn owned_reservation(&self, claim: QueueClaim, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
+    async fn owned_reservation(
+        &self,
+        claim: QueueClaim,
+        reservation_id: ReservationId,
+    ) -> Result<Reservation, EngineError> {
         let reservation = self.timed("reservation", self.record.reservation(reservation_id)).await?;
         if reservation.user_id != claim.user_id {
             return Err(EngineError::NotOwner);
@@ -411,10 +439,20 @@ impl Engine {
     }
 
     /// Pays for a hold with points and confirms it.
-    pub async fn confirm(&self, token: Option<&str>, reservation_id: ReservationId, idempotency_key: Option<String>) -> Result<Reservation, EngineError> {
+    pub async fn confirm(
+        &self,
+        token: Option<&str>,
+        reservation_id: ReservationId,
+        idempotency_key: Option<String>,
+    ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
         let before = self.owned_reservation(claim, reservation_id).await?;
-        let context = FaultContext { now_ms: self.now_ms(), schedule_id: before.schedule_id, seat_id: Some(before.seat_id), lock_expires_at_ms: None };
+        let context = FaultContext {
+            now_ms: self.now_ms(),
+            schedule_id: before.schedule_id,
+            seat_id: Some(before.seat_id),
+            lock_expires_at_ms: None,
+        };
         self.fault_point(FaultPoint::ConfirmBeforeCommit, context).await;
         let confirmed = self
             .timed("confirm", self.record.confirm(reservation_id, claim.user_id, idempotency_key, self.now_ms()))
@@ -437,7 +475,11 @@ impl Engine {
     }
 
     /// Reads one's reservation.
-    pub async fn reservation(&self, token: Option<&str>, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
+    pub async fn reservation(
+        &self,
+        token: Option<&str>,
+        reservation_id: ReservationId,
+    ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
         self.owned_reservation(claim, reservation_id).await
     }
@@ -465,7 +507,8 @@ impl Engine {
     /// Expires holds past their time and forgets stale guard state.
     pub async fn sweep(&self) -> Result<u32, EngineError> {
         self.guards.sweep();
-        let expired = self.timed("expire_holds", self.record.expire_holds(self.now_ms(), self.config.sweep_batch_max)).await?;
+        let expired =
+            self.timed("expire_holds", self.record.expire_holds(self.now_ms(), self.config.sweep_batch_max)).await?;
         let taken: u64 = self.schedules().await?.iter().map(|s| s.seats_total - s.seats_available).sum();
         self.telemetry.set_holds_active(taken);
         Ok(expired)
@@ -502,7 +545,6 @@ impl Engine {
             .lock()
             .iter()
             .filter_map(|(&schedule_id, line)| line.last_report.map(|report| (schedule_id, report)))
-            .map(|(schedule_id, report)| (schedule_id, report))
             .collect::<Vec<_>>();
         Snapshot {
             node: self.config.node.clone(),
@@ -534,7 +576,15 @@ impl Engine {
         Ok(snapshot)
     }
 
-    async fn audit(&self, actor: &str, action: &str, target: String, before: serde_json::Value, after: serde_json::Value, outcome: &str) {
+    async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: String,
+        before: serde_json::Value,
+        after: serde_json::Value,
+        outcome: &str,
+    ) {
         let entry = AuditEntry {
             at_ms: self.now_ms(),
             node: self.config.node.clone(),
@@ -565,20 +615,32 @@ impl Engine {
             }
             Err(error) => {
                 let requested = serde_json::to_value(requested).unwrap_or_default();
-                self.audit(actor, action, target, serde_json::Value::Null, requested, &format!("rejected: {error}")).await;
+                self.audit(actor, action, target, serde_json::Value::Null, requested, &format!("rejected: {error}"))
+                    .await;
                 Err(error)
             }
         }
     }
 
     /// Sets a line's admission rate, active maximum and pause.
-    pub async fn set_admission(&self, actor: &str, schedule_id: ScheduleId, change: AdmissionChange) -> Result<serde_json::Value, EngineError> {
+    pub async fn set_admission(
+        &self,
+        actor: &str,
+        schedule_id: ScheduleId,
+        change: AdmissionChange,
+    ) -> Result<serde_json::Value, EngineError> {
         self.audited(actor, "set_admission", format!("schedule/{schedule_id}"), &change, async {
             check_bound("rate_per_s", change.rate_per_s, &bounds::ADMISSION_RATE_PER_S)?;
             check_bound("active_max", change.active_max, &bounds::ACTIVE_MAX)?;
             let current = self.timed("admission_policy", self.cache.admission_policy(schedule_id)).await?;
-            let policy = AdmissionPolicy { rate_per_s: change.rate_per_s, active_max: change.active_max, paused: change.paused, ..current };
-            let before = self.timed("set_admission_policy", self.cache.set_admission_policy(schedule_id, policy)).await?;
+            let policy = AdmissionPolicy {
+                rate_per_s: change.rate_per_s,
+                active_max: change.active_max,
+                paused: change.paused,
+                ..current
+            };
+            let before =
+                self.timed("set_admission_policy", self.cache.set_admission_policy(schedule_id, policy)).await?;
             Ok((json(&before), json(&policy)))
         })
         .await
@@ -602,9 +664,15 @@ impl Engine {
         let requested = serde_json::json!({ "ip": ip, "ttl_s": ttl_s });
         self.audited(actor, "block_ip", format!("ip/{ip}"), &requested, async {
             check_bound("ttl_s", ttl_s, &bounds::BLOCK_TTL_S)?;
-            let before = self.guards.block(ip, ttl_s * 1000).map_err(|full| EngineError::Invalid { reason: full.to_string() })?;
+            let before = self
+                .guards
+                .block(ip, ttl_s * 1000)
+                .map_err(|full| EngineError::Invalid { reason: full.to_string() })?;
             let until_ms = self.now_ms() + ttl_s * 1000;
-            Ok((serde_json::json!({ "blocked_until_ms": before }), serde_json::json!({ "ip": ip, "blocked_until_ms": until_ms })))
+            Ok((
+                serde_json::json!({ "blocked_until_ms": before }),
+                serde_json::json!({ "ip": ip, "blocked_until_ms": until_ms }),
+            ))
         })
         .await
     }
@@ -614,7 +682,10 @@ impl Engine {
         let requested = serde_json::json!({ "ip": ip });
         self.audited(actor, "unblock_ip", format!("ip/{ip}"), &requested, async {
             let before = self.guards.unblock(ip).ok_or(EngineError::NotFound { entity: "block", id: 0 })?;
-            Ok((serde_json::json!({ "blocked_until_ms": before }), serde_json::json!({ "ip": ip, "blocked_until_ms": null })))
+            Ok((
+                serde_json::json!({ "blocked_until_ms": before }),
+                serde_json::json!({ "ip": ip, "blocked_until_ms": null }),
+            ))
         })
         .await
     }
@@ -631,13 +702,24 @@ impl Engine {
     }
 
     /// Claims an idempotency key for a request, or says why not.
-    pub async fn idempotency_begin(&self, key: String, fingerprint: [u8; 32], lease_ms: u64) -> Result<IdempotencyDecision, EngineError> {
+    pub async fn idempotency_begin(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+    ) -> Result<IdempotencyDecision, EngineError> {
         self.timed("idempotency_begin", self.record.idempotency_begin(key, fingerprint, lease_ms, self.now_ms())).await
     }
 
     /// Stores the final response of a claimed key.
-    pub async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse) -> Result<(), EngineError> {
-        self.timed("idempotency_complete", self.record.idempotency_complete(key, fingerprint, response, self.now_ms())).await
+    pub async fn idempotency_complete(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        response: StoredResponse,
+    ) -> Result<(), EngineError> {
+        self.timed("idempotency_complete", self.record.idempotency_complete(key, fingerprint, response, self.now_ms()))
+            .await
     }
 
     /// Gives a claimed key up so the request can be retried.

@@ -19,7 +19,8 @@ pub enum FaultPoint {
 
 impl FaultPoint {
     /// Every fault point.
-    pub const ALL: [FaultPoint; 3] = [FaultPoint::HoldAfterLock, FaultPoint::HoldAfterCheck, FaultPoint::ConfirmBeforeCommit];
+    pub const ALL: [FaultPoint; 3] =
+        [FaultPoint::HoldAfterLock, FaultPoint::HoldAfterCheck, FaultPoint::ConfirmBeforeCommit];
 
     /// The point's name in scenario files.
     pub fn name(self) -> &'static str {

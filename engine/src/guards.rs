@@ -18,6 +18,9 @@ use crate::config::RateLimits;
 
 type KeyedLimiter<K> = RateLimiter<K, HashMapStateStore<K>, LimiterClock, NoOpMiddleware<Duration>>;
 
+/// The limits in force and the limiters enforcing them, swapped together.
+type Limiters = (RateLimits, Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>);
+
 /// The most IPs the blocklist holds; a block beyond it is refused, not silently dropped.
 pub const BLOCKED_IPS_MAX: usize = 100_000;
 
@@ -54,7 +57,7 @@ pub struct BlocklistFull;
 #[derive(Debug)]
 pub struct Guards {
     clock: Arc<dyn Clock>,
-    limits: RwLock<(RateLimits, Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>)>,
+    limits: RwLock<Limiters>,
     blocks: Mutex<BTreeMap<IpAddr, u64>>,
 }
 
@@ -68,10 +71,10 @@ impl Guards {
     /// Admits or turns away a request from `ip` carrying `token` (if any).
     pub fn check(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
         let now_ms = self.clock.now_ms();
-        if let Some(&until_ms) = self.blocks.lock().get(&ip) {
-            if until_ms > now_ms {
-                return Err(Rejection::Blocked { until_ms });
-            }
+        if let Some(&until_ms) = self.blocks.lock().get(&ip)
+            && until_ms > now_ms
+        {
+            return Err(Rejection::Blocked { until_ms });
         }
         let (per_ip, per_token) = {
             let guard = self.limits.read();
@@ -118,7 +121,12 @@ impl Guards {
     /// The blocks in force, in IP order.
     pub fn blocks(&self) -> Vec<Block> {
         let now_ms = self.clock.now_ms();
-        self.blocks.lock().iter().filter(|(_, until)| **until > now_ms).map(|(&ip, &until_ms)| Block { ip, until_ms }).collect()
+        self.blocks
+            .lock()
+            .iter()
+            .filter(|(_, until)| **until > now_ms)
+            .map(|(&ip, &until_ms)| Block { ip, until_ms })
+            .collect()
     }
 
     /// Forgets expired blocks and idle limiter state, so memory stays bounded.

@@ -152,7 +152,9 @@ async fn main() -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.engine_config();
     let store = match args.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(MemoryStoreConfig { seed: rand::rng().random(), ..MemoryStoreConfig::default() })),
+        StoreKind::Memory => {
+            Arc::new(MemoryStore::new(MemoryStoreConfig { seed: rand::rng().random(), ..MemoryStoreConfig::default() }))
+        }
     };
     let admin_enabled = config.admin_token.is_some();
     let engine = Engine::new(EngineParts {
@@ -170,9 +172,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no --admin-token: the admin API is not served");
     }
     if engine.config().hold_mode.is_unsafe() {
-        tracing::warn!("hold mode unfenced-lock is KNOWN UNSAFE: it oversells when a lock holder pauses past the lock TTL");
+        tracing::warn!(
+            "hold mode unfenced-lock is KNOWN UNSAFE: it oversells when a lock holder pauses past the lock TTL"
+        );
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     tracing::info!(listen = %args.listen, node = %engine.config().node, hold_mode = engine.config().hold_mode.name(), "serving");
     tcore_engine::server::serve(listener, engine, shutdown_signal()).await.context("server failed")?;
     tracing::info!("stopped");
@@ -190,7 +196,12 @@ async fn load_demo(engine: &Arc<Engine>, args: &ServeArgs) -> anyhow::Result<()>
                 .context("giving demo users points")?;
         }
     }
-    tracing::info!(seats = args.demo_seats, users = args.demo_users, points = args.demo_points, "demo concert loaded as schedule 1");
+    tracing::info!(
+        seats = args.demo_seats,
+        users = args.demo_users,
+        points = args.demo_points,
+        "demo concert loaded as schedule 1"
+    );
     Ok(())
 }
 

@@ -11,7 +11,11 @@ use crate::engine::Engine;
 
 /// Serves `engine` on `listener`, with its background work, until `shutdown` resolves; then
 /// stops taking connections and lets requests in flight finish.
-pub async fn serve<L>(listener: L, engine: Arc<Engine>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()>
+pub async fn serve<L>(
+    listener: L,
+    engine: Arc<Engine>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
 where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send,

@@ -192,7 +192,8 @@ impl Verdict {
 impl Telemetry {
     /// Metrics for the node called `node`.
     pub fn new(node: &str) -> Self {
-        let mut registry = Registry::with_prefix_and_labels("tcore", [("node".into(), node.to_owned().into())].into_iter());
+        let mut registry =
+            Registry::with_prefix_and_labels("tcore", [("node".into(), node.to_owned().into())].into_iter());
         let http_requests = Family::<HttpLabels, Counter>::default();
         let http_latency = HistogramFamily::<RouteLabel>::new_with_constructor(latency_histogram);
         let rejections = Family::<ReasonLabel, Counter>::default();
@@ -408,7 +409,10 @@ mod tests {
         telemetry.record_request("/v1/holds", 409, 100, A, 1_000);
         telemetry.record_rejection("seat_taken");
         let text = telemetry.encode();
-        assert!(text.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"409\"} 1"), "{text}");
+        assert!(
+            text.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"409\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("tcore_rejections_total{node=\"engine-1\",reason=\"seat_taken\"} 1"), "{text}");
     }
 }

@@ -43,8 +43,12 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
     };
     match bearer(request.headers()) {
         None => {
-            let mut response = ApiError::new(StatusCode::UNAUTHORIZED, "admin_unauthorized", "the admin API needs `Authorization: Bearer <admin token>`")
-                .into_response();
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "admin_unauthorized",
+                "the admin API needs `Authorization: Bearer <admin token>`",
+            )
+            .into_response();
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
             response
         }
@@ -83,7 +87,11 @@ pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
 /// Sets a line's admission rate, active maximum and pause.
 #[utoipa::path(put, path = "/admin/v1/schedules/{id}/admission", params(("id" = u64, Path)), request_body = AdmissionChange,
     security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
-pub(super) async fn set_admission(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, ApiJson(change): ApiJson<AdmissionChange>) -> Response {
+pub(super) async fn set_admission(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(change): ApiJson<AdmissionChange>,
+) -> Response {
     respond(StatusCode::OK, state.engine.set_admission(ADMIN_ACTOR, id, change).await.map_err(ApiError::from))
 }
 
@@ -121,7 +129,8 @@ pub(super) async fn set_hold_ttl(State(state): State<AppState>, ApiJson(body): A
 pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<AuditQuery>) -> Response {
     let limit = query.limit.unwrap_or(100);
     if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
-        return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds", "limit must be in 1..=1000").into_response();
+        return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds", "limit must be in 1..=1000")
+            .into_response();
     }
     respond(StatusCode::OK, state.engine.audit_log(limit).await.map_err(ApiError::from))
 }

@@ -30,13 +30,18 @@ pub(super) async fn layer(State(state): State<AppState>, request: Request, next:
     let key = match key.to_str() {
         Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX => key.to_owned(),
         _ => {
-            return ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
-                .into_response();
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+            .into_response();
         }
     };
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, REQUEST_BODY_MAX).await else {
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large").into_response();
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
+            .into_response();
     };
     let fingerprint = fingerprint(&parts, &body);
     let engine = &state.engine;
@@ -47,11 +52,13 @@ pub(super) async fn layer(State(state): State<AppState>, request: Request, next:
     };
     match decision {
         IdempotencyDecision::Replay(stored) => replay(stored),
-        IdempotencyDecision::InProgress => {
-            ApiError::new(StatusCode::CONFLICT, "idempotency_in_progress", "a request with this Idempotency-Key is still running")
-                .retry_after(1)
-                .into_response()
-        }
+        IdempotencyDecision::InProgress => ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_in_progress",
+            "a request with this Idempotency-Key is still running",
+        )
+        .retry_after(1)
+        .into_response(),
         IdempotencyDecision::Mismatch => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency_key_reused",
@@ -106,6 +113,7 @@ fn fingerprint(parts: &axum::http::request::Parts, body: &[u8]) -> [u8; 32] {
 
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
-    let content_type = HeaderValue::from_str(&stored.content_type).unwrap_or(HeaderValue::from_static("application/json"));
+    let content_type =
+        HeaderValue::from_str(&stored.content_type).unwrap_or(HeaderValue::from_static("application/json"));
     (status, [(header::CONTENT_TYPE, content_type)], stored.body).into_response()
 }

@@ -112,7 +112,10 @@ fn client_ip(state: &AppState, request: &Request) -> IpAddr {
 async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let clock = Arc::clone(state.engine.clock());
     let start_us = clock.monotonic_us();
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let ip = client_ip(&state, &request);
     request.extensions_mut().insert(ClientIp(ip));
     let request_id = state.next_request_id();

@@ -48,7 +48,11 @@ impl ApiError {
 
     /// The 500 a client sees for anything unexpected.
     pub fn internal(request_id: &str) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("something went wrong (request id {request_id})"))
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("something went wrong (request id {request_id})"),
+        )
     }
 }
 
@@ -96,7 +100,9 @@ impl From<EngineError> for ApiError {
                 TransitionError::AlreadyFinal { .. } | TransitionError::HoldStillValid => {
                     Self::new(S::CONFLICT, "already_final", detail)
                 }
-                TransitionError::InsufficientPoints { .. } => Self::new(S::PAYMENT_REQUIRED, "insufficient_points", detail),
+                TransitionError::InsufficientPoints { .. } => {
+                    Self::new(S::PAYMENT_REQUIRED, "insufficient_points", detail)
+                }
                 TransitionError::InvalidAmount { .. } => Self::new(S::UNPROCESSABLE_ENTITY, "invalid_amount", detail),
                 TransitionError::TokenNotAdmitted { .. } => Self::new(S::FORBIDDEN, "token_not_admitted", detail),
                 TransitionError::SeatUnavailable => Self::new(S::CONFLICT, "seat_taken", detail),
@@ -105,7 +111,12 @@ impl From<EngineError> for ApiError {
             EngineError::OutOfBounds(_) => Self::new(S::UNPROCESSABLE_ENTITY, "out_of_bounds", detail),
             EngineError::StoreUnavailable { reason } => {
                 tracing::warn!(%reason, "store unavailable");
-                Self::new(S::SERVICE_UNAVAILABLE, "store_unavailable", "a store is unavailable; retry with the same Idempotency-Key").retry_after(1)
+                Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "a store is unavailable; retry with the same Idempotency-Key",
+                )
+                .retry_after(1)
             }
         }
     }

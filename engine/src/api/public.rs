@@ -157,10 +157,13 @@ pub(super) async fn charge_points(
     ApiJson(body): ApiJson<PointsCharge>,
 ) -> Response {
     let result = async {
-        let key = headers
-            .get(IDEMPOTENCY_KEY)
-            .and_then(|value| value.to_str().ok())
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "idempotency_key_required", "charging points needs an Idempotency-Key header"))?;
+        let key = headers.get(IDEMPOTENCY_KEY).and_then(|value| value.to_str().ok()).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "charging points needs an Idempotency-Key header",
+            )
+        })?;
         Ok(state.engine.charge_points(id, body.amount, key.to_owned()).await.map(UserView::from)?)
     }
     .await;
@@ -170,7 +173,11 @@ pub(super) async fn charge_points(
 /// Joins a schedule's waiting room; the token is signed and names user and schedule.
 #[utoipa::path(post, path = "/v1/schedules/{id}/queue", params(("id" = u64, Path)), request_body = JoinRequest,
     responses((status = 201, body = Joined), (status = 404, body = super::Problem)))]
-pub(super) async fn join_queue(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, ApiJson(body): ApiJson<JoinRequest>) -> Response {
+pub(super) async fn join_queue(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiJson(body): ApiJson<JoinRequest>,
+) -> Response {
     respond(StatusCode::CREATED, state.engine.join_queue(id, body.user_id).await.map_err(ApiError::from))
 }
 
@@ -204,11 +211,13 @@ pub(super) async fn seat_map(State(state): State<AppState>, ApiPath(id): ApiPath
 /// Takes a seat (admitted token required).
 #[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody, security(("queue_token" = [])),
     responses((status = 201, body = HoldView), (status = 409, body = super::Problem), (status = 403, body = super::Problem)))]
-pub(super) async fn hold(State(state): State<AppState>, headers: HeaderMap, ApiJson(body): ApiJson<HoldRequestBody>) -> Response {
-    let result = state.engine.hold(bearer(&headers), body.schedule_id, body.seat_id).await.map(|reservation| HoldView {
-        reservation_id: reservation.id,
-        fence: reservation.fence.0,
-        expires_at: reservation.expires_at_ms,
+pub(super) async fn hold(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<HoldRequestBody>,
+) -> Response {
+    let result = state.engine.hold(bearer(&headers), body.schedule_id, body.seat_id).await.map(|reservation| {
+        HoldView { reservation_id: reservation.id, fence: reservation.fence.0, expires_at: reservation.expires_at_ms }
     });
     respond(StatusCode::CREATED, result.map_err(ApiError::from))
 }
@@ -233,7 +242,11 @@ pub(super) async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u
 /// Reads one's reservation.
 #[utoipa::path(get, path = "/v1/reservations/{id}", params(("id" = u64, Path)), security(("queue_token" = [])),
     responses((status = 200, body = ReservationView), (status = 404, body = super::Problem)))]
-pub(super) async fn get_reservation(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, headers: HeaderMap) -> Response {
+pub(super) async fn get_reservation(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    headers: HeaderMap,
+) -> Response {
     let result = state.engine.reservation(bearer(&headers), id).await.map(ReservationView::from);
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }

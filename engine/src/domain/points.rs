@@ -40,11 +40,17 @@ pub struct Account {
 
 impl Account {
     /// Adds points bought by the user.
-    pub fn top_up(&mut self, amount: u64, idempotency_key: Option<String>, now_ms: u64) -> Result<LedgerEntry, TransitionError> {
+    pub fn top_up(
+        &mut self,
+        amount: u64,
+        idempotency_key: Option<String>,
+        now_ms: u64,
+    ) -> Result<LedgerEntry, TransitionError> {
         if amount == 0 || amount > CHARGE_POINTS_MAX {
             return Err(TransitionError::InvalidAmount { max: CHARGE_POINTS_MAX });
         }
-        self.balance = self.balance.checked_add(amount).ok_or(TransitionError::InvalidAmount { max: CHARGE_POINTS_MAX })?;
+        self.balance =
+            self.balance.checked_add(amount).ok_or(TransitionError::InvalidAmount { max: CHARGE_POINTS_MAX })?;
         Ok(self.entry(signed(amount), LedgerReason::TopUp, None, idempotency_key, now_ms))
     }
 

@@ -44,7 +44,13 @@ pub struct AdmissionPolicy {
 
 impl Default for AdmissionPolicy {
     fn default() -> Self {
-        Self { rate_per_s: 200.0, active_max: 2_000, paused: false, admitted_ttl_ms: 600_000, waiting_idle_timeout_ms: 60_000 }
+        Self {
+            rate_per_s: 200.0,
+            active_max: 2_000,
+            paused: false,
+            admitted_ttl_ms: 600_000,
+            waiting_idle_timeout_ms: 60_000,
+        }
     }
 }
 
@@ -212,7 +218,7 @@ impl WaitingLine {
     /// stopped polling are skipped and expire.
     pub fn admit(&mut self, now_ms: u64, rng: &mut impl rand::Rng) -> Vec<Admitted> {
         self.expire_admitted(now_ms);
-        let last_ms = self.last_admit_ms.replace(now_ms).unwrap_or(now_ms);
+        let last_ms = self.last_admit_ms.replace(now_ms).unwrap_or(self.opens_at_ms);
         if self.policy.paused || now_ms < self.opens_at_ms {
             self.admit_credit = 0.0;
             return Vec::new();
@@ -264,11 +270,8 @@ impl WaitingLine {
 
     fn shuffle_early_arrivals(&mut self, rng: &mut impl rand::Rng) {
         self.shuffled = true;
-        let early_count = self
-            .line
-            .iter()
-            .take_while(|&&seq| self.entries[index(seq)].joined_at_ms < self.opens_at_ms)
-            .count();
+        let early_count =
+            self.line.iter().take_while(|&&seq| self.entries[index(seq)].joined_at_ms < self.opens_at_ms).count();
         let mut early: Vec<u64> = self.line.drain(..early_count).collect();
         let mut order_indexes: Vec<u64> = early.iter().map(|&seq| self.entries[index(seq)].order_index).collect();
         order_indexes.sort_unstable();
@@ -325,7 +328,13 @@ mod tests {
     use super::*;
 
     fn policy(rate_per_s: f64, active_max: u32) -> AdmissionPolicy {
-        AdmissionPolicy { rate_per_s, active_max, paused: false, admitted_ttl_ms: 10_000, waiting_idle_timeout_ms: 60_000 }
+        AdmissionPolicy {
+            rate_per_s,
+            active_max,
+            paused: false,
+            admitted_ttl_ms: 10_000,
+            waiting_idle_timeout_ms: 60_000,
+        }
     }
 
     fn line_with(users: u64, order: QueueOrder, policy: AdmissionPolicy) -> WaitingLine {

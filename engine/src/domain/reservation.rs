@@ -47,7 +47,14 @@ pub struct Reservation {
 
 impl Reservation {
     /// A fresh hold on `seat` for `user_id`, valid for `hold_ttl_ms`.
-    pub fn hold(id: ReservationId, seat: &Seat, user_id: UserId, fence: FenceToken, hold_ttl_ms: u64, now_ms: u64) -> Self {
+    pub fn hold(
+        id: ReservationId,
+        seat: &Seat,
+        user_id: UserId,
+        fence: FenceToken,
+        hold_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Self {
         Self {
             id,
             schedule_id: seat.schedule_id,
@@ -148,7 +155,12 @@ impl SeatSlot {
     }
 
     /// The atomic check-and-set: takes the seat if it is available and returns the new fence.
-    pub fn try_hold(&mut self, reservation_id: ReservationId, hold_ttl_ms: u64, now_ms: u64) -> Result<FenceToken, TransitionError> {
+    pub fn try_hold(
+        &mut self,
+        reservation_id: ReservationId,
+        hold_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<FenceToken, TransitionError> {
         if self.status(now_ms) != SeatStatus::Available {
             return Err(TransitionError::SeatUnavailable);
         }
@@ -159,7 +171,13 @@ impl SeatSlot {
 
     /// A hold write decided elsewhere (under a lock): fenced writes refuse stale tokens,
     /// unfenced writes overwrite whatever is there.
-    pub fn write_hold(&mut self, reservation_id: ReservationId, guard: WriteGuard, hold_ttl_ms: u64, now_ms: u64) -> Result<FenceToken, TransitionError> {
+    pub fn write_hold(
+        &mut self,
+        reservation_id: ReservationId,
+        guard: WriteGuard,
+        hold_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<FenceToken, TransitionError> {
         let fence = match guard {
             WriteGuard::Fenced(fence) if fence <= self.fence_last => {
                 return Err(TransitionError::StaleFence { presented: fence.0, current: self.fence_last.0 });

@@ -15,8 +15,8 @@ use super::{
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
     OutboxKind, QueueOrder, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId,
-    ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine,
-    WriteGuard, idempotency_decision,
+    ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine, WriteGuard,
+    idempotency_decision,
 };
 
 /// Sizes and seeds of the embedded store.
@@ -136,7 +136,12 @@ impl Records {
         self.emit(OutboxKind::ReservationExpired, Some(reservation_id), user_id, now_ms);
     }
 
-    fn insert_hold(&mut self, request: HoldRequest, guard: Option<WriteGuard>, now_ms: u64) -> Result<Reservation, StoreError> {
+    fn insert_hold(
+        &mut self,
+        request: HoldRequest,
+        guard: Option<WriteGuard>,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
         if !self.accounts.contains_key(&request.user_id) {
             return Err(StoreError::NotFound { entity: "user", id: request.user_id });
         }
@@ -182,7 +187,8 @@ impl Records {
             return Err(error.into());
         }
         self.slot_mut(reservation.schedule_id, reservation.seat_id)?.check_holder(reservation_id, reservation.fence)?;
-        let charge = self.account_mut(user_id)?.debit(reservation.price_points, reservation_id, idempotency_key, now_ms)?;
+        let charge =
+            self.account_mut(user_id)?.debit(reservation.price_points, reservation_id, idempotency_key, now_ms)?;
         self.ledger.push(charge);
         self.slot_mut(reservation.schedule_id, reservation.seat_id)?.mark_sold();
         self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
@@ -197,7 +203,12 @@ impl Records {
         Ok(confirmed)
     }
 
-    fn cancel(&mut self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
+    fn cancel(
+        &mut self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
         let reservation = self.owned_reservation(reservation_id, user_id)?;
         let stored = self
             .reservations
@@ -227,7 +238,10 @@ impl Records {
     }
 }
 
-fn line_mut(lines: &mut BTreeMap<ScheduleId, WaitingLine>, schedule_id: ScheduleId) -> Result<&mut WaitingLine, StoreError> {
+fn line_mut(
+    lines: &mut BTreeMap<ScheduleId, WaitingLine>,
+    schedule_id: ScheduleId,
+) -> Result<&mut WaitingLine, StoreError> {
     lines.get_mut(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })
 }
 
@@ -281,8 +295,10 @@ impl RecordStore for MemoryStore {
 
     async fn seat_map(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<Vec<SeatView>, StoreError> {
         let records = self.records.lock();
-        let schedule = records.schedules.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
-        let seats = records.seats.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
+        let schedule =
+            records.schedules.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
+        let seats =
+            records.seats.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
         Ok(seats
             .values()
             .map(|slot| SeatView {
@@ -317,7 +333,13 @@ impl RecordStore for MemoryStore {
         records.account_mut(user_id).map(|account| account.clone())
     }
 
-    async fn top_up(&self, user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64) -> Result<Account, StoreError> {
+    async fn top_up(
+        &self,
+        user_id: UserId,
+        amount: u64,
+        idempotency_key: String,
+        now_ms: u64,
+    ) -> Result<Account, StoreError> {
         let mut records = self.records.lock();
         match records.top_up_keys.get(&idempotency_key) {
             Some(&owner) if owner == user_id => return records.account_mut(user_id).map(|account| account.clone()),
@@ -337,7 +359,12 @@ impl RecordStore for MemoryStore {
         self.records.lock().insert_hold(request, None, now_ms)
     }
 
-    async fn write_hold(&self, request: HoldRequest, guard: WriteGuard, now_ms: u64) -> Result<Reservation, StoreError> {
+    async fn write_hold(
+        &self,
+        request: HoldRequest,
+        guard: WriteGuard,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
         self.records.lock().insert_hold(request, Some(guard), now_ms)
     }
 
@@ -351,13 +378,22 @@ impl RecordStore for MemoryStore {
         self.records.lock().confirm(reservation_id, user_id, idempotency_key, now_ms)
     }
 
-    async fn cancel(&self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
+    async fn cancel(
+        &self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
         self.records.lock().cancel(reservation_id, user_id, now_ms)
     }
 
     async fn reservation(&self, reservation_id: ReservationId) -> Result<Reservation, StoreError> {
         let records = self.records.lock();
-        records.reservations.get(&reservation_id).cloned().ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })
+        records
+            .reservations
+            .get(&reservation_id)
+            .cloned()
+            .ok_or(StoreError::NotFound { entity: "reservation", id: reservation_id })
     }
 
     async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
@@ -391,10 +427,15 @@ impl RecordStore for MemoryStore {
         Ok(decision)
     }
 
-    async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse, now_ms: u64) -> Result<(), StoreError> {
+    async fn idempotency_complete(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        response: StoredResponse,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
         let mut records = self.records.lock();
-        let holds_lease =
-            matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
+        let holds_lease = matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
         if holds_lease {
             let completed = IdempotencyRecord::Completed { fingerprint, response, completed_at_ms: now_ms };
             records.remember_idempotency(key, completed, self.config.idempotency_records_max);
@@ -404,8 +445,7 @@ impl RecordStore for MemoryStore {
 
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
         let mut records = self.records.lock();
-        let holds_lease =
-            matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
+        let holds_lease = matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
         if holds_lease {
             records.idempotency.remove(&key);
         }
@@ -469,7 +509,13 @@ impl CacheStore for MemoryStore {
         Ok(())
     }
 
-    async fn create_line(&self, schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: AdmissionPolicy) -> Result<(), StoreError> {
+    async fn create_line(
+        &self,
+        schedule_id: ScheduleId,
+        opens_at_ms: u64,
+        order: QueueOrder,
+        policy: AdmissionPolicy,
+    ) -> Result<(), StoreError> {
         let mut cache = self.cache.lock();
         cache.lines.entry(schedule_id).or_insert_with(|| WaitingLine::new(schedule_id, opens_at_ms, order, policy));
         Ok(())
@@ -482,7 +528,9 @@ impl CacheStore for MemoryStore {
 
     async fn queue_status(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<QueueStatus, StoreError> {
         let mut cache = self.cache.lock();
-        line_mut(&mut cache.lines, schedule_id)?.status(seq, now_ms).ok_or(StoreError::NotFound { entity: "queue token", id: seq })
+        line_mut(&mut cache.lines, schedule_id)?
+            .status(seq, now_ms)
+            .ok_or(StoreError::NotFound { entity: "queue token", id: seq })
     }
 
     async fn admit(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<AdmitReport, StoreError> {
@@ -512,7 +560,11 @@ impl CacheStore for MemoryStore {
         Ok(line_mut(&mut cache.lines, schedule_id)?.policy())
     }
 
-    async fn set_admission_policy(&self, schedule_id: ScheduleId, policy: AdmissionPolicy) -> Result<AdmissionPolicy, StoreError> {
+    async fn set_admission_policy(
+        &self,
+        schedule_id: ScheduleId,
+        policy: AdmissionPolicy,
+    ) -> Result<AdmissionPolicy, StoreError> {
         let mut cache = self.cache.lock();
         let line = line_mut(&mut cache.lines, schedule_id)?;
         let before = line.policy();
@@ -538,10 +590,10 @@ impl CacheStore for MemoryStore {
 
     async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError> {
         let mut cache = self.cache.lock();
-        if let Some(lock) = cache.locks.get_mut(&key) {
-            if lock.holder.is_some_and(|holder| holder.fence == fence) {
-                lock.holder = None;
-            }
+        if let Some(lock) = cache.locks.get_mut(&key)
+            && lock.holder.is_some_and(|holder| holder.fence == fence)
+        {
+            lock.holder = None;
         }
         Ok(())
     }
@@ -559,7 +611,11 @@ mod tests {
         let second = store.acquire_lock("seat:1".into(), 100, 100).await.expect("store").expect("expired");
         assert!(second.fence > first.fence);
         store.release_lock("seat:1".into(), first.fence).await.expect("store");
-        assert_eq!(store.acquire_lock("seat:1".into(), 100, 150).await.expect("store"), None, "a stale release frees nothing");
+        assert_eq!(
+            store.acquire_lock("seat:1".into(), 100, 150).await.expect("store"),
+            None,
+            "a stale release frees nothing"
+        );
     }
 
     #[tokio::test]

@@ -129,12 +129,19 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
     /// Reads an account.
     async fn account(&self, user_id: UserId) -> Result<Account, StoreError>;
     /// Adds points once per idempotency key: a repeated key changes nothing.
-    async fn top_up(&self, user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64) -> Result<Account, StoreError>;
+    async fn top_up(
+        &self,
+        user_id: UserId,
+        amount: u64,
+        idempotency_key: String,
+        now_ms: u64,
+    ) -> Result<Account, StoreError>;
 
     /// The atomic hold: takes the seat if it is available, with a fence one above the seat's last.
     async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError>;
     /// A hold decided under a lock, written as `guard` says.
-    async fn write_hold(&self, request: HoldRequest, guard: WriteGuard, now_ms: u64) -> Result<Reservation, StoreError>;
+    async fn write_hold(&self, request: HoldRequest, guard: WriteGuard, now_ms: u64)
+    -> Result<Reservation, StoreError>;
     /// Pays for a hold: checks owner, expiry and fence, debits, confirms, writes the outbox
     /// event, all at once. Confirming an already confirmed reservation again returns it unchanged.
     async fn confirm(
@@ -145,7 +152,12 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
     ) -> Result<Reservation, StoreError>;
     /// Cancels a hold, or a confirmed reservation with a refund, at once.
-    async fn cancel(&self, reservation_id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError>;
+    async fn cancel(
+        &self,
+        reservation_id: ReservationId,
+        user_id: UserId,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError>;
     /// Reads a reservation.
     async fn reservation(&self, reservation_id: ReservationId) -> Result<Reservation, StoreError>;
     /// Expires up to `limit` holds past their time and frees their seats; returns how many.
@@ -160,7 +172,13 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError>;
     /// Stores the response for a claimed key.
-    async fn idempotency_complete(&self, key: String, fingerprint: [u8; 32], response: StoredResponse, now_ms: u64) -> Result<(), StoreError>;
+    async fn idempotency_complete(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        response: StoredResponse,
+        now_ms: u64,
+    ) -> Result<(), StoreError>;
     /// Gives up a claimed key without a response (the request may be retried).
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError>;
 
@@ -182,7 +200,13 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug {
     /// Answers if the store is reachable.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Creates the waiting line of a schedule (again: no change).
-    async fn create_line(&self, schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: AdmissionPolicy) -> Result<(), StoreError>;
+    async fn create_line(
+        &self,
+        schedule_id: ScheduleId,
+        opens_at_ms: u64,
+        order: QueueOrder,
+        policy: AdmissionPolicy,
+    ) -> Result<(), StoreError>;
     /// Joins a line.
     async fn join(&self, schedule_id: ScheduleId, user_id: UserId, now_ms: u64) -> Result<QueueStatus, StoreError>;
     /// Where a token stands (and proof its holder is still there).
@@ -194,7 +218,11 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug {
     /// The admission policy of a line.
     async fn admission_policy(&self, schedule_id: ScheduleId) -> Result<AdmissionPolicy, StoreError>;
     /// Replaces the admission policy of a line; returns the one before.
-    async fn set_admission_policy(&self, schedule_id: ScheduleId, policy: AdmissionPolicy) -> Result<AdmissionPolicy, StoreError>;
+    async fn set_admission_policy(
+        &self,
+        schedule_id: ScheduleId,
+        policy: AdmissionPolicy,
+    ) -> Result<AdmissionPolicy, StoreError>;
     /// Every admission so far, in order, for the checker.
     async fn admissions(&self) -> Result<Vec<Admitted>, StoreError>;
     /// Takes the lock on `key` if it is free or its holder's time ran out.

@@ -1,0 +1,479 @@
+//! The HTTP API through `Router::oneshot`: the whole journey, every error code, idempotent
+//! replays, token checks and the admin API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tcore_engine::clock::ManualClock;
+use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::faults::NoFaults;
+use tcore_engine::{Engine, app};
+use tower::ServiceExt;
+
+use crate::support::{ADMIN_TOKEN, START_MS, config, engine_with, schedule};
+
+struct Api {
+    router: Router,
+    engine: Arc<Engine>,
+    clock: ManualClock,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    bytes: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes).unwrap_or_else(|_| panic!("JSON body, got {:?}", self.bytes))
+    }
+}
+
+/// A request; the builder keeps each test to the lines that matter.
+struct Call<'a> {
+    api: &'a Api,
+    method: Method,
+    uri: String,
+    bearer: Option<String>,
+    key: Option<String>,
+    forwarded_for: Option<String>,
+    body: Option<String>,
+}
+
+impl Call<'_> {
+    fn bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.to_owned());
+        self
+    }
+
+    fn key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_owned());
+        self
+    }
+
+    fn with_forwarded_ip(mut self, ip: &str) -> Self {
+        self.forwarded_for = Some(ip.to_owned());
+        self
+    }
+
+    fn json(mut self, body: Value) -> Self {
+        self.body = Some(body.to_string());
+        self
+    }
+
+    fn raw(mut self, body: &str) -> Self {
+        self.body = Some(body.to_owned());
+        self
+    }
+
+    async fn send(self) -> Reply {
+        let mut request = Request::builder().method(self.method).uri(self.uri);
+        if let Some(token) = self.bearer {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(key) = self.key {
+            request = request.header("idempotency-key", key);
+        }
+        request = request.header("x-forwarded-for", self.forwarded_for.unwrap_or_else(|| "192.0.2.1".into()));
+        let body = match self.body {
+            Some(body) => {
+                request = request.header("content-type", "application/json");
+                Body::from(body)
+            }
+            None => Body::empty(),
+        };
+        let response = self.api.router.clone().oneshot(request.body(body).expect("request")).await.expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        Reply { status, headers, bytes }
+    }
+}
+
+impl Api {
+    async fn new() -> Self {
+        Self::with_config(config(HoldMode::Atomic)).await
+    }
+
+    async fn with_config(config: EngineConfig) -> Self {
+        let clock = ManualClock::starting_at_ms(START_MS);
+        let config = EngineConfig { trust_forwarded_for: true, ..config };
+        let test = engine_with(config, Arc::new(clock.clone()), Arc::new(NoFaults));
+        test.engine.add_schedule(schedule(START_MS, 10)).await.expect("schedule");
+        Self { router: app(Arc::clone(&test.engine)), engine: test.engine, clock }
+    }
+
+    fn call(&self, method: Method, uri: &str) -> Call<'_> {
+        Call { api: self, method, uri: uri.to_owned(), bearer: None, key: None, forwarded_for: None, body: None }
+    }
+
+    fn get(&self, uri: &str) -> Call<'_> {
+        self.call(Method::GET, uri)
+    }
+
+    fn post(&self, uri: &str) -> Call<'_> {
+        self.call(Method::POST, uri)
+    }
+
+    fn admin(&self, method: Method, uri: &str) -> Call<'_> {
+        self.call(method, uri).bearer(ADMIN_TOKEN)
+    }
+
+    /// Moves time on and lets every line admit.
+    async fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.engine.tick_admission().await.expect("admission tick");
+    }
+
+    /// A user with points, in line for schedule 1; returns (user id, token).
+    async fn user_in_line(&self, name: &str, points: u64) -> (u64, String) {
+        let user = self.post("/v1/users").json(json!({ "name": name })).send().await;
+        assert_eq!(user.status, StatusCode::CREATED, "{:?}", user.bytes);
+        let id = user.json()["id"].as_u64().expect("id");
+        if points > 0 {
+            let charged = self
+                .post(&format!("/v1/users/{id}/points"))
+                .key(&format!("top-up-{id}"))
+                .json(json!({ "amount": points }))
+                .send()
+                .await;
+            assert_eq!(charged.status, StatusCode::OK, "{:?}", charged.bytes);
+        }
+        let joined = self.post("/v1/schedules/1/queue").json(json!({ "user_id": id })).send().await;
+        assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.bytes);
+        (id, joined.json()["token"].as_str().expect("token").to_owned())
+    }
+
+    /// A user admitted to schedule 1.
+    async fn admitted_user(&self, name: &str, points: u64) -> (u64, String) {
+        let user = self.user_in_line(name, points).await;
+        self.advance(Duration::from_secs(1)).await;
+        user
+    }
+
+    async fn hold(&self, token: &str, seat_id: u64) -> Reply {
+        self.post("/v1/holds").bearer(token).json(json!({ "schedule_id": 1, "seat_id": seat_id })).send().await
+    }
+}
+
+/// Asserts a problem response with `status` and stable `code`.
+fn check_problem(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(reply.status, status, "body: {}", String::from_utf8_lossy(&reply.bytes));
+    assert_eq!(reply.headers["content-type"], "application/problem+json");
+    let problem = reply.json();
+    assert_eq!(problem["code"], code, "{problem}");
+    assert_eq!(problem["status"], status.as_u16());
+    assert_eq!(problem["type"], format!("urn:tcore:problem:{code}"));
+}
+
+#[tokio::test]
+async fn whole_journey_join_admitted_hold_confirm_cancel() {
+    let api = Api::new().await;
+    let (user_id, token) = api.user_in_line("ada", 1_000).await;
+    let waiting = api.get(&format!("/v1/queue/{token}")).send().await.json();
+    assert_eq!(waiting["status"], "WAITING");
+    assert_eq!(waiting["position"], 1);
+
+    api.advance(Duration::from_secs(1)).await;
+    let admitted = api.get(&format!("/v1/queue/{token}")).send().await.json();
+    assert_eq!(admitted["status"], "ADMITTED");
+
+    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await;
+    assert_eq!(seats.status, StatusCode::OK);
+    assert_eq!(seats.json()["seats"].as_array().map(Vec::len), Some(10));
+    assert_eq!(seats.json()["seats"][2]["status"], "AVAILABLE");
+    let seat_id = seats.json()["seats"][2]["id"].as_u64().expect("seat id");
+
+    let hold = api.hold(&token, seat_id).await;
+    assert_eq!(hold.status, StatusCode::CREATED, "{:?}", hold.bytes);
+    let reservation_id = hold.json()["reservation_id"].as_u64().expect("reservation");
+    assert_eq!(hold.json()["fence"], 1);
+    assert_eq!(hold.json()["expires_at"], START_MS + 1_000 + 60_000);
+    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await.json();
+    assert_eq!(seats["seats"][2]["status"], "HELD");
+
+    let confirmed =
+        api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).key("pay-1").send().await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.bytes);
+    assert_eq!(confirmed.json()["status"], "CONFIRMED");
+    assert_eq!(api.get(&format!("/v1/users/{user_id}")).send().await.json()["points"], 900);
+    assert_eq!(api.get(&format!("/v1/queue/{token}")).send().await.json()["status"], "USED");
+
+    let read = api.get(&format!("/v1/reservations/{reservation_id}")).bearer(&token).send().await;
+    assert_eq!(read.json()["status"], "CONFIRMED");
+    let cancelled = api.post(&format!("/v1/reservations/{reservation_id}/cancel")).bearer(&token).send().await;
+    assert_eq!(cancelled.json()["status"], "CANCELLED");
+    assert_eq!(api.get(&format!("/v1/users/{user_id}")).send().await.json()["points"], 1_000, "refunded");
+    let schedules = api.get("/v1/schedules").send().await.json();
+    assert_eq!(schedules[0]["seats_available"], 10);
+}
+
+#[tokio::test]
+async fn idempotent_replay_returns_identical_bytes_and_other_body_is_422() {
+    let api = Api::new().await;
+    let (_, token) = api.admitted_user("ada", 1_000).await;
+    let first =
+        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    api.clock.advance(Duration::from_secs(5));
+    let replay =
+        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.bytes, first.bytes, "same key, same body: the same bytes");
+    let other =
+        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 4 })).send().await;
+    check_problem(&other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+
+    let reservation_id = first.json()["reservation_id"].as_u64().expect("id");
+    let uri = format!("/v1/reservations/{reservation_id}/confirm");
+    let paid = api.post(&uri).bearer(&token).key("pay").send().await;
+    let paid_again = api.post(&uri).bearer(&token).key("pay").send().await;
+    assert_eq!(paid.bytes, paid_again.bytes);
+    let ledger = api.engine.user(1).await.expect("user");
+    assert_eq!(ledger.balance, 900, "charged once");
+}
+
+#[tokio::test]
+async fn a_refusal_is_replayed_too_but_a_key_on_a_new_request_runs_it() {
+    let api = Api::new().await;
+    let (_, first) = api.admitted_user("ada", 1_000).await;
+    let (_, second) = api.admitted_user("bob", 1_000).await;
+    assert_eq!(api.hold(&first, 3).await.status, StatusCode::CREATED);
+    let taken =
+        api.post("/v1/holds").bearer(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+    check_problem(&taken, StatusCode::CONFLICT, "seat_taken");
+    let again =
+        api.post("/v1/holds").bearer(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+    assert_eq!(again.bytes, taken.bytes);
+}
+
+#[tokio::test]
+async fn booking_without_a_token_or_with_a_forged_one_is_refused() {
+    let api = Api::new().await;
+    let (_, token) = api.admitted_user("ada", 1_000).await;
+    check_problem(&api.get("/v1/schedules/1/seats").send().await, StatusCode::UNAUTHORIZED, "token_missing");
+    let forged = token.replacen("v1.1.1.", "v1.1.2.", 1);
+    check_problem(&api.hold(&forged, 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
+    check_problem(&api.hold("v1.1.1.1.bm90LWEtbWFj", 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
+    check_problem(&api.hold("nonsense", 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
+}
+
+#[tokio::test]
+async fn waiting_expired_used_and_foreign_schedule_tokens_are_refused() {
+    let api = Api::new().await;
+    let (_, waiting) = api.user_in_line("ada", 1_000).await;
+    check_problem(&api.hold(&waiting, 1).await, StatusCode::FORBIDDEN, "token_not_admitted");
+
+    api.advance(Duration::from_secs(1)).await;
+    let wrong_schedule =
+        api.post("/v1/holds").bearer(&waiting).json(json!({ "schedule_id": 2, "seat_id": 1 })).send().await;
+    check_problem(&wrong_schedule, StatusCode::FORBIDDEN, "token_wrong_schedule");
+
+    let hold = api.hold(&waiting, 1).await.json();
+    let reservation_id = hold["reservation_id"].as_u64().expect("id");
+    api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&waiting).send().await;
+    check_problem(&api.hold(&waiting, 2).await, StatusCode::FORBIDDEN, "token_used");
+
+    let (_, late) = api.admitted_user("bob", 1_000).await;
+    api.advance(Duration::from_secs(601)).await;
+    check_problem(&api.hold(&late, 2).await, StatusCode::FORBIDDEN, "token_expired");
+}
+
+#[tokio::test]
+async fn seat_conflicts_ownership_expiry_and_points_have_their_codes() {
+    let api = Api::new().await;
+    let (_, ada) = api.admitted_user("ada", 1_000).await;
+    let (_, bob) = api.admitted_user("bob", 50).await;
+    let held = api.hold(&ada, 1).await.json();
+    let ada_reservation = held["reservation_id"].as_u64().expect("id");
+    check_problem(&api.hold(&bob, 1).await, StatusCode::CONFLICT, "seat_taken");
+    check_problem(&api.hold(&bob, 999).await, StatusCode::NOT_FOUND, "not_found");
+    let foreign = api.get(&format!("/v1/reservations/{ada_reservation}")).bearer(&bob).send().await;
+    check_problem(&foreign, StatusCode::FORBIDDEN, "not_owner");
+
+    let bob_reservation = api.hold(&bob, 2).await.json()["reservation_id"].as_u64().expect("id");
+    let poor = api.post(&format!("/v1/reservations/{bob_reservation}/confirm")).bearer(&bob).send().await;
+    check_problem(&poor, StatusCode::PAYMENT_REQUIRED, "insufficient_points");
+
+    api.clock.advance(Duration::from_secs(61));
+    let late = api.post(&format!("/v1/reservations/{ada_reservation}/confirm")).bearer(&ada).send().await;
+    check_problem(&late, StatusCode::GONE, "hold_expired");
+    assert_eq!(api.engine.user(1).await.expect("user").balance, 1_000, "an expired hold takes no points");
+    let again = api.post(&format!("/v1/reservations/{ada_reservation}/cancel")).bearer(&ada).send().await;
+    check_problem(&again, StatusCode::CONFLICT, "already_final");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_problem_bodies() {
+    let api = Api::new().await;
+    check_problem(&api.get("/v1/users/999").send().await, StatusCode::NOT_FOUND, "not_found");
+    check_problem(&api.get("/v1/nowhere").send().await, StatusCode::NOT_FOUND, "not_found");
+    check_problem(&api.get("/v1/users/abc").send().await, StatusCode::BAD_REQUEST, "invalid_path");
+    check_problem(&api.post("/v1/users").raw("{not json").send().await, StatusCode::BAD_REQUEST, "invalid_body");
+    let unknown_field = api.post("/v1/users").json(json!({ "name": "ada", "admin": true })).send().await;
+    check_problem(&unknown_field, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    check_problem(
+        &api.post("/v1/users").json(json!({ "name": "  " })).send().await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    );
+    let no_key = api.post("/v1/users/1/points").json(json!({ "amount": 5 })).send().await;
+    check_problem(&no_key, StatusCode::BAD_REQUEST, "idempotency_key_required");
+    let user = api.post("/v1/users").json(json!({ "name": "ada" })).send().await.json();
+    let zero = api.post(&format!("/v1/users/{}/points", user["id"])).key("z").json(json!({ "amount": 0 })).send().await;
+    check_problem(&zero, StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount");
+    let long_wait = api.get("/v1/queue/whatever?wait_s=31").send().await;
+    check_problem(&long_wait, StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds");
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_when_the_token_is_admitted() {
+    let api = Api::new().await;
+    let (_, token) = api.user_in_line("ada", 0).await;
+    let engine = Arc::clone(&api.engine);
+    let clock = api.clock.clone();
+    let admitter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        clock.advance(Duration::from_secs(1));
+        engine.tick_admission().await.expect("tick");
+    });
+    let reply = api.get(&format!("/v1/queue/{token}?wait_s=5")).send().await;
+    admitter.await.expect("admitter");
+    assert_eq!(reply.json()["status"], "ADMITTED");
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
+    let api = Api::new().await;
+    let limits = api
+        .admin(Method::PUT, "/admin/v1/rate-limits")
+        .json(json!({ "per_ip_per_s": 2, "per_token_per_s": 2, "burst": 2 }))
+        .send()
+        .await;
+    assert_eq!(limits.status, StatusCode::OK, "{:?}", limits.bytes);
+    for _ in 0..2 {
+        assert_eq!(api.get("/v1/schedules").with_forwarded_ip("198.51.100.7").send().await.status, StatusCode::OK);
+    }
+    let limited = api.get("/v1/schedules").with_forwarded_ip("198.51.100.7").send().await;
+    check_problem(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(limited.headers["retry-after"], "1");
+    assert_eq!(
+        api.get("/v1/schedules").with_forwarded_ip("198.51.100.8").send().await.status,
+        StatusCode::OK,
+        "other IPs unaffected"
+    );
+
+    let blocked =
+        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
+    assert_eq!(blocked.status, StatusCode::OK);
+    check_problem(
+        &api.get("/v1/schedules").with_forwarded_ip("198.51.100.9").send().await,
+        StatusCode::FORBIDDEN,
+        "ip_blocked",
+    );
+    let unblocked = api.admin(Method::DELETE, "/admin/v1/blocks/198.51.100.9").send().await;
+    assert_eq!(unblocked.status, StatusCode::OK);
+    assert_eq!(api.get("/v1/schedules").with_forwarded_ip("198.51.100.9").send().await.status, StatusCode::OK);
+    let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    assert!(metrics.contains("reason=\"rate_limited\"} 1"), "{metrics}");
+    assert!(metrics.contains("reason=\"ip_blocked\"} 1"), "{metrics}");
+}
+
+#[tokio::test]
+async fn admin_needs_the_token_401_without_403_wrong() {
+    let api = Api::new().await;
+    check_problem(&api.get("/admin/v1/snapshot").send().await, StatusCode::UNAUTHORIZED, "admin_unauthorized");
+    check_problem(
+        &api.get("/admin/v1/snapshot").bearer("guess").send().await,
+        StatusCode::FORBIDDEN,
+        "admin_forbidden",
+    );
+    let snapshot = api.admin(Method::GET, "/admin/v1/snapshot").send().await;
+    assert_eq!(snapshot.status, StatusCode::OK);
+    assert_eq!(snapshot.json()["hold_mode"], "atomic");
+
+    let closed = Api::with_config(EngineConfig { admin_token: None, ..config(HoldMode::Atomic) }).await;
+    check_problem(&closed.admin(Method::GET, "/admin/v1/snapshot").send().await, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn admin_values_out_of_bounds_are_422_never_clamped() {
+    let api = Api::new().await;
+    let cases = [
+        (Method::PUT, "/admin/v1/schedules/1/admission", json!({ "rate_per_s": 0.0, "active_max": 10 })),
+        (Method::PUT, "/admin/v1/schedules/1/admission", json!({ "rate_per_s": 10.0, "active_max": 0 })),
+        (Method::PUT, "/admin/v1/rate-limits", json!({ "per_ip_per_s": 0, "per_token_per_s": 5, "burst": 5 })),
+        (Method::PUT, "/admin/v1/rate-limits", json!({ "per_ip_per_s": 5, "per_token_per_s": 5, "burst": 1_000_000 })),
+        (Method::POST, "/admin/v1/blocks", json!({ "ip": "192.0.2.1", "ttl_s": 0 })),
+        (Method::POST, "/admin/v1/blocks", json!({ "ip": "192.0.2.1", "ttl_s": 86_401 })),
+        (Method::PUT, "/admin/v1/hold-ttl", json!({ "ttl_s": 9 })),
+        (Method::PUT, "/admin/v1/hold-ttl", json!({ "ttl_s": 3_601 })),
+    ];
+    for (method, uri, body) in cases {
+        let reply = api.admin(method, uri).json(body.clone()).send().await;
+        check_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds");
+    }
+    let snapshot = api.admin(Method::GET, "/admin/v1/snapshot").send().await.json();
+    assert_eq!(snapshot["hold_ttl_s"], 60, "nothing was applied");
+    assert_eq!(snapshot["rate_limits"]["per_ip_per_s"], 50);
+}
+
+#[tokio::test]
+async fn admin_changes_apply_and_are_audited_with_before_and_after() {
+    let api = Api::new().await;
+    let reply = api.admin(Method::PUT, "/admin/v1/hold-ttl").json(json!({ "ttl_s": 30 })).send().await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let admission = api
+        .admin(Method::PUT, "/admin/v1/schedules/1/admission")
+        .json(json!({ "rate_per_s": 5.0, "active_max": 7, "paused": true }))
+        .send()
+        .await;
+    assert_eq!(admission.status, StatusCode::OK, "{:?}", admission.bytes);
+    api.admin(Method::PUT, "/admin/v1/hold-ttl").json(json!({ "ttl_s": 1 })).send().await;
+
+    let (_, token) = api.user_in_line("ada", 0).await;
+    api.advance(Duration::from_secs(5)).await;
+    assert_eq!(
+        api.get(&format!("/v1/queue/{token}")).send().await.json()["status"],
+        "WAITING",
+        "paused line admits nobody"
+    );
+
+    let audit = api.admin(Method::GET, "/admin/v1/audit").send().await.json();
+    let entries = audit.as_array().expect("entries");
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0]["action"], "set_hold_ttl");
+    assert_eq!(entries[0]["before"], json!({ "ttl_s": 60 }));
+    assert_eq!(entries[0]["after"], json!({ "ttl_s": 30 }));
+    assert_eq!(entries[1]["after"]["active_max"], 7);
+    assert_eq!(entries[1]["before"]["paused"], false);
+    assert!(entries[2]["outcome"].as_str().expect("outcome").starts_with("rejected"));
+    let snapshot = api.admin(Method::GET, "/admin/v1/snapshot").send().await.json();
+    assert_eq!(snapshot["queues"][0]["admission"]["paused"], true);
+    assert_eq!(snapshot["queues"][0]["waiting"], 1);
+}
+
+#[tokio::test]
+async fn operational_endpoints_answer() {
+    let api = Api::new().await;
+    assert_eq!(api.get("/healthz").send().await.status, StatusCode::OK);
+    assert_eq!(api.get("/readyz").send().await.status, StatusCode::OK);
+    api.get("/v1/schedules").send().await;
+    let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    assert!(
+        metrics.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/schedules\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tcore_http_request_duration_seconds_bucket"), "{metrics}");
+    let openapi = api.get("/openapi.json").send().await.json();
+    for path in ["/v1/holds", "/v1/queue/{token}", "/v1/reservations/{id}/confirm", "/admin/v1/snapshot"] {
+        assert!(openapi["paths"][path].is_object(), "{path} is documented");
+    }
+}

@@ -1,0 +1,6 @@
+//! The engine's integration tests: one binary, one module per area.
+
+mod api;
+mod concurrency;
+mod hold_modes;
+mod support;

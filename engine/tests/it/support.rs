@@ -1,0 +1,65 @@
+//! Building engines for tests: a memory store, a clock the test controls, and helpers to get
+//! users admitted.
+
+use std::sync::Arc;
+
+use tcore_engine::clock::{Clock, ManualClock};
+use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
+use tcore_engine::faults::{FaultHook, NoFaults};
+use tcore_engine::store::{MemoryStore, MemoryStoreConfig};
+use tcore_engine::{Engine, EngineParts};
+
+pub const START_MS: u64 = 1_800_000_000_000;
+pub const ADMIN_TOKEN: &str = "admin-secret";
+
+/// An engine on the memory store, with the store kept for inspection.
+pub struct TestEngine {
+    pub engine: Arc<Engine>,
+    pub store: Arc<MemoryStore>,
+}
+
+pub fn config(hold_mode: HoldMode) -> EngineConfig {
+    EngineConfig {
+        hold_mode,
+        allow_unsafe_hold_mode: hold_mode.is_unsafe(),
+        hold_ttl_ms: 60_000,
+        lock_ttl_ms: 1_000,
+        admission: AdmissionPolicy { rate_per_s: 100_000.0, active_max: 1_000_000, ..AdmissionPolicy::default() },
+        admin_token: Some(ADMIN_TOKEN.into()),
+        token_secret: b"test-secret-0123456789".to_vec(),
+        ..EngineConfig::default()
+    }
+}
+
+pub fn engine_with(config: EngineConfig, clock: Arc<dyn Clock>, faults: Arc<dyn FaultHook>) -> TestEngine {
+    let store = Arc::new(MemoryStore::new(MemoryStoreConfig { seed: 7, ..MemoryStoreConfig::default() }));
+    let engine = Engine::new(EngineParts { config, clock, record: store.clone(), cache: store.clone(), faults })
+        .unwrap_or_else(|error| panic!("test config is valid: {error}"));
+    TestEngine { engine, store }
+}
+
+pub fn manual_engine(hold_mode: HoldMode) -> (TestEngine, ManualClock) {
+    let clock = ManualClock::starting_at_ms(START_MS);
+    (engine_with(config(hold_mode), Arc::new(clock.clone()), Arc::new(NoFaults)), clock)
+}
+
+/// Schedule 1, on sale from `opens_at_ms`, with `seats` seats at 100 points.
+pub fn schedule(opens_at_ms: u64, seats: u32) -> Schedule {
+    Schedule {
+        id: 1,
+        concert: Concert { id: 1, name: "Test".into() },
+        opens_at_ms,
+        sections: vec![Section { name: "A".into(), price_points: 100, seats_count: seats }],
+    }
+}
+
+/// A user with `points`, joined to schedule 1; returns (user id, token).
+pub async fn queued_user(engine: &Engine, name: &str, points: u64) -> (u64, String) {
+    let user = engine.create_user(name.into()).await.expect("user");
+    if points > 0 {
+        engine.charge_points(user.user_id, points, format!("top-up-{}", user.user_id)).await.expect("points");
+    }
+    let joined = engine.join_queue(1, user.user_id).await.expect("join");
+    (user.user_id, joined.token)
+}
