@@ -24,7 +24,7 @@ use crate::domain::{
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards};
-use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, StoreError};
+use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
 use crate::tokens::{QueueClaim, TokenError, TokenSigner};
 
@@ -366,10 +366,15 @@ impl Engine {
     }
 
     /// The seat map, for an admitted user.
-    pub async fn seat_map(&self, token: Option<&str>, schedule_id: ScheduleId) -> Result<Vec<SeatView>, EngineError> {
+    pub async fn seat_map(
+        &self,
+        token: Option<&str>,
+        schedule_id: ScheduleId,
+        filter: SeatFilter,
+    ) -> Result<Vec<SeatView>, EngineError> {
         let claim = self.authorize(token, TokenNeed::Admitted).await?;
         Self::check_schedule(claim, schedule_id)?;
-        self.timed("seat_map", self.record.seat_map(schedule_id, self.now_ms())).await
+        self.timed("seat_map", self.record.seat_map(schedule_id, filter, self.now_ms())).await
     }
 
     /// Takes a seat for an admitted user, the way the configured hold mode says.

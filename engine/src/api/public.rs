@@ -15,8 +15,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::idempotency::{self, IDEMPOTENCY_KEY};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
 use crate::config::bounds;
-use crate::domain::{Account, Reservation, ReservationStatus, ScheduleSummary, SeatView};
+use crate::domain::{Account, Reservation, ReservationStatus, ScheduleSummary, SeatStatus, SeatView};
 use crate::engine::{Joined, QueuePosition};
+use crate::store::SeatFilter;
 
 pub(super) fn routes(state: AppState) -> Router<AppState> {
     let idempotent = || middleware::from_fn_with_state(state.clone(), idempotency::layer);
@@ -71,6 +72,17 @@ pub(super) struct JoinRequest {
 pub(super) struct StatusQuery {
     /// Answer when the status changes, or after this many seconds (0 to 30).
     wait_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SeatMapQuery {
+    /// Only seats of this section.
+    section: Option<String>,
+    /// Only seats with this status.
+    status: Option<SeatStatus>,
+    /// At most this many seats.
+    limit: Option<u32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -201,10 +213,16 @@ pub(super) async fn queue_status(
 }
 
 /// The seat map (admitted token required).
-#[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path)), security(("queue_token" = [])),
+#[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path), SeatMapQuery), security(("queue_token" = [])),
     responses((status = 200, body = SeatMap), (status = 403, body = super::Problem)))]
-pub(super) async fn seat_map(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, headers: HeaderMap) -> Response {
-    let result = state.engine.seat_map(bearer(&headers), id).await.map(|seats| SeatMap { seats });
+pub(super) async fn seat_map(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<u64>,
+    ApiQuery(query): ApiQuery<SeatMapQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let filter = SeatFilter { section: query.section, status: query.status, limit: query.limit };
+    let result = state.engine.seat_map(bearer(&headers), id, filter).await.map(|seats| SeatMap { seats });
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }
 

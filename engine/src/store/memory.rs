@@ -10,7 +10,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::{
-    AcceptedFence, AdmitReport, AuditEntry, CacheStore, HoldRequest, LockGrant, RecordDump, RecordStore, StoreError,
+    AcceptedFence, AdmitReport, AuditEntry, CacheStore, HoldRequest, LockGrant, RecordDump, RecordStore, SeatFilter,
+    StoreError,
 };
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
@@ -293,7 +294,12 @@ impl RecordStore for MemoryStore {
         records.schedules.get(&schedule_id).cloned().ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })
     }
 
-    async fn seat_map(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<Vec<SeatView>, StoreError> {
+    async fn seat_map(
+        &self,
+        schedule_id: ScheduleId,
+        filter: SeatFilter,
+        now_ms: u64,
+    ) -> Result<Vec<SeatView>, StoreError> {
         let records = self.records.lock();
         let schedule =
             records.schedules.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
@@ -307,6 +313,8 @@ impl RecordStore for MemoryStore {
                 price: slot.seat.price_points,
                 status: slot.status(now_ms),
             })
+            .filter(|seat| filter.admits(seat))
+            .take(filter.limit.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX)))
             .collect())
     }
 

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
-    QueueStatus, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView,
-    StoredResponse, TransitionError, UserId, WriteGuard,
+    QueueStatus, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatStatus,
+    SeatView, StoredResponse, TransitionError, UserId, WriteGuard,
 };
 
 /// Why a store call did not do what was asked.
@@ -61,6 +61,22 @@ pub struct AcceptedFence {
     pub fence: FenceToken,
     pub reservation_id: ReservationId,
     pub at_ms: u64,
+}
+
+/// Which seats a seat map shows: a section, a status, and at most `limit` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeatFilter {
+    pub section: Option<String>,
+    pub status: Option<SeatStatus>,
+    pub limit: Option<u32>,
+}
+
+impl SeatFilter {
+    /// Whether `seat` passes the filter (the limit is applied by the caller).
+    pub fn admits(&self, seat: &SeatView) -> bool {
+        self.section.as_ref().is_none_or(|section| *section == seat.section)
+            && self.status.is_none_or(|status| status == seat.status)
+    }
 }
 
 /// One audited admin call.
@@ -119,8 +135,13 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
     async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError>;
     /// One schedule.
     async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError>;
-    /// The seat map of a schedule.
-    async fn seat_map(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<Vec<SeatView>, StoreError>;
+    /// The seat map of a schedule, or the part of it `filter` asks for.
+    async fn seat_map(
+        &self,
+        schedule_id: ScheduleId,
+        filter: SeatFilter,
+        now_ms: u64,
+    ) -> Result<Vec<SeatView>, StoreError>;
     /// One seat's record, as the lock hold modes read it before writing.
     async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError>;
 

@@ -198,6 +198,11 @@ async fn whole_journey_join_admitted_hold_confirm_cancel() {
     assert_eq!(hold.json()["expires_at"], START_MS + 1_000 + 60_000);
     let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await.json();
     assert_eq!(seats["seats"][2]["status"], "HELD");
+    let available =
+        api.get("/v1/schedules/1/seats?status=AVAILABLE&section=A&limit=3").bearer(&token).send().await.json();
+    let ids: Vec<u64> =
+        available["seats"].as_array().expect("seats").iter().map(|seat| seat["id"].as_u64().expect("id")).collect();
+    assert_eq!(ids, vec![1, 2, 4], "the held seat 3 is filtered out");
 
     let confirmed =
         api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).key("pay-1").send().await;
