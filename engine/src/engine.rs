@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use utoipa::ToSchema;
 
 use crate::clock::Clock;
@@ -162,10 +163,19 @@ pub struct Engine {
     lines: Mutex<BTreeMap<ScheduleId, LineWatch>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct LineWatch {
-    head_order_index: watch::Sender<u64>,
+    signal: Arc<LineSignal>,
     last_report: Option<AdmitReport>,
+}
+
+/// Wakes the long polls of a line when admission moves its head. A `Notify` wakes waiters
+/// in the order they came, so a simulated run replays; `tokio::sync::watch` spreads waiters
+/// over randomly chosen slots and would not.
+#[derive(Debug, Default)]
+struct LineSignal {
+    head_order_index: AtomicU64,
+    changed: Notify,
 }
 
 /// The most a long poll on queue status waits.
@@ -311,22 +321,29 @@ impl Engine {
         if status.status != TokenStatus::Waiting || wait.is_zero() {
             return Ok(status.into());
         }
-        let mut head = self.line_watch(claim.schedule_id);
+        let signal = self.line_signal(claim.schedule_id);
         let deadline = tokio::time::Instant::now() + wait.min(QUEUE_WAIT_MAX);
+        let mut head_checked = 0;
         loop {
-            tokio::select! {
-                changed = head.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    if *head.borrow_and_update() <= status.order_index {
-                        continue;
-                    }
-                    status = self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
-                    if status.status != TokenStatus::Waiting {
-                        return Ok(status.into());
-                    }
+            let notified = signal.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let head = signal.head_order_index.load(Ordering::Acquire);
+            if head > status.order_index && head > head_checked {
+                head_checked = head;
+                status = self
+                    .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
+                    .await?;
+                if status.status != TokenStatus::Waiting {
+                    return Ok(status.into());
                 }
+                continue;
+            }
+            // `biased`: tokio otherwise polls branches in random order, which a simulated
+            // run could not replay.
+            tokio::select! {
+                biased;
+                () = &mut notified => {}
                 () = tokio::time::sleep_until(deadline) => break,
             }
         }
@@ -335,13 +352,9 @@ impl Engine {
         Ok(status.into())
     }
 
-    fn line_watch(&self, schedule_id: ScheduleId) -> watch::Receiver<u64> {
+    fn line_signal(&self, schedule_id: ScheduleId) -> Arc<LineSignal> {
         let mut lines = self.lines.lock();
-        lines
-            .entry(schedule_id)
-            .or_insert_with(|| LineWatch { head_order_index: watch::Sender::new(0), last_report: None })
-            .head_order_index
-            .subscribe()
+        Arc::clone(&lines.entry(schedule_id).or_default().signal)
     }
 
     async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
@@ -496,15 +509,12 @@ impl Engine {
             let report = self.timed("admit", self.cache.admit(schedule_id, self.now_ms())).await?;
             self.telemetry.set_queue(schedule_id, report.waiting, report.active, report.admitted_total);
             let mut lines = self.lines.lock();
-            let line = lines
-                .entry(schedule_id)
-                .or_insert_with(|| LineWatch { head_order_index: watch::Sender::new(0), last_report: None });
+            let line = lines.entry(schedule_id).or_default();
             line.last_report = Some(report);
-            line.head_order_index.send_if_modified(|head| {
-                let moved = report.head_order_index > *head;
-                *head = (*head).max(report.head_order_index);
-                moved
-            });
+            let before = line.signal.head_order_index.fetch_max(report.head_order_index, Ordering::AcqRel);
+            if report.head_order_index > before {
+                line.signal.changed.notify_waiters();
+            }
         }
         Ok(())
     }
@@ -527,6 +537,7 @@ impl Engine {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = admission.tick() => {
                     if let Err(error) = self.tick_admission().await {
                         tracing::warn!(%error, "admission tick failed");

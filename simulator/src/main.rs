@@ -1,0 +1,242 @@
+//! `tcore`: run scenarios in the simulated world and score them.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tcore_sim::checker::check;
+use tcore_sim::scenario::{HoldMode, Scenario};
+use tcore_sim::score::{run_result, safety_passed, slo_passed};
+use tcore_sim::world;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcore",
+    version,
+    about = "T-CORE's testbed: replay ticket openings against the engine and score them"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a scenario in the simulated world, check it and score it.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HoldModeArg {
+    Atomic,
+    FencedLock,
+    UnfencedLock,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The scenario file (TOML).
+    scenario: PathBuf,
+    /// Replace the scenario's seed.
+    #[arg(long, env = "TCORE_SEED")]
+    seed: Option<u64>,
+    /// Run a swarm: every seed of A..B, with fault parameters drawn per seed.
+    #[arg(long, value_name = "A..B", conflicts_with = "seed")]
+    seeds: Option<String>,
+    /// Replace the scenario's hold mode.
+    #[arg(long, value_enum)]
+    hold_mode: Option<HoldModeArg>,
+    /// Where run.json goes (default: target/tcore/<scenario>/<seed>).
+    #[arg(long, env = "TCORE_OUT")]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Also write the full history (every operation) as history.json.
+    #[arg(long)]
+    save_history: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Run(args) = Cli::parse().command;
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map_or_else(|| "unknown".to_owned(), |commit| commit.trim().to_owned())
+}
+
+fn apply_hold_mode(scenario: Scenario, hold_mode: Option<HoldModeArg>) -> Scenario {
+    match hold_mode {
+        None => scenario,
+        Some(HoldModeArg::Atomic) => scenario.with_hold_mode(HoldMode::Atomic),
+        Some(HoldModeArg::FencedLock) => scenario.with_hold_mode(HoldMode::FencedLock),
+        Some(HoldModeArg::UnfencedLock) => scenario.with_hold_mode(HoldMode::UnfencedLock),
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<bool> {
+    let scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
+    let file = args.scenario.display().to_string();
+    if let Some(range) = &args.seeds {
+        return swarm(&scenario, &file, range, args);
+    }
+    let scenario = match args.seed {
+        Some(seed) => scenario.with_seed(seed),
+        None => scenario,
+    };
+    println!("seed: {}", scenario.seed);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name).join(scenario.seed.to_string()));
+    let passed = run_one(&scenario, &file, &out, !args.quiet, args.save_history)?;
+    Ok(passed)
+}
+
+fn run_one(
+    scenario: &Scenario,
+    file: &str,
+    out: &Path,
+    show_progress: bool,
+    save_history: bool,
+) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let bar = if show_progress { ProgressBar::new(1_000) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let users = scenario.users_total();
+    let world = world::run(scenario, file, &mut |progress| {
+        bar.set_length(progress.total_us.max(1));
+        bar.set_position(progress.sim_us);
+        bar.set_message(format!(
+            "simulated {:>6.1} s of {:.0} s · {} users · {} operations",
+            progress.sim_us as f64 / 1e6,
+            progress.total_us as f64 / 1e6,
+            users,
+            progress.operations
+        ));
+    })?;
+    bar.finish_and_clear();
+    let simulated_s = started.elapsed().as_secs_f64();
+    let report = check(&world.history);
+    let result = run_result(scenario, file, &commit(), &world, &report);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let run_path = out.join("run.json");
+    let mut bytes = serde_json::to_vec_pretty(&result)?;
+    bytes.push(b'\n');
+    std::fs::write(&run_path, bytes).with_context(|| format!("writing {}", run_path.display()))?;
+    if save_history {
+        std::fs::write(out.join("history.json"), serde_json::to_vec(&world.history)?)?;
+    }
+    let operations = world.history.operations.len() as u64;
+    let wall = serde_json::json!({
+        "wall_s": simulated_s,
+        "simulated_s": result["duration_s"],
+        "operations": operations,
+        "operations_per_wall_s": operations as f64 / simulated_s.max(1e-9),
+    });
+    std::fs::write(out.join("wall.json"), serde_json::to_vec_pretty(&wall)?)?;
+    print_summary(&result, &report, simulated_s);
+    println!("run result: {}", run_path.display());
+    Ok(safety_passed(&result) && slo_passed(&result))
+}
+
+fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckReport, wall_s: f64) {
+    let score = &result["score"];
+    println!();
+    println!("{:<34} {}", "scenario", result["scenario"]["name"].as_str().unwrap_or("?"));
+    println!("{:<34} {}", "hold mode", result["hold_mode"].as_str().unwrap_or("?"));
+    println!("{:<34} {} users, {} operations, {:.1} s wall", "load", score["users"], score["operations"], wall_s);
+    println!(
+        "{:<34} {} of {} ({:.1} %)",
+        "seats sold",
+        score["seats"]["sold"],
+        score["seats"]["total"],
+        score["seats"]["sold_ratio"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    println!(
+        "{:<34} {:.1} confirmations/s (peak {})",
+        "goodput",
+        score["goodput"]["confirm_per_s"].as_f64().unwrap_or(0.0),
+        score["goodput"]["peak_confirm_per_s"]
+    );
+    for step in ["queue_join", "seat_map", "hold", "confirm"] {
+        let latency = &score["latency"][step];
+        if latency.is_object() {
+            println!("{:<34} p50 {} us, p99 {} us", format!("latency {step}"), latency["p50_us"], latency["p99_us"]);
+        }
+    }
+    println!("{:<34} p50 {} us, p99 {} us", "queue wait", score["queue_wait"]["p50_us"], score["queue_wait"]["p99_us"]);
+    for verdict in &report.verdicts {
+        let mark = if verdict.passed { "PASS" } else { "FAIL" };
+        println!("{:<34} {mark} ({} violations)", verdict.invariant.name(), verdict.violations);
+    }
+    if let Some(slo) = result["slo"].as_array() {
+        for threshold in slo {
+            let mark = if threshold["passed"].as_bool().unwrap_or(false) { "PASS" } else { "FAIL" };
+            println!(
+                "{:<34} {mark} ({} {})",
+                format!("slo {}", threshold["metric"].as_str().unwrap_or("?")),
+                threshold["value"],
+                threshold["expression"].as_str().unwrap_or("")
+            );
+        }
+    }
+    for violation in report.violations.iter().take(3) {
+        println!("\n{violation}");
+    }
+    println!("\nverdict: {}", if result["verdict"] == "pass" { "PASS" } else { "FAIL" });
+}
+
+fn swarm(scenario: &Scenario, file: &str, range: &str, args: &RunArgs) -> anyhow::Result<bool> {
+    let (start, end) = range.split_once("..").context("--seeds takes A..B")?;
+    let (start, end): (u64, u64) =
+        (start.parse().context("--seeds: A is not a number")?, end.parse().context("--seeds: B is not a number")?);
+    anyhow::ensure!(start < end, "--seeds: A must be below B");
+    let mut failing = Vec::new();
+    for seed in start..end {
+        let perturbed = scenario.perturbed(seed).with_seed(seed);
+        println!("seed: {seed}");
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name))
+            .join(format!("swarm-{seed}"));
+        if !run_one(&perturbed, file, &out, false, false)? {
+            failing.push(seed);
+        }
+    }
+    if failing.is_empty() {
+        println!("swarm {start}..{end}: every seed passed");
+        return Ok(true);
+    }
+    println!("swarm {start}..{end}: {} failing seeds", failing.len());
+    for seed in &failing {
+        println!("  tcore run {file} --seeds {seed}..{}", seed + 1);
+    }
+    Ok(false)
+}

@@ -1,0 +1,618 @@
+//! The simulated world: a turmoil simulation with one host per engine node (each serving the
+//! engine's real router on simulated sockets), client hosts that multiplex virtual users, and
+//! the fault timeline applied between simulation steps.
+//!
+//! **Invariant:** one seed drives the run. turmoil's network is seeded with it, every virtual
+//! user draws from an RNG seeded from it and its index, the stores' RNGs are seeded from it,
+//! and the engine reads time only from [`node::SimClock`], i.e. simulated time. Nothing here
+//! reads the wall clock except the caller's progress callback, which only displays.
+
+pub mod net;
+pub mod node;
+pub mod users;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use parking_lot::Mutex;
+use serde::Serialize;
+use tcore_engine::clock::ManualClock;
+use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
+use tcore_engine::domain::{AdmissionPolicy, Concert, QueueOrder, Schedule, Section};
+use tcore_engine::faults::{FaultPoint, NoFaults};
+use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::{Engine, EngineParts};
+
+use self::net::{ENGINE_PORT, HttpClient, SimListener};
+use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
+use self::users::{ClientContext, SectionChoice, UserOutcomes};
+use crate::history::{
+    AcceptedFence, Admission, CheckConfig, FinalReservation, FinalSchedule, FinalState, FinalUser, History,
+    HistoryRecorder, LedgerReason, LedgerRecord, OutboxKind, OutboxRecord, ReservationStatus,
+};
+use crate::scenario::{self, Fault, Scenario};
+
+/// Wall time the engine believes it is at the start of every run.
+pub const EPOCH_MS: u64 = 1_800_000_000_000;
+/// How long the world runs on after the timeline, with every fault healed, so that holds
+/// expire and retries settle before the final state is read.
+pub const DRAIN_AFTER_HOLD_TTL: Duration = Duration::from_secs(5);
+/// How often the progress callback is called, in simulated time.
+const PROGRESS_EVERY_US: u64 = 1_000_000;
+
+/// A fault's time span, for the score and the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FaultWindow {
+    pub index: usize,
+    pub kind: &'static str,
+    pub start_us: u64,
+    pub end_us: u64,
+    pub hosts: Vec<String>,
+}
+
+/// What the world hands back.
+#[derive(Debug)]
+pub struct WorldRun {
+    pub history: History,
+    pub outcomes: UserOutcomes,
+    pub fault_windows: Vec<FaultWindow>,
+    pub fired_pauses: Vec<FiredPause>,
+    pub users: u64,
+}
+
+/// Where a run is, for a progress display.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub sim_us: u64,
+    pub total_us: u64,
+    pub operations: u64,
+}
+
+/// One change the timeline makes to the world at a moment.
+#[derive(Debug, Clone)]
+enum Action {
+    Partition { a: Vec<String>, b: Vec<String>, one_way: bool },
+    Repair { a: Vec<String>, b: Vec<String>, one_way: bool },
+    Hold { a: Vec<String>, b: Vec<String> },
+    Release { a: Vec<String>, b: Vec<String> },
+    Latency { a: Vec<String>, b: Vec<String>, latency: Duration },
+    Crash { host: String },
+    Restart { host: String },
+    Skew { host: String, skew_ms: i64 },
+}
+
+/// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
+pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<WorldRun> {
+    let seed = scenario.seed;
+    let arrivals = scenario.arrival_times_us();
+    let users_total = arrivals.len() as u64;
+    let record = Arc::new(MemoryStore::new(MemoryStoreConfig { seed, ..MemoryStoreConfig::default() }));
+    let cache =
+        Arc::new(MemoryStore::new(MemoryStoreConfig { seed: seed.rotate_left(17), ..MemoryStoreConfig::default() }));
+    let config = engine_config(scenario, seed);
+    setup_stores(scenario, &config, &record, &cache, users_total)?;
+
+    let duration_us = scenario.duration_us();
+    let drain_us = scenario.engine.hold_ttl_s * 1_000_000 + DRAIN_AFTER_HOLD_TTL.as_micros() as u64;
+    let hosts = scenario.hosts();
+    let timeline = timeline(scenario, &hosts);
+    let heal_us = timeline.iter().map(|(at_us, _)| *at_us).max().unwrap_or(0).min(duration_us);
+
+    let latency = &scenario.network.latency_ms;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_micros(duration_us + drain_us) + Duration::from_secs(60))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_micros((latency.min * 1000.0) as u64))
+        .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
+        .tcp_capacity(1 << 16)
+        .build();
+
+    let fired = Arc::new(Mutex::new(Vec::new()));
+    let mut skews = BTreeMap::new();
+    let engine_hosts: Vec<String> = (1..=scenario.engine.nodes).map(scenario::engine_host).collect();
+    for host in &engine_hosts {
+        let skew = Arc::new(AtomicI64::new(0));
+        skews.insert(host.clone(), Arc::clone(&skew));
+        let armed = armed_pauses(scenario, host);
+        let (config, record, cache, fired) = (
+            EngineConfig { node: host.clone(), ..config.clone() },
+            Arc::clone(&record),
+            Arc::clone(&cache),
+            Arc::clone(&fired),
+        );
+        let host_name = host.clone();
+        sim.host(host.as_str(), move || {
+            let engine = Engine::new(EngineParts {
+                config: config.clone(),
+                clock: Arc::new(SimClock::new(EPOCH_MS, Arc::clone(&skew))),
+                record: Arc::clone(&record) as Arc<dyn RecordStore>,
+                cache: Arc::clone(&cache) as Arc<dyn CacheStore>,
+                faults: Arc::new(SimFaults::new(host_name.clone(), armed.clone(), Arc::clone(&fired))),
+            });
+            async move {
+                let engine = engine?;
+                let listener =
+                    turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
+                tcore_engine::server::serve(SimListener(listener), engine, std::future::pending()).await?;
+                Ok(())
+            }
+        });
+    }
+
+    let recorder = Rc::new(RefCell::new(HistoryRecorder::new(
+        label,
+        seed,
+        check_config(scenario, heal_us, duration_us + drain_us),
+    )));
+    let outcomes = Rc::new(RefCell::new(UserOutcomes::default()));
+    let schedules: Vec<(u64, Vec<SectionChoice>)> = scenario
+        .venue
+        .schedules
+        .iter()
+        .map(|schedule| {
+            let sections = schedule
+                .sections
+                .iter()
+                .map(|section| SectionChoice {
+                    name: section.name.clone(),
+                    popularity: section.popularity,
+                    price_points: section.price_points,
+                })
+                .collect();
+            (schedule.id, sections)
+        })
+        .collect();
+    let clients = scenario.clients.max(1);
+    let arrivals = Rc::new(arrivals);
+    for client in 1..=clients {
+        let context = Rc::new(ClientContext {
+            seed,
+            http: HttpClient::default(),
+            recorder: Rc::clone(&recorder),
+            outcomes: Rc::clone(&outcomes),
+            nodes: engine_hosts.clone(),
+            users: scenario.users.clone(),
+            schedules: schedules.clone(),
+        });
+        let arrivals = Rc::clone(&arrivals);
+        let bots: Vec<(scenario::Bot, IpAddr, f64, u64, u64)> = scenario
+            .bots
+            .iter()
+            .enumerate()
+            .flat_map(|(bot_index, bot)| {
+                let addresses = bot.addresses(bot_index);
+                let per_ip = bot.rate_per_s / addresses.len().max(1) as f64;
+                addresses
+                    .into_iter()
+                    .enumerate()
+                    .filter(move |(ip_index, _)| (*ip_index as u32) % clients == client - 1)
+                    .map(move |(_, ip)| (bot.clone(), ip, per_ip, (bot.start_s * 1e6) as u64, (bot.end_s * 1e6) as u64))
+            })
+            .collect();
+        sim.client(scenario::client_host(client).as_str(), async move {
+            let mut journeys = Vec::new();
+            for (bot, ip, rate, start_us, end_us) in bots {
+                let context = Rc::clone(&context);
+                journeys.push(tokio::task::spawn_local(async move {
+                    sleep_until_us(start_us).await;
+                    context.bot(bot, ip, rate, end_us).await;
+                }));
+            }
+            for (index, &arrival_us) in arrivals.iter().enumerate() {
+                if (index as u32) % clients != client - 1 {
+                    continue;
+                }
+                sleep_until_us(arrival_us).await;
+                journeys.push(tokio::task::spawn_local(Rc::clone(&context).journey(index as u64)));
+            }
+            let all = async {
+                for journey in journeys {
+                    let _ = journey.await;
+                }
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_micros(duration_us.saturating_sub(node::sim_now_us())), all).await;
+            Ok(())
+        });
+    }
+
+    let total_us = duration_us + drain_us;
+    let mut next_action = 0;
+    let mut next_progress_us = 0;
+    let mut healed = false;
+    loop {
+        let clients_done = sim.step().map_err(|error| anyhow::anyhow!("simulation failed: {error}"))?;
+        let now_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
+        while next_action < timeline.len() && timeline[next_action].0 <= now_us {
+            apply(&mut sim, &timeline[next_action].1, &skews);
+            next_action += 1;
+        }
+        if now_us >= next_progress_us {
+            next_progress_us = now_us + PROGRESS_EVERY_US;
+            progress(Progress { sim_us: now_us, total_us, operations: recorder.borrow().operations_invoked() });
+        }
+        if (clients_done || now_us >= duration_us) && !healed {
+            heal_all(&mut sim, &timeline[..next_action], &skews);
+            healed = true;
+        }
+        if healed && now_us >= total_us.min(now_us.max(duration_us) + drain_us) {
+            break;
+        }
+    }
+    drop(sim);
+    let end_us = total_us;
+    let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
+    let mut recorder =
+        Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
+    for fence in fences {
+        recorder.fence(fence);
+    }
+    for admission in admissions {
+        recorder.admission(admission);
+    }
+    let mut history = recorder.finish(final_state);
+    history.config.end_us = end_us;
+    let outcomes = outcomes.borrow().clone();
+    let fired_pauses = fired.lock().clone();
+    Ok(WorldRun { history, outcomes, fault_windows: fault_windows(scenario, &hosts), fired_pauses, users: users_total })
+}
+
+async fn sleep_until_us(at_us: u64) {
+    let now_us = node::sim_now_us();
+    if at_us > now_us {
+        tokio::time::sleep(Duration::from_micros(at_us - now_us)).await;
+    }
+}
+
+fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
+    let engine = &scenario.engine;
+    let hold_mode = match engine.hold_mode {
+        scenario::HoldMode::Atomic => HoldMode::Atomic,
+        scenario::HoldMode::FencedLock => HoldMode::FencedLock,
+        scenario::HoldMode::UnfencedLock => HoldMode::UnfencedLock,
+    };
+    EngineConfig {
+        hold_mode,
+        allow_unsafe_hold_mode: hold_mode.is_unsafe(),
+        lock_ttl_ms: engine.lock_ttl_ms,
+        hold_ttl_ms: engine.hold_ttl_s * 1000,
+        queue_order: match engine.admission.order {
+            scenario::AdmissionOrder::Fifo => QueueOrder::Fifo,
+            scenario::AdmissionOrder::RandomAtOpen => QueueOrder::RandomAtOpen,
+        },
+        admission: AdmissionPolicy {
+            rate_per_s: engine.admission.rate_per_s,
+            active_max: engine.admission.active_max,
+            admitted_ttl_ms: engine.admission.admitted_ttl_s * 1000,
+            ..AdmissionPolicy::default()
+        },
+        rate_limits: engine.rate_limits.as_ref().map_or(
+            RateLimits { per_ip_per_s: 100_000, per_token_per_s: 100_000, burst: 100_000 },
+            |limits| RateLimits {
+                per_ip_per_s: limits.per_ip_per_s,
+                per_token_per_s: limits.per_token_per_s,
+                burst: limits.burst,
+            },
+        ),
+        token_secret: format!("tcore-simulation-secret-{seed:016x}").into_bytes(),
+        admin_token: Some("tcore-simulation-admin".into()),
+        trust_forwarded_for: true,
+        ..EngineConfig::default()
+    }
+}
+
+/// Puts the venue on sale and registers every user with their points, before the run starts.
+fn setup_stores(
+    scenario: &Scenario,
+    config: &EngineConfig,
+    record: &Arc<MemoryStore>,
+    cache: &Arc<MemoryStore>,
+    users: u64,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("setup runtime")?;
+    runtime.block_on(async {
+        let engine = Engine::new(EngineParts {
+            config: config.clone(),
+            clock: Arc::new(ManualClock::starting_at_ms(EPOCH_MS)),
+            record: Arc::clone(record) as Arc<dyn RecordStore>,
+            cache: Arc::clone(cache) as Arc<dyn CacheStore>,
+            faults: Arc::new(NoFaults),
+        })?;
+        for schedule in &scenario.venue.schedules {
+            let sections = schedule
+                .sections
+                .iter()
+                .map(|section| Section {
+                    name: section.name.clone(),
+                    price_points: section.price_points,
+                    seats_count: section.seats,
+                })
+                .collect();
+            engine
+                .add_schedule(Schedule {
+                    id: schedule.id,
+                    concert: Concert { id: schedule.id, name: schedule.concert.clone() },
+                    opens_at_ms: EPOCH_MS + (schedule.opens_at_s * 1000.0) as u64,
+                    sections,
+                })
+                .await?;
+        }
+        for index in 0..users {
+            record.create_user(format!("user-{index}"), scenario.users.points, EPOCH_MS).await?;
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn check_config(scenario: &Scenario, heal_us: u64, end_us: u64) -> CheckConfig {
+    CheckConfig {
+        hold_ttl_us: scenario.engine.hold_ttl_s * 1_000_000,
+        hold_expiry_grace_us: 3_000_000,
+        admission_rate_per_s: scenario.engine.admission.rate_per_s,
+        admission_burst: scenario.engine.admission.rate_per_s.max(1.0).ceil() as u64,
+        heal_us,
+        end_us,
+    }
+}
+
+fn us(at_s: f64) -> u64 {
+    (at_s.max(0.0) * 1e6) as u64
+}
+
+fn armed_pauses(scenario: &Scenario, host: &str) -> Vec<ArmedPause> {
+    scenario
+        .faults
+        .iter()
+        .enumerate()
+        .filter_map(|(fault_index, fault)| match fault {
+            Fault::PauseAt(pause) if pause.host == host => {
+                FaultPoint::from_name(&pause.point).map(|point| ArmedPause {
+                    trigger: Trigger::Point(point),
+                    from_us: us(pause.at_s),
+                    pause: Duration::from_millis(pause.pause_ms),
+                    times_left: pause.times,
+                    fault_index,
+                })
+            }
+            Fault::OnEvent(event) if event.host == host => Some(ArmedPause {
+                trigger: Trigger::LockTtlBelow { threshold_ms: event.threshold_ms },
+                from_us: us(event.at_s),
+                pause: Duration::from_millis(event.action.pause_ms),
+                times_left: event.times,
+                fault_index,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The timeline's network and host actions, in time order (ties keep the file's order).
+fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
+    let mut actions = Vec::new();
+    for fault in &scenario.faults {
+        match fault {
+            Fault::Partition(p) => {
+                let (a, b) = (p.a.resolve(hosts), p.b.resolve(hosts));
+                actions.push((us(p.at_s), Action::Partition { a: a.clone(), b: b.clone(), one_way: p.one_way }));
+                actions.push((us(p.heal_at_s), Action::Repair { a, b, one_way: p.one_way }));
+            }
+            Fault::HoldLink(h) => {
+                let (a, b) = (h.a.resolve(hosts), h.b.resolve(hosts));
+                actions.push((us(h.at_s), Action::Hold { a: a.clone(), b: b.clone() }));
+                actions.push((us(h.release_at_s), Action::Release { a, b }));
+            }
+            Fault::Latency(l) => {
+                let (a, b) = (l.a.resolve(hosts), l.b.resolve(hosts));
+                let normal = (scenario.network.latency_ms.min + scenario.network.latency_ms.max) / 2.0;
+                actions.push((
+                    us(l.at_s),
+                    Action::Latency {
+                        a: a.clone(),
+                        b: b.clone(),
+                        latency: Duration::from_micros((l.latency_ms * 1000.0) as u64),
+                    },
+                ));
+                actions.push((
+                    us(l.until_s),
+                    Action::Latency { a, b, latency: Duration::from_micros((normal * 1000.0) as u64) },
+                ));
+            }
+            Fault::Crash(c) => {
+                actions.push((us(c.at_s), Action::Crash { host: c.host.clone() }));
+                if let Some(restart_at_s) = c.restart_at_s {
+                    actions.push((us(restart_at_s), Action::Restart { host: c.host.clone() }));
+                }
+            }
+            Fault::ClockSkew(s) => {
+                actions.push((us(s.at_s), Action::Skew { host: s.host.clone(), skew_ms: s.skew_ms }))
+            }
+            Fault::PauseAt(_) | Fault::OnEvent(_) | Fault::StoreFailover(_) | Fault::SlowStore(_) => {}
+        }
+    }
+    actions.sort_by_key(|(at_us, _)| *at_us);
+    actions
+}
+
+fn apply(sim: &mut turmoil::Sim<'_>, action: &Action, skews: &BTreeMap<String, Arc<AtomicI64>>) {
+    match action {
+        Action::Partition { a, b, one_way } => {
+            for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
+        }
+        Action::Repair { a, b, one_way } => {
+            for_pairs(a, b, |x, y| if *one_way { sim.repair_oneway(x, y) } else { sim.repair(x, y) });
+        }
+        Action::Hold { a, b } => for_pairs(a, b, |x, y| sim.hold(x, y)),
+        Action::Release { a, b } => for_pairs(a, b, |x, y| sim.release(x, y)),
+        Action::Latency { a, b, latency } => for_pairs(a, b, |x, y| sim.set_link_latency(x, y, *latency)),
+        Action::Crash { host } => {
+            if sim.is_host_running(host.as_str()) {
+                sim.crash(host.as_str());
+            }
+        }
+        Action::Restart { host } => sim.bounce(host.as_str()),
+        Action::Skew { host, skew_ms } => {
+            if let Some(skew) = skews.get(host) {
+                skew.store(*skew_ms, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
+    for x in a {
+        for y in b {
+            if x != y {
+                f(x, y);
+            }
+        }
+    }
+}
+
+/// Undoes whatever the timeline left broken, so the final state is read from a healed world.
+fn heal_all(sim: &mut turmoil::Sim<'_>, applied: &[(u64, Action)], skews: &BTreeMap<String, Arc<AtomicI64>>) {
+    for (_, action) in applied {
+        match action {
+            Action::Partition { a, b, one_way } => {
+                apply(sim, &Action::Repair { a: a.clone(), b: b.clone(), one_way: *one_way }, skews)
+            }
+            Action::Hold { a, b } => apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews),
+            Action::Crash { host } => {
+                if !sim.is_host_running(host.as_str()) {
+                    sim.bounce(host.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn fault_windows(scenario: &Scenario, hosts: &[String]) -> Vec<FaultWindow> {
+    scenario
+        .faults
+        .iter()
+        .enumerate()
+        .map(|(index, fault)| {
+            let start_us = us(fault.starts_at_s());
+            let end_us = fault.ends_at_s().map_or(start_us, us);
+            let touched = match fault {
+                Fault::Partition(p) => [p.a.resolve(hosts), p.b.resolve(hosts)].concat(),
+                Fault::HoldLink(h) => [h.a.resolve(hosts), h.b.resolve(hosts)].concat(),
+                Fault::Latency(l) => [l.a.resolve(hosts), l.b.resolve(hosts)].concat(),
+                Fault::Crash(c) => vec![c.host.clone()],
+                Fault::PauseAt(p) => vec![p.host.clone()],
+                Fault::OnEvent(e) => vec![e.host.clone()],
+                Fault::ClockSkew(s) => vec![s.host.clone()],
+                Fault::StoreFailover(f) => vec![f.host.clone()],
+                Fault::SlowStore(s) => vec![s.host.clone()],
+            };
+            FaultWindow { index, kind: fault.kind(), start_us, end_us, hosts: touched }
+        })
+        .collect()
+}
+
+fn to_us(at_ms: u64) -> u64 {
+    at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
+}
+
+/// Reads the stores after the run, in the history's terms.
+fn read_final_state(
+    record: &Arc<MemoryStore>,
+    cache: &Arc<MemoryStore>,
+) -> anyhow::Result<(FinalState, Vec<AcceptedFence>, Vec<Admission>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().context("final state runtime")?;
+    let (dump, admitted) =
+        runtime.block_on(async { anyhow::Ok((RecordStore::dump(&**record).await?, cache.admissions().await?)) })?;
+    use tcore_engine::domain::{LedgerReason as Reason, OutboxKind as Kind, ReservationStatus as Status};
+    let final_state = FinalState {
+        reservations: dump
+            .reservations
+            .iter()
+            .map(|r| FinalReservation {
+                id: r.id,
+                schedule_id: r.schedule_id,
+                seat_id: r.seat_id,
+                user_id: r.user_id,
+                status: match r.status {
+                    Status::Held => ReservationStatus::Held,
+                    Status::Confirmed => ReservationStatus::Confirmed,
+                    Status::Expired => ReservationStatus::Expired,
+                    Status::Cancelled => ReservationStatus::Cancelled,
+                },
+                fence: r.fence.0,
+                held_us: to_us(r.held_at_ms),
+                expires_us: to_us(r.expires_at_ms),
+                confirmed_us: r.confirmed_at_ms.map(to_us),
+                amount_paid: r.paid_points,
+            })
+            .collect(),
+        users: dump
+            .accounts
+            .iter()
+            .map(|a| FinalUser { id: a.user_id, balance: i64::try_from(a.balance).unwrap_or(i64::MAX) })
+            .collect(),
+        ledger: dump
+            .ledger
+            .iter()
+            .map(|entry| LedgerRecord {
+                user_id: entry.user_id,
+                delta: entry.delta,
+                reason: match entry.reason {
+                    Reason::TopUp => LedgerReason::TopUp,
+                    Reason::Charge => LedgerReason::Charge,
+                    Reason::Refund => LedgerReason::Refund,
+                },
+                reservation_id: entry.reservation_id,
+                idempotency_key: entry.idempotency_key.clone(),
+                at_us: to_us(entry.at_ms),
+            })
+            .collect(),
+        schedules: dump.schedules.iter().map(|s| FinalSchedule { id: s.id, capacity: s.seats_total() }).collect(),
+        outbox: dump
+            .outbox
+            .iter()
+            .map(|event| OutboxRecord {
+                kind: match event.kind {
+                    Kind::ReservationHeld => OutboxKind::ReservationHeld,
+                    Kind::ReservationConfirmed => OutboxKind::ReservationConfirmed,
+                    Kind::ReservationCancelled => OutboxKind::ReservationCancelled,
+                    Kind::ReservationExpired => OutboxKind::ReservationExpired,
+                    Kind::PointsCharged => OutboxKind::PointsCharged,
+                    Kind::PointsRefunded => OutboxKind::PointsRefunded,
+                },
+                reservation_id: event.reservation_id,
+                user_id: event.user_id,
+                at_us: to_us(event.at_ms),
+            })
+            .collect(),
+    };
+    let fences = dump
+        .fences
+        .iter()
+        .map(|f| AcceptedFence {
+            schedule_id: f.schedule_id,
+            seat_id: f.seat_id,
+            fence: f.fence.0,
+            reservation_id: f.reservation_id,
+            node: 0,
+            at_us: to_us(f.at_ms),
+        })
+        .collect();
+    let admissions = admitted
+        .iter()
+        .map(|a| Admission {
+            schedule_id: a.schedule_id,
+            user_id: a.user_id,
+            join_seq: a.seq,
+            joined_us: to_us(a.joined_at_ms),
+            admitted_us: to_us(a.admitted_at_ms),
+        })
+        .collect();
+    Ok((final_state, fences, admissions))
+}

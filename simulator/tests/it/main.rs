@@ -1,0 +1,4 @@
+//! The simulator's integration tests: one binary, one module per area.
+
+mod checker;
+mod scenario;

@@ -1,0 +1,319 @@
+//! Scenario files: the shipped ones load, and bad ones are refused with the file, line and key.
+
+use std::path::{Path, PathBuf};
+
+use tcore_sim::scenario::{ArrivalCurve, Fault, HoldMode, Scenario, ScenarioError, SloOp};
+
+/// The scenarios the repository ships, by path under `scenarios/`.
+const SHIPPED: [&str; 16] = [
+    "bot-storm.toml",
+    "ci/bot-storm.toml",
+    "ci/clock-skew.toml",
+    "ci/concert-open.toml",
+    "ci/lock-holder-pause.toml",
+    "ci/node-crash.toml",
+    "ci/partition-during-payment.toml",
+    "ci/retry-storm.toml",
+    "ci/store-failover.toml",
+    "clock-skew.toml",
+    "concert-open.toml",
+    "lock-holder-pause.toml",
+    "node-crash.toml",
+    "partition-during-payment.toml",
+    "retry-storm.toml",
+    "store-failover.toml",
+];
+
+/// A small valid scenario; the error tests change one thing in it. Line numbers in the
+/// expectations below count from its first line.
+const BASE: &str = r#"name = "fixture"
+seed = 1
+duration_s = 60
+
+[venue]
+[[venue.schedules]]
+id = 1
+concert = "Fixture"
+opens_at_s = 5
+[[venue.schedules.sections]]
+name = "A"
+seats = 100
+price_points = 1_000
+popularity = 1
+[[venue.schedules.sections]]
+name = "B"
+seats = 200
+price_points = 500
+popularity = 2
+
+[engine]
+nodes = 2
+
+[engine.admission]
+rate_per_s = 50
+
+[[arrivals]]
+shape = "spike"
+users = 2_000
+start_s = 4
+ramp_s = 2
+decay_s = 8
+"#;
+
+fn scenarios_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios")
+}
+
+fn load_shipped(name: &str) -> Scenario {
+    let path = scenarios_dir().join(name);
+    Scenario::load(&path).unwrap_or_else(|error| panic!("{name} does not load: {error}"))
+}
+
+/// Parses `text` as `scenarios/x.toml` and expects it to be refused with exactly `expected`.
+fn check_error(text: &str, expected: &str) {
+    match Scenario::parse(text, "scenarios/x.toml") {
+        Ok(_) => panic!("accepted, expected {expected:?}; scenario:\n{text}"),
+        Err(error) => assert_eq!(error.to_string(), expected, "scenario:\n{text}"),
+    }
+}
+
+/// `BASE` with `extra` appended.
+fn with(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+#[test]
+fn every_shipped_scenario_loads_and_is_listed_here() {
+    let mut found = Vec::new();
+    for directory in [scenarios_dir(), scenarios_dir().join("ci")] {
+        for entry in std::fs::read_dir(&directory).expect("scenarios/ is readable") {
+            let path = entry.expect("directory entry").path();
+            if path.extension().is_some_and(|extension| extension == "toml") {
+                let relative = path.strip_prefix(scenarios_dir()).expect("under scenarios/");
+                found.push(relative.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    found.sort();
+    assert_eq!(found, SHIPPED);
+    for name in SHIPPED {
+        let scenario = load_shipped(name);
+        assert!(!scenario.slo.thresholds.is_empty(), "{name} sets no SLO");
+        assert!(
+            scenario.slo.thresholds.iter().any(|threshold| threshold.metric == "oversell"
+                && threshold.op == SloOp::Equal
+                && threshold.value == 0.0),
+            "{name} does not require oversell == 0"
+        );
+        assert!(!scenario.is_unsafe(), "{name} runs an unsafe hold mode by default");
+    }
+}
+
+#[test]
+fn shipped_scenarios_survive_a_round_trip_through_toml() {
+    for name in SHIPPED {
+        let scenario = load_shipped(name);
+        let text = toml::to_string(&scenario).unwrap_or_else(|error| panic!("{name} does not serialize: {error}"));
+        let again = Scenario::parse(&text, name).unwrap_or_else(|error| panic!("{name} again: {error}\n{text}"));
+        assert_eq!(again, scenario, "{name}");
+    }
+}
+
+#[test]
+fn ci_scenarios_are_small_versions_of_the_full_ones() {
+    for name in SHIPPED.iter().filter(|name| name.starts_with("ci/")) {
+        let small = load_shipped(name);
+        let full = load_shipped(name.trim_start_matches("ci/"));
+        assert!(small.duration_s <= 60.0, "{name}");
+        assert!(small.users_total() <= 2_000, "{name}");
+        assert!(small.venue.seats_total() <= 300, "{name}");
+        assert_eq!(small.engine.hold_mode, full.engine.hold_mode, "{name}");
+        let kinds = |scenario: &Scenario| scenario.faults.iter().map(Fault::kind).collect::<Vec<_>>();
+        assert_eq!(kinds(&small), kinds(&full), "{name}");
+        assert_eq!(small.bots.len(), full.bots.len().min(2), "{name}");
+    }
+}
+
+#[test]
+fn concert_open_is_a_spike_of_100_000_users_for_20_000_seats_without_faults() {
+    let scenario = load_shipped("concert-open.toml");
+    assert_eq!(scenario.users_total(), 100_000);
+    assert_eq!(scenario.venue.seats_total(), 20_000);
+    assert!(scenario.venue.schedules[0].sections.len() >= 3);
+    assert!(matches!(scenario.arrivals.as_slice(), [ArrivalCurve::Spike(_)]));
+    assert!(scenario.faults.is_empty());
+}
+
+#[test]
+fn lock_holder_pause_outlasts_the_lock_ttl_under_fenced_lock() {
+    let scenario = load_shipped("lock-holder-pause.toml");
+    assert_eq!(scenario.engine.hold_mode, HoldMode::FencedLock);
+    let pause = scenario
+        .faults
+        .iter()
+        .find_map(|fault| match fault {
+            Fault::PauseAt(pause) if pause.point == "hold.after_check" => Some(pause),
+            _ => None,
+        })
+        .expect("a pause at hold.after_check");
+    assert!(pause.pause_ms > scenario.engine.lock_ttl_ms);
+    let unsafe_run = scenario.with_hold_mode(HoldMode::UnfencedLock);
+    assert!(unsafe_run.is_unsafe());
+}
+
+#[test]
+fn store_failover_loses_unreplicated_writes_of_the_record_store() {
+    let scenario = load_shipped("store-failover.toml");
+    assert!(scenario.faults.iter().any(|fault| matches!(
+        fault,
+        Fault::StoreFailover(failover) if failover.host == "store-record" && failover.lose_last_ms > 0
+    )));
+}
+
+#[test]
+fn an_unknown_key_names_file_line_and_key() {
+    check_error(
+        &BASE.replace("rate_per_s = 50\n", "rate_per_s = 50\nrate_per_sec = 5\n"),
+        "scenarios/x.toml:26:1: key `engine.admission.rate_per_sec`: unknown field `rate_per_sec`, expected one \
+         of `rate_per_s`, `active_max`, `order`, `admitted_ttl_s`",
+    );
+    check_error(
+        &BASE.replace("seed = 1\n", "seed = 1\nsede = 3\n"),
+        "scenarios/x.toml:3:1: key `sede`: unknown field `sede`, expected one of `name`, `description`, `seed`, \
+         `duration_s`, `clients`, `venue`, `engine`, `network`, `arrivals`, `users`, `bots`, `faults`, `agent`, `slo`",
+    );
+}
+
+#[test]
+fn zero_or_negative_seats_name_line_and_key() {
+    check_error(
+        &BASE.replace("seats = 200", "seats = 0"),
+        "scenarios/x.toml:17:1: key `venue.schedules[0].sections[1].seats`: must be > 0 (got 0)",
+    );
+    check_error(
+        &BASE.replace("seats = 200", "seats = -5"),
+        "scenarios/x.toml:17:9: key `venue.schedules[0].sections[1].seats`: invalid value: integer `-5`, expected u32",
+    );
+}
+
+#[test]
+fn a_fault_aimed_at_a_host_that_does_not_exist_names_key_and_host() {
+    check_error(
+        &with("\n[[faults]]\nkind = \"crash\"\nat_s = 10\nrestart_at_s = 20\nhost = \"engine-3\"\n"),
+        "scenarios/x.toml:38:1: key `faults[0].host`: no host `engine-3` in this scenario (hosts: \
+         engine-1..engine-2, store-cache, store-record, client-1..client-4, agent)",
+    );
+    check_error(
+        &with("\n[[faults]]\nkind = \"partition\"\nat_s = 10\nheal_at_s = 20\na = \"engine-1\"\nb = [\"db-*\"]\n"),
+        "scenarios/x.toml:39:1: key `faults[0].b`: no host `db-*` in this scenario (hosts: engine-1..engine-2, \
+         store-cache, store-record, client-1..client-4, agent)",
+    );
+}
+
+#[test]
+fn fault_windows_must_end_after_they_start_and_inside_the_run() {
+    check_error(
+        &with(
+            "\n[[faults]]\nkind = \"partition\"\nat_s = 30\nheal_at_s = 20\na = \"engine-1\"\nb = \"store-record\"\n",
+        ),
+        "scenarios/x.toml:37:1: key `faults[0].heal_at_s`: must be after at_s = 30 (got 20)",
+    );
+    check_error(
+        &with("\n[[faults]]\nkind = \"slow-store\"\nat_s = 30\nuntil_s = 75\nhost = \"store-record\"\nextra_ms = 50\n"),
+        "scenarios/x.toml:37:1: key `faults[0].until_s`: must be within the run, at most duration_s = 60 (got 75)",
+    );
+}
+
+#[test]
+fn a_bad_slo_expression_names_the_key() {
+    check_error(
+        &with("\n[slo]\noversell = \"=< 0\"\n"),
+        "scenarios/x.toml:35:12: key `slo.oversell`: invalid SLO expression \"=< 0\": expected an operator (<, <=, \
+         ==, >=, >) and a number, as in \"< 50000\"",
+    );
+    check_error(
+        &with("\n[slo.latency.hold]\np99_us = \"fast\"\n"),
+        "scenarios/x.toml:35:10: key `slo.latency.hold.p99_us`: invalid SLO expression \"fast\": expected an \
+         operator (<, <=, ==, >=, >) and a number, as in \"< 50000\"",
+    );
+    check_error(
+        &with("\n[slo]\n\"latency.Hold\" = \"< 5\"\n"),
+        "scenarios/x.toml:35:1: key `slo.\"latency.Hold\"`: invalid SLO metric name \"latency.Hold\": use dotted \
+         segments of a-z, 0-9, _ and -, as in \"latency.hold.p99_us\"",
+    );
+}
+
+#[test]
+fn a_toml_syntax_error_names_line_and_column() {
+    let text = BASE.replace("nodes = 2", "nodes = = 2");
+    let error = Scenario::parse(&text, "scenarios/x.toml").expect_err("not TOML");
+    match &error {
+        ScenarioError::Invalid { file, line, column, key, .. } => {
+            assert_eq!((file.as_str(), *line, *column, key.as_deref()), ("scenarios/x.toml", 22, 9, None));
+        }
+        ScenarioError::Read { .. } => panic!("unexpected {error}"),
+    }
+    assert!(error.to_string().starts_with("scenarios/x.toml:22:9: "), "{error}");
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let error = Scenario::load("scenarios/does-not-exist.toml").expect_err("no such file");
+    assert!(error.to_string().starts_with("scenarios/does-not-exist.toml: cannot read the scenario: "), "{error}");
+}
+
+#[test]
+fn unfenced_lock_is_allowed_but_flagged() {
+    let scenario = Scenario::parse(&BASE.replace("nodes = 2", "nodes = 2\nhold_mode = \"unfenced-lock\""), "x.toml")
+        .expect("unsafe modes are allowed in scenarios");
+    assert!(scenario.is_unsafe());
+    assert!(!scenario.with_hold_mode(HoldMode::FencedLock).is_unsafe());
+}
+
+#[test]
+fn arrivals_expand_to_exactly_the_users_sorted_and_inside_the_window() {
+    let scenario = Scenario::parse(BASE, "x.toml").expect("valid");
+    let times = scenario.arrival_times_us();
+    assert_eq!(times.len() as u64, scenario.users_total());
+    assert_eq!(times.len(), 2_000);
+    assert!(times.is_sorted());
+    let curve = &scenario.arrivals[0];
+    let start_us = (curve.start_s() * 1e6) as u64;
+    let end_us = ((curve.start_s() + curve.window_s()) * 1e6) as u64;
+    assert!(times.iter().all(|time| (start_us..=end_us).contains(time)), "{:?}..{:?}", times.first(), times.last());
+}
+
+#[test]
+fn a_spike_is_front_loaded() {
+    let scenario = Scenario::parse(BASE, "x.toml").expect("valid");
+    let times = scenario.arrival_times_us();
+    let curve = &scenario.arrivals[0];
+    let at = |fraction: f64| ((curve.start_s() + curve.window_s() * fraction) * 1e6) as u64;
+    let first_quarter = times.iter().filter(|&&time| time < at(0.25)).count();
+    let second_half = times.iter().filter(|&&time| time >= at(0.5)).count();
+    assert!(first_quarter > 5 * second_half, "{first_quarter} in the first quarter, {second_half} in the second half");
+}
+
+#[test]
+fn arrival_times_depend_only_on_the_seed() {
+    let scenario = Scenario::parse(BASE, "x.toml").expect("valid");
+    assert_eq!(scenario.arrival_times_us(), scenario.clone().arrival_times_us());
+    assert_ne!(scenario.arrival_times_us(), scenario.clone().with_seed(2).arrival_times_us());
+}
+
+#[test]
+fn perturbed_shipped_scenarios_still_load() {
+    for name in SHIPPED {
+        let scenario = load_shipped(name);
+        for seed in 0..20 {
+            let perturbed = scenario.perturbed(seed);
+            let text = toml::to_string(&perturbed).expect("serializes");
+            if let Err(error) = Scenario::parse(&text, name) {
+                panic!("{name} perturbed with seed {seed} is refused: {error}\n{text}");
+            }
+            if !scenario.faults.is_empty() && seed == 0 {
+                assert_ne!(perturbed.faults, scenario.faults, "{name}");
+            }
+        }
+    }
+}
