@@ -191,9 +191,24 @@ impl<'text> Source<'text> {
         best
     }
 
+    /// The deepest table whose span is exactly `span`: serde reports a missing key at the
+    /// table that lacks it. The root when none is (its span is empty).
+    fn table_path_with_span(&self, span: &Range<usize>) -> KeyPath {
+        let mut best = KeyPath::root();
+        search_tables(self.root.get_ref(), &KeyPath::root(), span, &mut best);
+        best
+    }
+
     fn deserialize_error(&self, error: &toml::de::Error, refine: Refiner) -> ScenarioError {
-        let offset = error.span().map_or(0, |span| span.start);
-        let path = self.path_at(offset);
+        let span = error.span().unwrap_or(0..0);
+        let offset = span.start;
+        // A key's span may contain the offset of a table that lacks a key (the document's root
+        // starts where its first key does), so a missing key is looked up by table.
+        let path = if error.message().starts_with("missing field `") {
+            self.table_path_with_span(&span)
+        } else {
+            self.path_at(offset)
+        };
         // Errors inside internally tagged enums are reported by serde at the enclosing table,
         // because serde buffers the table before it knows the variant. Deserializing the
         // variant's own struct from the spanned value again puts the error at its key.
@@ -290,6 +305,29 @@ fn search_value(value: &Spanned<DeValue<'_>>, path: &KeyPath, offset: usize, bes
         DeValue::Array(items) => {
             for (index, item) in items.iter().enumerate() {
                 search_value(item, &path.index(index), offset, best);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn search_tables(table: &DeTable<'_>, path: &KeyPath, span: &Range<usize>, best: &mut KeyPath) {
+    for (key, value) in table.iter() {
+        search_table_values(value, &path.key(key.get_ref()), span, best);
+    }
+}
+
+fn search_table_values(value: &Spanned<DeValue<'_>>, path: &KeyPath, span: &Range<usize>, best: &mut KeyPath) {
+    match value.get_ref() {
+        DeValue::Table(table) => {
+            if value.span() == *span {
+                consider(path, best);
+            }
+            search_tables(table, path, span, best);
+        }
+        DeValue::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                search_table_values(item, &path.index(index), span, best);
             }
         }
         _ => {}

@@ -9,6 +9,7 @@
 
 pub mod net;
 pub mod node;
+pub mod store_rpc;
 pub mod users;
 
 use std::cell::RefCell;

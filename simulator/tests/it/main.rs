@@ -2,3 +2,4 @@
 
 mod checker;
 mod scenario;
+mod store_rpc;

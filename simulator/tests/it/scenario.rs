@@ -185,6 +185,24 @@ fn an_unknown_key_names_file_line_and_key() {
 }
 
 #[test]
+fn a_missing_key_is_named_at_the_table_that_lacks_it() {
+    let venue_start = BASE.find("[venue]").expect("BASE has a venue");
+    let venue_end = BASE.find("[engine]").expect("BASE has an engine");
+    check_error(
+        &format!("{}{}", &BASE[..venue_start], &BASE[venue_end..]),
+        "scenarios/x.toml:1:1: key `venue`: missing field `venue`",
+    );
+    check_error(
+        &BASE.replace("concert = \"Fixture\"\n", ""),
+        "scenarios/x.toml:6:1: key `venue.schedules[0].concert`: missing field `concert`",
+    );
+    check_error(
+        &BASE.replace("price_points = 500\n", ""),
+        "scenarios/x.toml:15:1: key `venue.schedules[0].sections[1].price_points`: missing field `price_points`",
+    );
+}
+
+#[test]
 fn zero_or_negative_seats_name_line_and_key() {
     check_error(
         &BASE.replace("seats = 200", "seats = 0"),
@@ -316,4 +334,232 @@ fn perturbed_shipped_scenarios_still_load() {
             }
         }
     }
+}
+
+/// A scenario that uses every key, every shape and every fault kind.
+const EVERYTHING: &str = r#"
+name = "everything"
+description = "every key at least once"
+seed = 3
+duration_s = 300
+clients = 3
+
+[venue]
+[[venue.schedules]]
+id = 1
+concert = "Everything Live"
+opens_at_s = 20
+[[venue.schedules.sections]]
+name = "A"
+seats = 10
+price_points = 100
+popularity = 1.5
+
+[engine]
+nodes = 2
+store = "memory"
+hold_mode = "fenced-lock"
+hold_ttl_s = 60
+lock_ttl_ms = 800
+admission = { rate_per_s = 10.5, active_max = 100, order = "random-at-open", admitted_ttl_s = 120 }
+rate_limits = { per_ip_per_s = 5, per_token_per_s = 2, burst = 10 }
+
+[network]
+latency_ms = { min = 0.5, max = 3 }
+store_latency_ms = { min = 0.1, max = 0.4 }
+fail_rate = 0.001
+
+[[arrivals]]
+shape = "spike"
+users = 100
+start_s = 15
+ramp_s = 3
+decay_s = 10
+[[arrivals]]
+shape = "ramp"
+users = 50
+start_s = 30
+duration_s = 20
+[[arrivals]]
+shape = "constant"
+rate_per_s = 2
+start_s = 60
+duration_s = 30
+[[arrivals]]
+shape = "steps"
+users = 40
+start_s = 100
+duration_s = 60
+steps = [{ at_s = 0, rate_per_s = 1 }, { at_s = 30, rate_per_s = 3 }]
+
+[users]
+patience_s = 120
+poll_interval_ms = { min = 200, max = 900 }
+request_timeout_ms = 1_500
+retries_max = 2
+points = 10_000
+seats_per_user = 2
+cancel_probability = 0.1
+seat_choice = "random"
+
+[[bots]]
+name = "counted"
+ips = 2
+rate_per_s = 50
+start_s = 10
+end_s = 60
+targets = ["queue-join", "seat-map", "queue-status"]
+[[bots]]
+name = "listed"
+ips = ["192.0.2.1", "2001:db8::1"]
+rate_per_s = 5
+start_s = 10
+end_s = 20
+targets = ["seat-map"]
+
+[[faults]]
+kind = "partition"
+at_s = 30
+heal_at_s = 40
+a = ["engine-1", "engine-2"]
+b = "store-*"
+one_way = true
+[[faults]]
+kind = "hold-link"
+at_s = 50
+release_at_s = 52
+a = "client-1"
+b = "engine-1"
+[[faults]]
+kind = "latency"
+at_s = 60
+until_s = 70
+a = "engine-*"
+b = "store-cache"
+latency_ms = 25.5
+[[faults]]
+kind = "crash"
+at_s = 80
+restart_at_s = 90
+host = "store-cache"
+[[faults]]
+kind = "pause-at"
+point = "confirm.before_commit"
+host = "engine-1"
+at_s = 25
+pause_ms = 700
+times = 4
+[[faults]]
+kind = "on-event"
+event = "lock-ttl-below"
+threshold_ms = 50
+action = { pause_ms = 900 }
+host = "engine-2"
+at_s = 20
+times = 2
+[[faults]]
+kind = "clock-skew"
+host = "engine-1"
+at_s = 5
+skew_ms = -250
+[[faults]]
+kind = "store-failover"
+at_s = 100
+host = "store-cache"
+lose_last_ms = 0
+[[faults]]
+kind = "slow-store"
+at_s = 110
+until_s = 130
+host = "store-record"
+extra_ms = 40
+
+[agent]
+policy = "llm"
+interval_s = 2.5
+cassette = "cassettes/everything.json"
+
+[slo]
+oversell = "<= 0"
+"violations.no-double-sale" = "== 0"
+"#;
+
+/// Every word written inside backticks in `text`.
+fn backticked_words(text: &str) -> std::collections::BTreeSet<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .flat_map(|span| span.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '+')))
+        .filter(|word| !word.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Keys whose string values are names from a fixed list (enums), which must be documented.
+const NAMED_VALUES: [&str; 10] =
+    ["store", "hold_mode", "order", "seat_choice", "targets", "shape", "kind", "point", "event", "policy"];
+
+/// The keys of `value` (not those under `[slo]`, which are metric names), and the string
+/// values of the keys in [`NAMED_VALUES`].
+fn keys_and_names(value: &toml::Value, parent_key: &str, words: &mut Vec<String>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                if parent_key != "slo" {
+                    words.push(key.clone());
+                    keys_and_names(value, key, words);
+                }
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|item| keys_and_names(item, parent_key, words)),
+        toml::Value::String(name) if NAMED_VALUES.contains(&parent_key) => words.push(name.clone()),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_key_and_every_value_name_is_documented_in_the_readme() {
+    let scenario = Scenario::parse(EVERYTHING, "everything.toml").unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(scenario.faults.len(), 9);
+    assert_eq!(scenario.users_total(), 100 + 50 + 60 + 40);
+    let readme = std::fs::read_to_string(scenarios_dir().join("README.md")).expect("scenarios/README.md");
+    let documented = backticked_words(&readme);
+    let value = toml::Value::try_from(&scenario).expect("a scenario is a TOML table");
+    let mut words = Vec::new();
+    keys_and_names(&value, "", &mut words);
+    assert!(words.len() > 100, "{words:?}");
+    let missing: Vec<&String> =
+        words.iter().filter(|word| !documented.contains(*word) && !readme.contains(&format!("`{word}`"))).collect();
+    assert!(missing.is_empty(), "not documented in scenarios/README.md: {missing:?}");
+}
+
+#[test]
+fn the_readme_example_loads() {
+    let readme = std::fs::read_to_string(scenarios_dir().join("README.md")).expect("scenarios/README.md");
+    let example = readme
+        .split("## Example")
+        .nth(1)
+        .and_then(|section| section.split("```toml\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("an example TOML block under `## Example`");
+    let scenario = Scenario::parse(example, "README.md").unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(scenario.hosts().len(), 2 + 2 + 4 + 1);
+}
+
+#[test]
+fn errors_inside_arrival_curves_point_at_the_key() {
+    check_error(
+        &BASE.replace("ramp_s = 2\n", "ramp_s = \"slow\"\n"),
+        "scenarios/x.toml:31:10: key `arrivals[0].ramp_s`: invalid type: string \"slow\", expected f64",
+    );
+    check_error(
+        &BASE.replace("ramp_s = 2\n", "ramp_s = 2\nrise_s = 1\n"),
+        "scenarios/x.toml:32:1: key `arrivals[0].rise_s`: unknown field `rise_s`, expected one of `users`, \
+         `start_s`, `ramp_s`, `decay_s`",
+    );
+    check_error(
+        &BASE.replace("decay_s = 8\n", "decay_s = 20\n"),
+        "scenarios/x.toml:32:1: key `arrivals[0].decay_s`: the curve ends at 98.1 s (start_s + ramp_s + 4.6 × \
+         decay_s), after the run's duration_s = 60",
+    );
 }
