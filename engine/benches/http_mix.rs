@@ -139,10 +139,10 @@ struct Server(Child);
 
 impl Server {
     async fn start(command: &mut Command, addr: SocketAddr) -> Server {
-        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("server starts");
+        let server = Server(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("server starts"));
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return Server(child);
+                return server;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

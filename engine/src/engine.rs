@@ -88,12 +88,8 @@ pub struct QueuePosition {
     pub status: TokenStatus,
     pub position: u64,
     pub eta_s: u64,
-}
-
-impl From<QueueStatus> for QueuePosition {
-    fn from(status: QueueStatus) -> Self {
-        Self { status: status.status, position: status.position, eta_s: status.eta_s }
-    }
+    /// Every seat of the schedule is sold (as of the last sweep): waiting is pointless.
+    pub sold_out: bool,
 }
 
 /// An admission change asked for by an admin.
@@ -161,6 +157,9 @@ pub struct Engine {
     telemetry: Telemetry,
     settings: RwLock<RuntimeSettings>,
     lines: Mutex<BTreeMap<ScheduleId, LineWatch>>,
+    /// What is on sale, as of the last sweep: admission ticks and sold-out answers read it
+    /// instead of scanning every seat.
+    on_sale: Mutex<BTreeMap<ScheduleId, ScheduleSummary>>,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +190,7 @@ impl Engine {
             telemetry: Telemetry::new(&parts.config.node),
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
+            on_sale: Mutex::new(BTreeMap::new()),
             guards,
             config: parts.config,
             clock: parts.clock,
@@ -281,6 +281,36 @@ impl Engine {
         self.timed("schedules", self.record.schedules(self.now_ms())).await
     }
 
+    /// Reads what is on sale and keeps it for admission ticks and sold-out answers.
+    async fn refresh_on_sale(&self) -> Result<Vec<ScheduleSummary>, EngineError> {
+        let summaries = self.schedules().await?;
+        let sold_out = |sale: &ScheduleSummary| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total;
+        let newly_sold_out: Vec<ScheduleId> = {
+            let mut on_sale = self.on_sale.lock();
+            let newly = summaries
+                .iter()
+                .filter(|summary| sold_out(summary) && !on_sale.get(&summary.id).is_some_and(sold_out))
+                .map(|summary| summary.id)
+                .collect();
+            *on_sale = summaries.iter().map(|summary| (summary.id, summary.clone())).collect();
+            newly
+        };
+        for schedule_id in newly_sold_out {
+            // Those still waiting learn at once that there is nothing left to wait for.
+            self.line_signal(schedule_id).changed.notify_waiters();
+        }
+        Ok(summaries)
+    }
+
+    fn position(&self, status: QueueStatus, schedule_id: ScheduleId) -> QueuePosition {
+        let sold_out = self
+            .on_sale
+            .lock()
+            .get(&schedule_id)
+            .is_some_and(|sale| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total);
+        QueuePosition { status: status.status, position: status.position, eta_s: status.eta_s, sold_out }
+    }
+
     /// Opens an account.
     pub async fn create_user(&self, name: String) -> Result<Account, EngineError> {
         let name = name.trim().to_owned();
@@ -318,8 +348,9 @@ impl Engine {
         let claim = self.signer.verify(token)?;
         let mut status =
             self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
-        if status.status != TokenStatus::Waiting || wait.is_zero() {
-            return Ok(status.into());
+        if status.status != TokenStatus::Waiting || wait.is_zero() || self.position(status, claim.schedule_id).sold_out
+        {
+            return Ok(self.position(status, claim.schedule_id));
         }
         let signal = self.line_signal(claim.schedule_id);
         let deadline = tokio::time::Instant::now() + wait.min(QUEUE_WAIT_MAX);
@@ -328,6 +359,9 @@ impl Engine {
             let notified = signal.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.position(status, claim.schedule_id).sold_out {
+                return Ok(self.position(status, claim.schedule_id));
+            }
             let head = signal.head_order_index.load(Ordering::Acquire);
             if head > status.order_index && head > head_checked {
                 head_checked = head;
@@ -335,7 +369,7 @@ impl Engine {
                     .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
                     .await?;
                 if status.status != TokenStatus::Waiting {
-                    return Ok(status.into());
+                    return Ok(self.position(status, claim.schedule_id));
                 }
                 continue;
             }
@@ -349,7 +383,7 @@ impl Engine {
         }
         let status =
             self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
-        Ok(status.into())
+        Ok(self.position(status, claim.schedule_id))
     }
 
     fn line_signal(&self, schedule_id: ScheduleId) -> Arc<LineSignal> {
@@ -504,7 +538,10 @@ impl Engine {
 
     /// Moves every known line forward, and wakes the long polls of those who were reached.
     pub async fn tick_admission(&self) -> Result<(), EngineError> {
-        let schedule_ids: Vec<ScheduleId> = self.schedules().await?.into_iter().map(|summary| summary.id).collect();
+        let mut schedule_ids: Vec<ScheduleId> = self.on_sale.lock().keys().copied().collect();
+        if schedule_ids.is_empty() {
+            schedule_ids = self.refresh_on_sale().await?.into_iter().map(|summary| summary.id).collect();
+        }
         for schedule_id in schedule_ids {
             let report = self.timed("admit", self.cache.admit(schedule_id, self.now_ms())).await?;
             self.telemetry.set_queue(schedule_id, report.waiting, report.active, report.admitted_total);
@@ -524,8 +561,9 @@ impl Engine {
         self.guards.sweep();
         let expired =
             self.timed("expire_holds", self.record.expire_holds(self.now_ms(), self.config.sweep_batch_max)).await?;
-        let taken: u64 = self.schedules().await?.iter().map(|s| s.seats_total - s.seats_available).sum();
-        self.telemetry.set_holds_active(taken);
+        let held: u64 =
+            self.refresh_on_sale().await?.iter().map(|s| s.seats_total - s.seats_available - s.seats_sold).sum();
+        self.telemetry.set_holds_active(held);
         Ok(expired)
     }
 

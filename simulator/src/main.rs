@@ -1,5 +1,8 @@
 //! `tcore`: run scenarios in the simulated world and score them.
 
+// A command-line tool whose output is its job: it prints to stdout on purpose.
+#![allow(clippy::print_stdout)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;

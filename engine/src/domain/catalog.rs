@@ -89,6 +89,7 @@ pub struct ScheduleSummary {
     pub opens_at: u64,
     pub seats_total: u64,
     pub seats_available: u64,
+    pub seats_sold: u64,
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rand::SeedableRng;
@@ -13,6 +15,7 @@ use super::{
     AcceptedFence, AdmitReport, AuditEntry, CacheStore, HoldRequest, LockGrant, RecordDump, RecordStore, SeatFilter,
     StoreError,
 };
+use crate::clock::Clock;
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
     OutboxKind, QueueOrder, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId,
@@ -20,11 +23,16 @@ use crate::domain::{
     idempotency_decision,
 };
 
-/// Sizes and seeds of the embedded store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Sizes, seed and clock of the embedded store.
+#[derive(Debug, Clone)]
 pub struct MemoryStoreConfig {
     /// Seeds the shuffle of `random-at-open` lines.
     pub seed: u64,
+    /// The store's own clock for the cache role (admission and locks), as a shared cache
+    /// server judges time by its own clock rather than its callers': a node whose clock is
+    /// skewed then cannot speed up admission or stretch a lock. Without one, the caller's
+    /// `now_ms` is used (one process, one clock).
+    pub cache_clock: Option<Arc<dyn Clock>>,
     /// The most audit entries kept; older ones are dropped first.
     pub audit_entries_max: usize,
     /// The most idempotency records kept; the oldest completed ones are dropped first.
@@ -33,7 +41,7 @@ pub struct MemoryStoreConfig {
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
-        Self { seed: 0, audit_entries_max: 10_000, idempotency_records_max: 2_000_000 }
+        Self { seed: 0, cache_clock: None, audit_entries_max: 10_000, idempotency_records_max: 2_000_000 }
     }
 }
 
@@ -81,6 +89,11 @@ struct LockState {
 }
 
 impl MemoryStore {
+    /// The time the cache role goes by: its own clock if it has one, else the caller's.
+    fn cache_now_ms(&self, caller_now_ms: u64) -> u64 {
+        self.config.cache_clock.as_ref().map_or(caller_now_ms, |clock| clock.now_ms())
+    }
+
     /// An empty store.
     pub fn new(config: MemoryStoreConfig) -> Self {
         let records = Records { next_seat_id: 1, next_user_id: 1, next_reservation_id: 1, ..Records::default() };
@@ -274,16 +287,21 @@ impl RecordStore for MemoryStore {
             .schedules
             .values()
             .map(|schedule| {
-                let seats = records.seats.get(&schedule.id);
-                let available = seats.map_or(0, |seats| {
-                    seats.values().filter(|slot| slot.status(now_ms) == SeatStatus::Available).count() as u64
-                });
+                let (mut available, mut sold) = (0, 0);
+                for slot in records.seats.get(&schedule.id).into_iter().flat_map(BTreeMap::values) {
+                    match slot.status(now_ms) {
+                        SeatStatus::Available => available += 1,
+                        SeatStatus::Sold => sold += 1,
+                        SeatStatus::Held => {}
+                    }
+                }
                 ScheduleSummary {
                     id: schedule.id,
                     concert: schedule.concert.name.clone(),
                     opens_at: schedule.opens_at_ms,
                     seats_total: schedule.seats_total(),
                     seats_available: available,
+                    seats_sold: sold,
                 }
             })
             .collect())
@@ -530,11 +548,13 @@ impl CacheStore for MemoryStore {
     }
 
     async fn join(&self, schedule_id: ScheduleId, user_id: UserId, now_ms: u64) -> Result<QueueStatus, StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
         let mut cache = self.cache.lock();
         Ok(line_mut(&mut cache.lines, schedule_id)?.join(user_id, now_ms))
     }
 
     async fn queue_status(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<QueueStatus, StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
         let mut cache = self.cache.lock();
         line_mut(&mut cache.lines, schedule_id)?
             .status(seq, now_ms)
@@ -542,6 +562,7 @@ impl CacheStore for MemoryStore {
     }
 
     async fn admit(&self, schedule_id: ScheduleId, now_ms: u64) -> Result<AdmitReport, StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
         let mut guard = self.cache.lock();
         let cache = &mut *guard;
         let line = line_mut(&mut cache.lines, schedule_id)?;
@@ -559,6 +580,7 @@ impl CacheStore for MemoryStore {
     }
 
     async fn mark_used(&self, schedule_id: ScheduleId, seq: u64, now_ms: u64) -> Result<(), StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
         let mut cache = self.cache.lock();
         Ok(line_mut(&mut cache.lines, schedule_id)?.mark_used(seq, now_ms)?)
     }
@@ -585,6 +607,7 @@ impl CacheStore for MemoryStore {
     }
 
     async fn acquire_lock(&self, key: String, ttl_ms: u64, now_ms: u64) -> Result<Option<LockGrant>, StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
         let mut cache = self.cache.lock();
         let lock = cache.locks.entry(key).or_default();
         if lock.holder.is_some_and(|holder| holder.expires_at_ms > now_ms) {

@@ -482,3 +482,24 @@ async fn operational_endpoints_answer() {
         assert!(openapi["paths"][path].is_object(), "{path} is documented");
     }
 }
+
+#[tokio::test]
+async fn waiting_users_learn_when_every_seat_is_sold() {
+    let api = Api::new().await;
+    for seat_id in 1..=10 {
+        let (_, buyer) = api.admitted_user(&format!("buyer-{seat_id}"), 1_000).await;
+        let hold = api.hold(&buyer, seat_id).await.json();
+        let reservation_id = hold["reservation_id"].as_u64().expect("held");
+        let paid = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&buyer).send().await;
+        assert_eq!(paid.status, StatusCode::OK);
+    }
+    let pause = json!({ "rate_per_s": 1.0, "active_max": 1, "paused": true });
+    api.admin(Method::PUT, "/admin/v1/schedules/1/admission").json(pause).send().await;
+    let (_, waiting) = api.user_in_line("bob", 1_000).await;
+    let before = api.get(&format!("/v1/queue/{waiting}")).send().await.json();
+    assert_eq!(before["sold_out"], false, "not known before the sweep");
+    api.engine.sweep().await.expect("sweep");
+    let after = api.get(&format!("/v1/queue/{waiting}?wait_s=30")).send().await.json();
+    assert_eq!(after["status"], "WAITING");
+    assert_eq!(after["sold_out"], true, "a long poll answers at once when nothing is left");
+}

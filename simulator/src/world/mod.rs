@@ -27,11 +27,12 @@ use tcore_engine::clock::ManualClock;
 use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{AdmissionPolicy, Concert, QueueOrder, Schedule, Section};
 use tcore_engine::faults::{FaultPoint, NoFaults};
-use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
 use self::net::{ENGINE_PORT, HttpClient, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
+use self::store_rpc::{JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store};
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
     AcceptedFence, Admission, CheckConfig, FinalReservation, FinalSchedule, FinalState, FinalUser, History,
@@ -44,6 +45,12 @@ pub const EPOCH_MS: u64 = 1_800_000_000_000;
 /// How long the world runs on after the timeline, with every fault healed, so that holds
 /// expire and retries settle before the final state is read.
 pub const DRAIN_AFTER_HOLD_TTL: Duration = Duration::from_secs(5);
+/// The port every store host serves its protocol on.
+pub const STORE_PORT: u16 = 7000;
+/// How far back a store host can fail over (its replication window).
+pub const REPLICATION_WINDOW: Duration = Duration::from_secs(30);
+/// How often the drain looks for holds still waiting to expire.
+const DRAIN_CHECK_EVERY_US: u64 = 1_000_000;
 /// How often the progress callback is called, in simulated time.
 const PROGRESS_EVERY_US: u64 = 1_000_000;
 
@@ -86,6 +93,8 @@ enum Action {
     Crash { host: String },
     Restart { host: String },
     Skew { host: String, skew_ms: i64 },
+    SlowStore { host: String, extra: Duration },
+    FailOver { host: String, lose_last: Duration },
 }
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
@@ -93,9 +102,31 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
     let seed = scenario.seed;
     let arrivals = scenario.arrival_times_us();
     let users_total = arrivals.len() as u64;
-    let record = Arc::new(MemoryStore::new(MemoryStoreConfig { seed, ..MemoryStoreConfig::default() }));
-    let cache =
-        Arc::new(MemoryStore::new(MemoryStoreConfig { seed: seed.rotate_left(17), ..MemoryStoreConfig::default() }));
+    let failovers = |host: &str| {
+        let count =
+            scenario.faults.iter().filter(|fault| matches!(fault, Fault::StoreFailover(f) if f.host == host)).count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    };
+    let store_host = |seed: u64, host: &str| {
+        StoreControl::new(StoreHostConfig {
+            // A store host judges admission and locks by its own, unskewed clock.
+            store: MemoryStoreConfig {
+                seed,
+                cache_clock: Some(Arc::new(SimClock::new(EPOCH_MS, Arc::new(AtomicI64::new(0))))),
+                ..MemoryStoreConfig::default()
+            },
+            replication_window: REPLICATION_WINDOW,
+            failovers_max: failovers(host),
+            clock: JournalClock::Simulation,
+        })
+    };
+    let record = store_host(seed, scenario::STORE_RECORD_HOST);
+    let cache = store_host(seed.rotate_left(17), scenario::STORE_CACHE_HOST);
+    let stores: BTreeMap<String, StoreControl> = [
+        (scenario::STORE_RECORD_HOST.to_owned(), record.clone()),
+        (scenario::STORE_CACHE_HOST.to_owned(), cache.clone()),
+    ]
+    .into();
     let config = engine_config(scenario, seed);
     setup_stores(scenario, &config, &record, &cache, users_total)?;
 
@@ -115,6 +146,27 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         .tcp_capacity(1 << 16)
         .build();
 
+    for (host, control) in &stores {
+        let control = control.clone();
+        sim.host(host.as_str(), move || {
+            let control = control.clone();
+            async move {
+                let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), STORE_PORT)).await?;
+                serve_store(listener, control).await;
+                Ok(())
+            }
+        });
+    }
+    // The store's own service time: the midpoint of the scenario's store latency, on top of
+    // the network's. A slow-store fault adds to it.
+    // Store links get the scenario's store latency once turmoil has created them (on their
+    // first message); until then they have the network's.
+    let mut store_links_pending: Vec<(String, String)> = engine_hosts_of(scenario)
+        .into_iter()
+        .flat_map(|engine| stores.keys().map(move |store| (engine.clone(), store.clone())))
+        .collect();
+    let store_link_latency = store_service(scenario);
+
     let fired = Arc::new(Mutex::new(Vec::new()));
     let mut skews = BTreeMap::new();
     let engine_hosts: Vec<String> = (1..=scenario.engine.nodes).map(scenario::engine_host).collect();
@@ -122,19 +174,19 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         let skew = Arc::new(AtomicI64::new(0));
         skews.insert(host.clone(), Arc::clone(&skew));
         let armed = armed_pauses(scenario, host);
-        let (config, record, cache, fired) = (
-            EngineConfig { node: host.clone(), ..config.clone() },
-            Arc::clone(&record),
-            Arc::clone(&cache),
-            Arc::clone(&fired),
-        );
+        let (config, fired) = (EngineConfig { node: host.clone(), ..config.clone() }, Arc::clone(&fired));
         let host_name = host.clone();
         sim.host(host.as_str(), move || {
+            let remote = |store: &'static str| {
+                Arc::new(RemoteStore::new(RemoteStoreConfig::default(), move || {
+                    turmoil::net::TcpStream::connect((store, STORE_PORT))
+                }))
+            };
             let engine = Engine::new(EngineParts {
                 config: config.clone(),
                 clock: Arc::new(SimClock::new(EPOCH_MS, Arc::clone(&skew))),
-                record: Arc::clone(&record) as Arc<dyn RecordStore>,
-                cache: Arc::clone(&cache) as Arc<dyn CacheStore>,
+                record: remote(scenario::STORE_RECORD_HOST) as Arc<dyn RecordStore>,
+                cache: remote(scenario::STORE_CACHE_HOST) as Arc<dyn CacheStore>,
                 faults: Arc::new(SimFaults::new(host_name.clone(), armed.clone(), Arc::clone(&fired))),
             });
             async move {
@@ -228,27 +280,47 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
     let mut next_action = 0;
     let mut next_progress_us = 0;
     let mut healed = false;
+    let mut healed_at_us = 0;
+    let mut next_drain_check_us = 0;
     loop {
         let clients_done = sim.step().map_err(|error| anyhow::anyhow!("simulation failed: {error}"))?;
         let now_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
         while next_action < timeline.len() && timeline[next_action].0 <= now_us {
-            apply(&mut sim, &timeline[next_action].1, &skews);
+            apply(&mut sim, &timeline[next_action].1, &skews, &stores);
             next_action += 1;
         }
         if now_us >= next_progress_us {
             next_progress_us = now_us + PROGRESS_EVERY_US;
+            if !store_links_pending.is_empty() {
+                let mut existing = Vec::new();
+                sim.links(|links| existing.extend(links.map(|link| link.pair())));
+                store_links_pending.retain(|(engine, store)| {
+                    let pair = (sim.lookup(engine.as_str()), sim.lookup(store.as_str()));
+                    let exists = existing.iter().any(|&(a, b)| (a, b) == pair || (b, a) == pair);
+                    if exists {
+                        sim.set_link_latency(engine.as_str(), store.as_str(), store_link_latency);
+                    }
+                    !exists
+                });
+            }
             progress(Progress { sim_us: now_us, total_us, operations: recorder.borrow().operations_invoked() });
         }
         if (clients_done || now_us >= duration_us) && !healed {
-            heal_all(&mut sim, &timeline[..next_action], &skews);
+            heal_all(&mut sim, &timeline[..next_action], &skews, &stores);
             healed = true;
+            healed_at_us = now_us;
         }
-        if healed && now_us >= total_us.min(now_us.max(duration_us) + drain_us) {
-            break;
+        if healed && now_us >= next_drain_check_us {
+            next_drain_check_us = now_us + DRAIN_CHECK_EVERY_US;
+            // The drain ends early once no hold is left to expire and retries have settled.
+            let settled = now_us >= healed_at_us + DRAIN_AFTER_HOLD_TTL.as_micros() as u64;
+            if now_us >= healed_at_us + drain_us || (settled && !holds_pending(&record)?) {
+                break;
+            }
         }
     }
+    let end_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
     drop(sim);
-    let end_us = total_us;
     let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
     let mut recorder =
         Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
@@ -313,8 +385,8 @@ fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
 fn setup_stores(
     scenario: &Scenario,
     config: &EngineConfig,
-    record: &Arc<MemoryStore>,
-    cache: &Arc<MemoryStore>,
+    record: &StoreControl,
+    cache: &StoreControl,
     users: u64,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("setup runtime")?;
@@ -322,8 +394,8 @@ fn setup_stores(
         let engine = Engine::new(EngineParts {
             config: config.clone(),
             clock: Arc::new(ManualClock::starting_at_ms(EPOCH_MS)),
-            record: Arc::clone(record) as Arc<dyn RecordStore>,
-            cache: Arc::clone(cache) as Arc<dyn CacheStore>,
+            record: Arc::new(record.clone()) as Arc<dyn RecordStore>,
+            cache: Arc::new(cache.clone()) as Arc<dyn CacheStore>,
             faults: Arc::new(NoFaults),
         })?;
         for schedule in &scenario.venue.schedules {
@@ -434,14 +506,33 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
             Fault::ClockSkew(s) => {
                 actions.push((us(s.at_s), Action::Skew { host: s.host.clone(), skew_ms: s.skew_ms }))
             }
-            Fault::PauseAt(_) | Fault::OnEvent(_) | Fault::StoreFailover(_) | Fault::SlowStore(_) => {}
+            Fault::SlowStore(slow) => {
+                actions.push((
+                    us(slow.at_s),
+                    Action::SlowStore { host: slow.host.clone(), extra: Duration::from_millis(slow.extra_ms) },
+                ));
+                actions.push((us(slow.until_s), Action::SlowStore { host: slow.host.clone(), extra: Duration::ZERO }));
+            }
+            Fault::StoreFailover(failover) => actions.push((
+                us(failover.at_s),
+                Action::FailOver {
+                    host: failover.host.clone(),
+                    lose_last: Duration::from_millis(failover.lose_last_ms),
+                },
+            )),
+            Fault::PauseAt(_) | Fault::OnEvent(_) => {}
         }
     }
     actions.sort_by_key(|(at_us, _)| *at_us);
     actions
 }
 
-fn apply(sim: &mut turmoil::Sim<'_>, action: &Action, skews: &BTreeMap<String, Arc<AtomicI64>>) {
+fn apply(
+    sim: &mut turmoil::Sim<'_>,
+    action: &Action,
+    skews: &BTreeMap<String, Arc<AtomicI64>>,
+    stores: &BTreeMap<String, StoreControl>,
+) {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -463,6 +554,17 @@ fn apply(sim: &mut turmoil::Sim<'_>, action: &Action, skews: &BTreeMap<String, A
                 skew.store(*skew_ms, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        Action::SlowStore { host, extra } => {
+            if let Some(store) = stores.get(host) {
+                store.set_extra_latency(*extra);
+            }
+        }
+        Action::FailOver { host, lose_last } => {
+            if let Some(store) = stores.get(host) {
+                // The failover runs on the store host at its next request; its report is not needed here.
+                drop(store.fail_over(*lose_last));
+            }
+        }
     }
 }
 
@@ -476,19 +578,34 @@ fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
     }
 }
 
+fn engine_hosts_of(scenario: &Scenario) -> Vec<String> {
+    (1..=scenario.engine.nodes).map(scenario::engine_host).collect()
+}
+
+/// The latency of a link between an engine node and a store host: the midpoint of the
+/// scenario's store latency.
+fn store_service(scenario: &Scenario) -> Duration {
+    let latency = &scenario.network.store_latency_ms;
+    Duration::from_micros(((latency.min + latency.max) / 2.0 * 1000.0) as u64)
+}
+
 /// Undoes whatever the timeline left broken, so the final state is read from a healed world.
-fn heal_all(sim: &mut turmoil::Sim<'_>, applied: &[(u64, Action)], skews: &BTreeMap<String, Arc<AtomicI64>>) {
+fn heal_all(
+    sim: &mut turmoil::Sim<'_>,
+    applied: &[(u64, Action)],
+    skews: &BTreeMap<String, Arc<AtomicI64>>,
+    stores: &BTreeMap<String, StoreControl>,
+) {
     for (_, action) in applied {
         match action {
             Action::Partition { a, b, one_way } => {
-                apply(sim, &Action::Repair { a: a.clone(), b: b.clone(), one_way: *one_way }, skews)
+                apply(sim, &Action::Repair { a: a.clone(), b: b.clone(), one_way: *one_way }, skews, stores);
             }
-            Action::Hold { a, b } => apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews),
-            Action::Crash { host } => {
-                if !sim.is_host_running(host.as_str()) {
-                    sim.bounce(host.as_str());
-                }
+            Action::Hold { a, b } => apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews, stores),
+            Action::SlowStore { host, .. } => {
+                apply(sim, &Action::SlowStore { host: host.clone(), extra: Duration::ZERO }, skews, stores);
             }
+            Action::Crash { host } if !sim.is_host_running(host.as_str()) => sim.bounce(host.as_str()),
             _ => {}
         }
     }
@@ -523,13 +640,20 @@ fn to_us(at_ms: u64) -> u64 {
 }
 
 /// Reads the stores after the run, in the history's terms.
+/// Whether any reservation is still HELD (and so has a hold left to expire).
+fn holds_pending(record: &StoreControl) -> anyhow::Result<bool> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().context("drain runtime")?;
+    let dump = runtime.block_on(RecordStore::dump(record))?;
+    Ok(dump.reservations.iter().any(|reservation| reservation.status == tcore_engine::domain::ReservationStatus::Held))
+}
+
 fn read_final_state(
-    record: &Arc<MemoryStore>,
-    cache: &Arc<MemoryStore>,
+    record: &StoreControl,
+    cache: &StoreControl,
 ) -> anyhow::Result<(FinalState, Vec<AcceptedFence>, Vec<Admission>)> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("final state runtime")?;
     let (dump, admitted) =
-        runtime.block_on(async { anyhow::Ok((RecordStore::dump(&**record).await?, cache.admissions().await?)) })?;
+        runtime.block_on(async { anyhow::Ok((RecordStore::dump(record).await?, cache.admissions().await?)) })?;
     use tcore_engine::domain::{LedgerReason as Reason, OutboxKind as Kind, ReservationStatus as Status};
     let final_state = FinalState {
         reservations: dump

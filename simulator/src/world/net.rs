@@ -78,8 +78,11 @@ pub struct HttpRequest {
 /// Single-threaded, like the host it runs on.
 #[derive(Debug, Clone, Default)]
 pub struct HttpClient {
-    idle: Rc<RefCell<BTreeMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+    idle: Rc<RefCell<IdleConnections>>,
 }
+
+/// Idle connections per engine node, the most recently used last.
+type IdleConnections = BTreeMap<String, Vec<SendRequest<Full<Bytes>>>>;
 
 impl HttpClient {
     /// Sends `request` to `node`, waiting at most `timeout` for the whole answer.

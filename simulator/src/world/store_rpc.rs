@@ -622,7 +622,7 @@ pub enum JournalClock {
 }
 
 /// How a store host is set up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct StoreHostConfig {
     /// The store's own sizes and seed; the standbys use the same, so they replay identically.
     pub store: MemoryStoreConfig,
@@ -757,8 +757,8 @@ impl StoreControl {
     pub fn new(config: StoreHostConfig) -> Self {
         let standbys_count = usize::try_from(config.failovers_max).unwrap_or(usize::MAX);
         let state = HostState {
-            primary: MemoryStore::new(config.store),
-            standbys: (0..standbys_count).map(|_| MemoryStore::new(config.store)).collect(),
+            primary: MemoryStore::new(config.store.clone()),
+            standbys: (0..standbys_count).map(|_| MemoryStore::new(config.store.clone())).collect(),
             journal: VecDeque::new(),
             standbys_through: None,
             clock_last: Duration::ZERO,

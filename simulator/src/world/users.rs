@@ -26,7 +26,7 @@ const HOLD_ATTEMPTS_MAX: u32 = 6;
 /// Available seats asked for per seat map call.
 const SEAT_PAGE: u32 = 20;
 /// The longest long poll a user asks for.
-const LONG_POLL_S: u64 = 10;
+const LONG_POLL_S: u64 = 30;
 /// Requests one bot address keeps in flight at most; beyond, its requests are dropped.
 const BOT_IN_FLIGHT_MAX: u32 = 64;
 
@@ -105,8 +105,10 @@ impl ClientContext {
         let deadline_us = sim_now_us() + (self.users.patience_s * 1e6) as u64;
         let (schedule_id, sections) = self.pick_schedule(user);
         let Some(token) = self.join(user, schedule_id).await else { return "join-failed" };
-        if !self.wait_for_admission(user, &token, deadline_us).await {
-            return "gave-up-waiting";
+        match self.wait_for_admission(user, &token, deadline_us).await {
+            Waited::Admitted => {}
+            Waited::SoldOut => return "sold-out-while-waiting",
+            Waited::GaveUp => return "gave-up-waiting",
         }
         let Some(reservation_id) = self.take_a_seat(user, &token, schedule_id, &sections).await else {
             return "no-seat";
@@ -150,11 +152,11 @@ impl ClientContext {
         None
     }
 
-    async fn wait_for_admission(&self, user: &mut VirtualUser, token: &str, deadline_us: u64) -> bool {
+    async fn wait_for_admission(&self, user: &mut VirtualUser, token: &str, deadline_us: u64) -> Waited {
         loop {
             let now_us = sim_now_us();
             if now_us >= deadline_us {
-                return false;
+                return Waited::GaveUp;
             }
             let wait_s = ((deadline_us - now_us) / 1_000_000).clamp(1, LONG_POLL_S);
             let path = format!("/v1/queue/{token}?wait_s={wait_s}");
@@ -164,11 +166,12 @@ impl ClientContext {
                 .await
             {
                 Answer::Ok(value) => match value["status"].as_str() {
-                    Some("ADMITTED") => return true,
+                    Some("ADMITTED") => return Waited::Admitted,
+                    Some("WAITING") if value["sold_out"] == Value::Bool(true) => return Waited::SoldOut,
                     Some("WAITING") => {}
-                    _ => return false,
+                    _ => return Waited::GaveUp,
                 },
-                Answer::Refused { status, .. } if !retryable(status) => return false,
+                Answer::Refused { status, .. } if !retryable(status) => return Waited::GaveUp,
                 _ => self.backoff(user).await,
             }
         }
@@ -390,6 +393,12 @@ impl ClientContext {
             tokio::time::sleep(interval).await;
         }
     }
+}
+
+enum Waited {
+    Admitted,
+    SoldOut,
+    GaveUp,
 }
 
 enum HoldOutcome {

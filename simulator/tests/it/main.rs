@@ -3,3 +3,4 @@
 mod checker;
 mod scenario;
 mod store_rpc;
+mod world;
