@@ -8,12 +8,10 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 use utoipa::ToSchema;
 
 use crate::clock::Clock;
@@ -28,6 +26,7 @@ use crate::guards::{Block, Guards};
 use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
 use crate::tokens::{QueueClaim, TokenError, TokenSigner};
+use crate::waiters::LineSignal;
 
 /// Why the engine refused or failed a call.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -168,15 +167,6 @@ struct LineWatch {
     last_report: Option<AdmitReport>,
 }
 
-/// Wakes the long polls of a line when admission moves its head. A `Notify` wakes waiters
-/// in the order they came, so a simulated run replays; `tokio::sync::watch` spreads waiters
-/// over randomly chosen slots and would not.
-#[derive(Debug, Default)]
-struct LineSignal {
-    head_order_index: AtomicU64,
-    changed: Notify,
-}
-
 /// The most a long poll on queue status waits.
 pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
 
@@ -297,7 +287,7 @@ impl Engine {
         };
         for schedule_id in newly_sold_out {
             // Those still waiting learn at once that there is nothing left to wait for.
-            self.line_signal(schedule_id).changed.notify_waiters();
+            self.line_signal(schedule_id).wake_all();
         }
         Ok(summaries)
     }
@@ -354,31 +344,26 @@ impl Engine {
         }
         let signal = self.line_signal(claim.schedule_id);
         let deadline = tokio::time::Instant::now() + wait.min(QUEUE_WAIT_MAX);
-        let mut head_checked = 0;
         loop {
-            let notified = signal.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.position(status, claim.schedule_id).sold_out {
-                return Ok(self.position(status, claim.schedule_id));
-            }
-            let head = signal.head_order_index.load(Ordering::Acquire);
-            if head > status.order_index && head > head_checked {
-                head_checked = head;
-                status = self
-                    .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
-                    .await?;
-                if status.status != TokenStatus::Waiting {
-                    return Ok(self.position(status, claim.schedule_id));
-                }
-                continue;
-            }
+            let mut registration = signal.register(status.order_index);
             // `biased`: tokio otherwise polls branches in random order, which a simulated
             // run could not replay.
             tokio::select! {
                 biased;
-                () = &mut notified => {}
+                () = registration.woken() => {}
                 () = tokio::time::sleep_until(deadline) => break,
+            }
+            drop(registration);
+            let order_index = status.order_index;
+            status = self
+                .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
+                .await?;
+            let reached_but_waiting = status.order_index == order_index && signal.head() > order_index;
+            if status.status != TokenStatus::Waiting
+                || reached_but_waiting
+                || self.position(status, claim.schedule_id).sold_out
+            {
+                return Ok(self.position(status, claim.schedule_id));
             }
         }
         let status =
@@ -464,12 +449,17 @@ impl Engine {
         };
         self.fault_point(FaultPoint::HoldAfterLock, context(self.now_ms())).await;
         let written = async {
-            let slot = self.timed("seat", self.record.seat(request.schedule_id, request.seat_id)).await?;
+            let write_guard = guard(grant.fence);
+            let read_fence = match write_guard {
+                WriteGuard::Fenced(fence) => Some(fence),
+                WriteGuard::Unfenced(_) => None,
+            };
+            let slot = self.timed("seat", self.record.seat(request.schedule_id, request.seat_id, read_fence)).await?;
             if slot.status(self.now_ms()) != SeatStatus::Available {
                 return Err(EngineError::SeatTaken);
             }
             self.fault_point(FaultPoint::HoldAfterCheck, context(self.now_ms())).await;
-            self.timed("write_hold", self.record.write_hold(request, guard(grant.fence), self.now_ms())).await
+            self.timed("write_hold", self.record.write_hold(request, write_guard, self.now_ms())).await
         }
         .await;
         if let Err(error) = self.timed("release_lock", self.cache.release_lock(key, grant.fence)).await {
@@ -548,10 +538,7 @@ impl Engine {
             let mut lines = self.lines.lock();
             let line = lines.entry(schedule_id).or_default();
             line.last_report = Some(report);
-            let before = line.signal.head_order_index.fetch_max(report.head_order_index, Ordering::AcqRel);
-            if report.head_order_index > before {
-                line.signal.changed.notify_waiters();
-            }
+            line.signal.advance(report.head_order_index);
         }
         Ok(())
     }

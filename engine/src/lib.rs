@@ -15,6 +15,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+mod waiters;
 
 pub use api::app;
 pub use engine::{Engine, EngineError, EngineParts};

@@ -169,8 +169,9 @@ impl SeatSlot {
         Ok(fence)
     }
 
-    /// A hold write decided elsewhere (under a lock): fenced writes refuse stale tokens,
-    /// unfenced writes overwrite whatever is there.
+    /// A hold write decided elsewhere (under a lock): fenced writes refuse a fence older than
+    /// the newest the seat saw (written or read with), unfenced writes overwrite whatever is
+    /// there.
     pub fn write_hold(
         &mut self,
         reservation_id: ReservationId,
@@ -179,13 +180,19 @@ impl SeatSlot {
         now_ms: u64,
     ) -> Result<FenceToken, TransitionError> {
         let fence = match guard {
-            WriteGuard::Fenced(fence) if fence <= self.fence_last => {
+            WriteGuard::Fenced(fence) if fence < self.fence_last => {
                 return Err(TransitionError::StaleFence { presented: fence.0, current: self.fence_last.0 });
             }
             WriteGuard::Fenced(fence) | WriteGuard::Unfenced(fence) => fence,
         };
         self.set_holder(reservation_id, fence, hold_ttl_ms, now_ms);
         Ok(fence)
+    }
+
+    /// Raises the seat's fence to one a lock holder read the seat with: from now on a write
+    /// with an older fence is stale.
+    pub fn observe_fence(&mut self, fence: FenceToken) {
+        self.fence_last = self.fence_last.max(fence);
     }
 
     /// Checks that `reservation_id` with `fence` is the seat's current, unsold holder.

@@ -323,22 +323,47 @@ impl RecordStore for MemoryStore {
             records.schedules.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
         let seats =
             records.seats.get(&schedule_id).ok_or(StoreError::NotFound { entity: "schedule", id: schedule_id })?;
+        // Seats are laid out section by section, so a section is one range of seat ids:
+        // filter on the slots first and build views only for the seats returned.
+        let first_seat_id = seats.keys().next().copied().unwrap_or(0);
+        let section_range = match &filter.section {
+            None => first_seat_id..SeatId::MAX,
+            Some(name) => {
+                let Some(index) = schedule.sections.iter().position(|section| section.name == *name) else {
+                    return Ok(Vec::new());
+                };
+                let before: u64 = schedule.sections[..index].iter().map(|section| u64::from(section.seats_count)).sum();
+                let start = first_seat_id + before;
+                start..start + u64::from(schedule.sections[index].seats_count)
+            }
+        };
+        let limit = filter.limit.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX));
         Ok(seats
-            .values()
-            .map(|slot| SeatView {
+            .range(section_range)
+            .map(|(_, slot)| (slot, slot.status(now_ms)))
+            .filter(|(_, status)| filter.status.is_none_or(|wanted| wanted == *status))
+            .take(limit)
+            .map(|(slot, status)| SeatView {
                 id: slot.seat.id,
                 section: schedule.sections.get(slot.seat.section_index).map(|s| s.name.clone()).unwrap_or_default(),
                 price: slot.seat.price_points,
-                status: slot.status(now_ms),
+                status,
             })
-            .filter(|seat| filter.admits(seat))
-            .take(filter.limit.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX)))
             .collect())
     }
 
-    async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError> {
+    async fn seat(
+        &self,
+        schedule_id: ScheduleId,
+        seat_id: SeatId,
+        fence: Option<FenceToken>,
+    ) -> Result<SeatSlot, StoreError> {
         let mut records = self.records.lock();
-        records.slot_mut(schedule_id, seat_id).map(|slot| slot.clone())
+        let slot = records.slot_mut(schedule_id, seat_id)?;
+        if let Some(fence) = fence {
+            slot.observe_fence(fence);
+        }
+        Ok(slot.clone())
     }
 
     async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {
@@ -660,6 +685,30 @@ mod tests {
         store.outbox_mark_sent(vec![pending[0].id]).await.expect("mark");
         let pending = store.outbox_pending(10).await.expect("pending");
         assert_eq!(pending.iter().map(|e| e.id).collect::<Vec<_>>(), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_seat_map_page_of_one_section_skips_taken_seats() {
+        use crate::domain::{Concert, Schedule, Section};
+        let store = MemoryStore::new(MemoryStoreConfig::default());
+        let section = |name: &str, seats_count| Section { name: name.into(), price_points: 10, seats_count };
+        let schedule = Schedule {
+            id: 1,
+            concert: Concert { id: 1, name: "x".into() },
+            opens_at_ms: 0,
+            sections: vec![section("A", 2), section("B", 4)],
+        };
+        store.put_schedule(schedule).await.expect("schedule");
+        let user = store.create_user("ada".into(), 0, 0).await.expect("user");
+        let request = HoldRequest { schedule_id: 1, seat_id: 3, user_id: user.user_id, hold_ttl_ms: 1_000 };
+        store.try_hold(request, 0).await.expect("hold");
+        let filter = SeatFilter { section: Some("B".into()), status: Some(SeatStatus::Available), limit: Some(2) };
+        let page = store.seat_map(1, filter, 10).await.expect("seat map");
+        let ids: Vec<SeatId> = page.iter().map(|seat| seat.id).collect();
+        assert_eq!(ids, vec![4, 5]);
+        assert!(page.iter().all(|seat| seat.section == "B"));
+        let unknown = SeatFilter { section: Some("Z".into()), ..SeatFilter::default() };
+        assert!(store.seat_map(1, unknown, 10).await.expect("seat map").is_empty());
     }
 
     #[tokio::test]

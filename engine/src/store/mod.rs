@@ -71,14 +71,6 @@ pub struct SeatFilter {
     pub limit: Option<u32>,
 }
 
-impl SeatFilter {
-    /// Whether `seat` passes the filter (the limit is applied by the caller).
-    pub fn admits(&self, seat: &SeatView) -> bool {
-        self.section.as_ref().is_none_or(|section| *section == seat.section)
-            && self.status.is_none_or(|status| status == seat.status)
-    }
-}
-
 /// One audited admin call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
@@ -143,7 +135,15 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
         now_ms: u64,
     ) -> Result<Vec<SeatView>, StoreError>;
     /// One seat's record, as the lock hold modes read it before writing.
-    async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError>;
+    /// A fenced read (`fence` given) also raises the seat's fence to it, so that a write
+    /// carrying an older fence is refused from then on: a lock holder whose lock ran out
+    /// while it was paused cannot overwrite what a newer holder saw.
+    async fn seat(
+        &self,
+        schedule_id: ScheduleId,
+        seat_id: SeatId,
+        fence: Option<FenceToken>,
+    ) -> Result<SeatSlot, StoreError>;
 
     /// Opens an account with a starting balance (recorded as a top-up).
     async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError>;

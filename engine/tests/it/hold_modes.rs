@@ -2,7 +2,7 @@
 //! past the lock's TTL while another user takes the same seat.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tcore_engine::clock::TokioClock;
@@ -13,16 +13,20 @@ use tcore_engine::store::RecordStore;
 
 use crate::support::{START_MS, config, engine_with, queued_user, schedule};
 
-/// Pauses the first hold that reaches `hold.after_check` (lock taken, seat seen available).
+/// Pauses the first `holders` holds that reach `hold.after_check` (lock taken, seat seen
+/// available).
 #[derive(Debug)]
-struct PauseFirstHolder {
+struct PauseFirstHolders {
     pause: Duration,
-    fired: AtomicBool,
+    holders: AtomicU32,
 }
 
-impl FaultHook for PauseFirstHolder {
+impl FaultHook for PauseFirstHolders {
     fn pause_at(&self, point: FaultPoint, _context: &FaultContext) -> Option<Duration> {
-        (point == FaultPoint::HoldAfterCheck && !self.fired.swap(true, Ordering::SeqCst)).then_some(self.pause)
+        let take = |left: u32| left.checked_sub(1);
+        (point == FaultPoint::HoldAfterCheck
+            && self.holders.fetch_update(Ordering::SeqCst, Ordering::SeqCst, take).is_ok())
+        .then_some(self.pause)
     }
 }
 
@@ -32,10 +36,11 @@ struct Race {
 }
 
 /// User A takes seat 1 and pauses 3 s (the lock lives 1 s); 1.5 s in, user B takes seat 1
-/// and pays; then A wakes, writes and pays. Returns what the store holds at the end.
-async fn race(mode: HoldMode) -> Race {
+/// (and pauses 3 s too when `paused_holders` is 2) and pays; A wakes, writes and pays.
+/// Returns what the store holds at the end.
+async fn race(mode: HoldMode, paused_holders: u32) -> Race {
     let clock = Arc::new(TokioClock::new(START_MS));
-    let faults = Arc::new(PauseFirstHolder { pause: Duration::from_secs(3), fired: AtomicBool::new(false) });
+    let faults = Arc::new(PauseFirstHolders { pause: Duration::from_secs(3), holders: AtomicU32::new(paused_holders) });
     let test = engine_with(config(mode), clock, faults);
     let engine = Arc::clone(&test.engine);
     engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
@@ -51,7 +56,7 @@ async fn race(mode: HoldMode) -> Race {
     });
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     if let Ok(reservation) = engine.hold(Some(&token_b), 1, 1).await {
-        engine.confirm(Some(&token_b), reservation.id, None).await.expect("B pays for the seat it holds");
+        let _ = engine.confirm(Some(&token_b), reservation.id, None).await;
     }
     let _ = slow.await.expect("task");
 
@@ -68,21 +73,36 @@ async fn race(mode: HoldMode) -> Race {
 
 #[tokio::test(start_paused = true)]
 async fn unfenced_lock_sells_one_seat_twice_when_the_holder_pauses_past_its_ttl() {
-    let race = race(HoldMode::UnfencedLock).await;
+    let race = race(HoldMode::UnfencedLock, 1).await;
     assert_eq!(race.confirmed, 2, "the known-unsafe mode oversells");
     assert_eq!(race.fences, vec![FenceToken(2), FenceToken(1)], "the stale writer's fence went backwards");
 }
 
 #[tokio::test(start_paused = true)]
 async fn fenced_lock_refuses_the_paused_holders_stale_write() {
-    let race = race(HoldMode::FencedLock).await;
+    let race = race(HoldMode::FencedLock, 1).await;
     assert_eq!(race.confirmed, 1);
     assert_eq!(race.fences, vec![FenceToken(2)]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn atomic_holds_never_sell_a_seat_twice() {
-    let race = race(HoldMode::Atomic).await;
+    let race = race(HoldMode::Atomic, 1).await;
     assert_eq!(race.confirmed, 1);
     assert_eq!(race.fences, vec![FenceToken(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_paused_lock_holders_oversell_unfenced() {
+    let race = race(HoldMode::UnfencedLock, 2).await;
+    assert_eq!(race.confirmed, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_read_stops_an_older_holder_whose_lock_ran_out() {
+    // B read the seat with fence 2 while A slept on fence 1: A's later write is stale, even
+    // though B has not written yet.
+    let race = race(HoldMode::FencedLock, 2).await;
+    assert_eq!(race.confirmed, 1);
+    assert_eq!(race.fences, vec![FenceToken(2)]);
 }

@@ -120,7 +120,7 @@ enum StoreRequest {
     Schedules { now_ms: u64 },
     Schedule { schedule_id: ScheduleId },
     SeatMap { schedule_id: ScheduleId, filter: SeatFilter, now_ms: u64 },
-    Seat { schedule_id: ScheduleId, seat_id: SeatId },
+    Seat { schedule_id: ScheduleId, seat_id: SeatId, fence: Option<FenceToken> },
     CreateUser { name: String, points: u64, now_ms: u64 },
     Account { user_id: UserId },
     TopUp { user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64 },
@@ -162,7 +162,7 @@ impl StoreRequest {
             | Q::Schedules { .. }
             | Q::Schedule { .. }
             | Q::SeatMap { .. }
-            | Q::Seat { .. }
+            | Q::Seat { fence: None, .. }
             | Q::Account { .. }
             | Q::Reservation { .. }
             | Q::OutboxPending { .. }
@@ -172,6 +172,7 @@ impl StoreRequest {
             | Q::AdmissionPolicy { .. }
             | Q::Admissions => false,
             Q::PutSchedule { .. }
+            | Q::Seat { fence: Some(_), .. }
             | Q::CreateUser { .. }
             | Q::TopUp { .. }
             | Q::TryHold { .. }
@@ -489,7 +490,7 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         Q::SeatMap { schedule_id, filter, now_ms } => {
             A::SeatMap(wire(store.seat_map(schedule_id, filter, now_ms).await))
         }
-        Q::Seat { schedule_id, seat_id } => A::Seat(wire(store.seat(schedule_id, seat_id).await)),
+        Q::Seat { schedule_id, seat_id, fence } => A::Seat(wire(store.seat(schedule_id, seat_id, fence).await)),
         Q::CreateUser { name, points, now_ms } => A::Account(wire(store.create_user(name, points, now_ms).await)),
         Q::Account { user_id } => A::Account(wire(store.account(user_id).await)),
         Q::TopUp { user_id, amount, idempotency_key, now_ms } => {
@@ -1474,8 +1475,13 @@ macro_rules! impl_store_traits {
                 answer!(self, StoreRequest::SeatMap { schedule_id, filter, now_ms }, SeatMap)
             }
 
-            async fn seat(&self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, StoreError> {
-                answer!(self, StoreRequest::Seat { schedule_id, seat_id }, Seat)
+            async fn seat(
+                &self,
+                schedule_id: ScheduleId,
+                seat_id: SeatId,
+                fence: Option<FenceToken>,
+            ) -> Result<SeatSlot, StoreError> {
+                answer!(self, StoreRequest::Seat { schedule_id, seat_id, fence }, Seat)
             }
 
             async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {

@@ -122,7 +122,8 @@ async fn every_call(record: &dyn RecordStore, cache: &dyn CacheStore) -> Vec<Str
     step!(record.try_hold(hold(1, 1), 10));
     step!(record.try_hold(hold(1, 2), 11));
     step!(record.try_hold(hold(9, 2), 11));
-    step!(record.seat(1, 1));
+    step!(record.seat(1, 1, None));
+    step!(record.seat(1, 1, Some(FenceToken(9))));
     step!(record.seat_map(1, SeatFilter::default(), 12));
     step!(record.seat_map(
         1,

@@ -1,0 +1,101 @@
+//! The simulator's throughput: simulated HTTP requests per wall second for a scenario, and the
+//! same simulated network answering the same number of requests with a bare axum handler, in
+//! the same run; the ratio is the figure that matters.
+//!
+//! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
+//! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`).
+
+#![allow(clippy::print_stdout, clippy::unwrap_used)]
+
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use tcore_sim::scenario::Scenario;
+use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
+use tcore_sim::world::{self};
+
+fn main() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
+    let scenario = Scenario::load(root.join(&file)).unwrap_or_else(|error| panic!("{error}"));
+
+    let started = Instant::now();
+    let run = world::run(&scenario, &file, &mut |_| {}).unwrap();
+    let world_wall_s = started.elapsed().as_secs_f64();
+    let requests = run.history.operations.len() as u64;
+
+    let nodes = scenario.engine.nodes.max(1);
+    let clients = scenario.clients.max(1);
+    let started = Instant::now();
+    let simulated_s = bare_world(&scenario, nodes, clients, requests);
+    let bare_wall_s = started.elapsed().as_secs_f64();
+
+    let world_rate = requests as f64 / world_wall_s;
+    let bare_rate = requests as f64 / bare_wall_s;
+    println!("sim_throughput: {file}, {} users, {requests} simulated requests", run.users);
+    println!("  engine world: {world_wall_s:>7.2} s wall, {world_rate:>9.0} simulated requests per wall second");
+    println!(
+        "  bare handler: {bare_wall_s:>7.2} s wall, {bare_rate:>9.0} simulated requests per wall second ({simulated_s:.1} s simulated)"
+    );
+    println!("ratio: engine world / bare handler = {:.1} % (target >= 50 %)", 100.0 * world_rate / bare_rate);
+}
+
+/// The same hosts and network, with every node answering a constant body: `requests`
+/// requests from 256 looping users per client host. Returns the simulated seconds it took.
+fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, requests: u64) -> f64 {
+    const USERS_PER_CLIENT: u64 = 256;
+    let latency = &scenario.network.latency_ms;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(scenario.seed)
+        .simulation_duration(Duration::from_secs(86_400))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_micros((latency.min * 1000.0) as u64))
+        .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
+        .tcp_capacity(1 << 16)
+        .build();
+    for node in 1..=nodes {
+        sim.host(format!("engine-{node}").as_str(), || async {
+            let router = Router::new()
+                .route("/v1/queue/{token}", get(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" }));
+            let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
+            axum::serve(SimListener(listener), router).await?;
+            Ok(())
+        });
+    }
+    let per_client = requests.div_ceil(u64::from(clients));
+    for client in 1..=clients {
+        sim.client(format!("client-{client}").as_str(), async move {
+            let http = HttpClient::default();
+            let sent = Rc::new(Cell::new(0_u64));
+            let mut users = Vec::new();
+            for user in 0..USERS_PER_CLIENT {
+                let (http, sent) = (http.clone(), Rc::clone(&sent));
+                users.push(tokio::task::spawn_local(async move {
+                    while sent.get() < per_client {
+                        sent.set(sent.get() + 1);
+                        let node = format!("engine-{}", 1 + (user + sent.get()) % u64::from(nodes));
+                        let request = HttpRequest {
+                            method: "GET",
+                            path: format!("/v1/queue/token-{user}"),
+                            bearer: None,
+                            idempotency_key: None,
+                            forwarded_for: "10.0.0.1".into(),
+                            body: None,
+                        };
+                        let _ = http.send(&node, request, Duration::from_secs(5)).await;
+                    }
+                }));
+            }
+            for user in users {
+                let _ = user.await;
+            }
+            Ok(())
+        });
+    }
+    sim.run().unwrap();
+    sim.elapsed().as_secs_f64()
+}
