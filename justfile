@@ -3,6 +3,14 @@
 default:
     @just --list
 
+# The main job: a simulated ticket opening of 100,000 users for 20,000 seats.
+run SCENARIO="scenarios/concert-open.toml":
+    cargo run --release -p tcore-sim --bin tcore -- run {{SCENARIO}}
+
+# Every small scenario of scenarios/ci, each of which must pass.
+ci-scenarios:
+    for scenario in scenarios/ci/*.toml; do cargo run -q -p tcore-sim --bin tcore -- run --quiet "$scenario" || exit 1; done
+
 # Run every test (set TCORE_REQUIRE_SERVICES=1 to make the real-server tests mandatory).
 test:
     cargo test --workspace
@@ -14,6 +22,10 @@ demo:
 # Engine throughput against a bare axum handler, same driver, same run.
 bench:
     cargo bench -p tcore-engine --bench http_mix
+
+# Simulated requests per wall second against a bare handler in the same world.
+bench-sim:
+    cargo bench -p tcore-sim --bench sim_throughput
 
 # Lints, as strict as the workspace says.
 lint:
