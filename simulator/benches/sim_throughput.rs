@@ -1,6 +1,8 @@
 //! The simulator's throughput: simulated HTTP requests per wall second for a scenario, and the
-//! same simulated network answering the same number of requests with a bare axum handler, in
-//! the same run; the ratio is the figure that matters.
+//! same world replayed against a bare axum handler in the same run: the same hosts, network
+//! and simulated duration, every recorded request sent at the moment the scenario sent it,
+//! answered with a constant body. The ratio is the figure that matters: what the engine, its
+//! stores and the users' logic cost on top of turmoil's own round trips.
 //!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
 //! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`).
@@ -13,7 +15,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::routing::get;
 use tcore_sim::scenario::Scenario;
 use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
 use tcore_sim::world::{self};
@@ -30,8 +31,10 @@ fn main() {
 
     let nodes = scenario.engine.nodes.max(1);
     let clients = scenario.clients.max(1);
+    let invokes: Vec<(u64, u64)> =
+        run.history.operations.iter().map(|operation| (operation.client, operation.invoke_us)).collect();
     let started = Instant::now();
-    let simulated_s = bare_world(&scenario, nodes, clients, requests);
+    let simulated_s = bare_world(&scenario, nodes, clients, &invokes, run.history.config.end_us);
     let bare_wall_s = started.elapsed().as_secs_f64();
 
     let world_rate = requests as f64 / world_wall_s;
@@ -44,14 +47,14 @@ fn main() {
     println!("ratio: engine world / bare handler = {:.1} % (target >= 50 %)", 100.0 * world_rate / bare_rate);
 }
 
-/// The same hosts and network, with every node answering a constant body: `requests`
-/// requests from 256 looping users per client host. Returns the simulated seconds it took.
-fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, requests: u64) -> f64 {
-    const USERS_PER_CLIENT: u64 = 256;
+/// The same hosts and network, every node answering a constant body: each recorded request
+/// is sent from its user's client host at its recorded time, and the world runs until the
+/// recorded run ended. Returns the simulated seconds it took.
+fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u64)], end_us: u64) -> f64 {
     let latency = &scenario.network.latency_ms;
     let mut sim = turmoil::Builder::new()
         .rng_seed(scenario.seed)
-        .simulation_duration(Duration::from_secs(86_400))
+        .simulation_duration(Duration::from_micros(end_us) + Duration::from_secs(60))
         .tick_duration(Duration::from_millis(1))
         .min_message_latency(Duration::from_micros((latency.min * 1000.0) as u64))
         .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
@@ -59,40 +62,41 @@ fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, requests: u64) -> f
         .build();
     for node in 1..=nodes {
         sim.host(format!("engine-{node}").as_str(), || async {
-            let router = Router::new()
-                .route("/v1/queue/{token}", get(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" }));
+            let router = Router::new().fallback(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" });
             let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
             axum::serve(SimListener(listener), router).await?;
             Ok(())
         });
     }
-    let per_client = requests.div_ceil(u64::from(clients));
     for client in 1..=clients {
+        let mine: Vec<(u64, u64)> =
+            invokes.iter().copied().filter(|(user, _)| (*user % u64::from(clients)) as u32 == client - 1).collect();
         sim.client(format!("client-{client}").as_str(), async move {
             let http = HttpClient::default();
-            let sent = Rc::new(Cell::new(0_u64));
-            let mut users = Vec::new();
-            for user in 0..USERS_PER_CLIENT {
-                let (http, sent) = (http.clone(), Rc::clone(&sent));
-                users.push(tokio::task::spawn_local(async move {
-                    while sent.get() < per_client {
-                        sent.set(sent.get() + 1);
-                        let node = format!("engine-{}", 1 + (user + sent.get()) % u64::from(nodes));
-                        let request = HttpRequest {
-                            method: "GET",
-                            path: format!("/v1/queue/token-{user}"),
-                            bearer: None,
-                            idempotency_key: None,
-                            forwarded_for: "10.0.0.1".into(),
-                            body: None,
-                        };
-                        let _ = http.send(&node, request, Duration::from_secs(5)).await;
+            let answered = Rc::new(Cell::new(0_u64));
+            for (user, invoke_us) in mine {
+                let now_us = u64::try_from(turmoil::sim_elapsed().unwrap_or_default().as_micros()).unwrap_or(u64::MAX);
+                if invoke_us > now_us {
+                    tokio::time::sleep(Duration::from_micros(invoke_us - now_us)).await;
+                }
+                let (http, answered) = (http.clone(), Rc::clone(&answered));
+                tokio::task::spawn_local(async move {
+                    let node = format!("engine-{}", 1 + user % u64::from(nodes));
+                    let request = HttpRequest {
+                        method: "GET",
+                        path: format!("/v1/queue/token-{user}"),
+                        bearer: None,
+                        idempotency_key: None,
+                        forwarded_for: "10.0.0.1".into(),
+                        body: None,
+                    };
+                    if http.send(&node, request, Duration::from_secs(30)).await.is_ok() {
+                        answered.set(answered.get() + 1);
                     }
-                }));
+                });
             }
-            for user in users {
-                let _ = user.await;
-            }
+            let now_us = u64::try_from(turmoil::sim_elapsed().unwrap_or_default().as_micros()).unwrap_or(u64::MAX);
+            tokio::time::sleep(Duration::from_micros(end_us.saturating_sub(now_us))).await;
             Ok(())
         });
     }
