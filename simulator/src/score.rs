@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::checker::CheckReport;
 use crate::history::{History, OpKind, Outcome, ReservationStatus};
-use crate::scenario::Scenario;
+use crate::scenario::{AgentPolicy, Scenario};
 use crate::world::WorldRun;
 
 /// The version of the run result's shape; a change of meaning is a new version.
@@ -226,8 +226,14 @@ pub fn run_result(
         "journeys": world.outcomes.journeys_ended,
         "bots": { "requests": world.outcomes.bot_requests, "dropped": world.outcomes.bot_dropped, "answers": world.outcomes.bot_answers },
     });
+    // The world runs no ops agent yet: with policy `none` its figures are truly zero; with
+    // any other policy they are not measured, and an SLO on them fails as such.
     if let Some(object) = score.as_object_mut() {
-        object.insert("agent".into(), json!({ "policy": format!("{:?}", scenario.agent.policy).to_lowercase(), "actions": 0, "legitimate_users_blocked": 0 }));
+        let agent = match scenario.agent.policy {
+            AgentPolicy::None => json!({ "policy": "none", "actions": 0, "legitimate_users_blocked": 0 }),
+            other => json!({ "policy": format!("{other:?}").to_lowercase(), "measured": false }),
+        };
+        object.insert("agent".into(), agent);
     }
     let slo: Vec<SloResult> = scenario
         .slo

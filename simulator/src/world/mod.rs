@@ -99,6 +99,11 @@ enum Action {
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
 pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<WorldRun> {
+    anyhow::ensure!(
+        scenario.agent.policy == scenario::AgentPolicy::None,
+        "{label}: [agent] policy {:?} cannot run: the simulated world has no ops agent host yet; use policy = \"none\"",
+        scenario.agent.policy
+    );
     let seed = scenario.seed;
     let arrivals = scenario.arrival_times_us();
     let users_total = arrivals.len() as u64;

@@ -56,3 +56,11 @@ fn the_same_pause_is_harmless_with_fenced_lock_and_atomic_holds() {
         assert!(report.passed(), "{mode:?}, seed {}: {report}", safe_run.seed);
     }
 }
+
+#[test]
+fn a_scenario_asking_for_an_agent_the_world_cannot_run_is_refused() {
+    let mut asking = scenario("bot-storm.toml");
+    asking.agent.policy = tcore_sim::scenario::AgentPolicy::Rules;
+    let error = world::run(&asking, "bot-storm", &mut |_| {}).expect_err("no agent host yet");
+    assert!(error.to_string().contains("no ops agent host"), "{error}");
+}
