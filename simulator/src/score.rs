@@ -274,6 +274,7 @@ pub fn run_result(
         "fault_pauses": world.fired_pauses.iter().map(|pause| json!({
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
         })).collect::<Vec<_>>(),
+        "store_failovers": world.store_failovers,
         "history_overflow": report.history_overflow,
     })
 }

@@ -32,7 +32,9 @@ use tcore_engine::{Engine, EngineParts};
 
 use self::net::{ENGINE_PORT, HttpClient, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
-use self::store_rpc::{JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store};
+use self::store_rpc::{
+    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store,
+};
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
     AcceptedFence, Admission, CheckConfig, FinalReservation, FinalSchedule, FinalState, FinalUser, History,
@@ -64,9 +66,21 @@ pub struct FaultWindow {
     pub hosts: Vec<String>,
 }
 
+/// What a store failover did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreFailoverOutcome {
+    pub host: String,
+    pub at_us: u64,
+    pub writes_replayed: u64,
+    pub writes_lost: u64,
+    /// Why the failover did not happen, if it did not.
+    pub refused: Option<String>,
+}
+
 /// What the world hands back.
 #[derive(Debug)]
 pub struct WorldRun {
+    pub store_failovers: Vec<StoreFailoverOutcome>,
     pub history: History,
     pub outcomes: UserOutcomes,
     pub fault_windows: Vec<FaultWindow>,
@@ -284,6 +298,7 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
     let total_us = duration_us + drain_us;
     let mut next_action = 0;
     let mut next_progress_us = 0;
+    let mut failover_tickets = Vec::new();
     let mut healed = false;
     let mut healed_at_us = 0;
     let mut next_drain_check_us = 0;
@@ -291,7 +306,7 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         let clients_done = sim.step().map_err(|error| anyhow::anyhow!("simulation failed: {error}"))?;
         let now_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
         while next_action < timeline.len() && timeline[next_action].0 <= now_us {
-            apply(&mut sim, &timeline[next_action].1, &skews, &stores);
+            failover_tickets.extend(apply(&mut sim, &timeline[next_action].1, &skews, &stores));
             next_action += 1;
         }
         if now_us >= next_progress_us {
@@ -326,6 +341,32 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
     }
     let end_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
     drop(sim);
+    let store_failovers = failover_tickets
+        .into_iter()
+        .map(|(host, mut ticket)| match ticket.try_outcome() {
+            Some(Ok(report)) => StoreFailoverOutcome {
+                host,
+                at_us: u64::try_from(report.at.as_micros()).unwrap_or(u64::MAX),
+                writes_replayed: report.writes_replayed as u64,
+                writes_lost: report.writes_lost as u64,
+                refused: None,
+            },
+            Some(Err(error)) => StoreFailoverOutcome {
+                host,
+                at_us: 0,
+                writes_replayed: 0,
+                writes_lost: 0,
+                refused: Some(error.to_string()),
+            },
+            None => StoreFailoverOutcome {
+                host,
+                at_us: 0,
+                writes_replayed: 0,
+                writes_lost: 0,
+                refused: Some("did not run before the end".into()),
+            },
+        })
+        .collect();
     let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
     let mut recorder =
         Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
@@ -339,7 +380,14 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
     history.config.end_us = end_us;
     let outcomes = outcomes.borrow().clone();
     let fired_pauses = fired.lock().clone();
-    Ok(WorldRun { history, outcomes, fault_windows: fault_windows(scenario, &hosts), fired_pauses, users: users_total })
+    Ok(WorldRun {
+        history,
+        outcomes,
+        fault_windows: fault_windows(scenario, &hosts),
+        fired_pauses,
+        store_failovers,
+        users: users_total,
+    })
 }
 
 async fn sleep_until_us(at_us: u64) {
@@ -537,7 +585,7 @@ fn apply(
     action: &Action,
     skews: &BTreeMap<String, Arc<AtomicI64>>,
     stores: &BTreeMap<String, StoreControl>,
-) {
+) -> Option<(String, FailoverTicket)> {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -566,11 +614,12 @@ fn apply(
         }
         Action::FailOver { host, lose_last } => {
             if let Some(store) = stores.get(host) {
-                // The failover runs on the store host at its next request; its report is not needed here.
-                drop(store.fail_over(*lose_last));
+                // The failover runs on the store host; its report is read after the run.
+                return Some((host.clone(), store.fail_over(*lose_last)));
             }
         }
     }
+    None
 }
 
 fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
@@ -606,7 +655,9 @@ fn heal_all(
             Action::Partition { a, b, one_way } => {
                 apply(sim, &Action::Repair { a: a.clone(), b: b.clone(), one_way: *one_way }, skews, stores);
             }
-            Action::Hold { a, b } => apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews, stores),
+            Action::Hold { a, b } => {
+                apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews, stores);
+            }
             Action::SlowStore { host, .. } => {
                 apply(sim, &Action::SlowStore { host: host.clone(), extra: Duration::ZERO }, skews, stores);
             }
