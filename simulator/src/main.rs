@@ -158,7 +158,7 @@ fn run_one(
     let operations = world.history.operations.len() as u64;
     let wall = serde_json::json!({
         "wall_s": simulated_s,
-        "simulated_s": result["duration_s"],
+        "simulated_s": world.history.config.end_us as f64 / 1e6,
         "operations": operations,
         "operations_per_wall_s": operations as f64 / simulated_s.max(1e-9),
     });

@@ -736,6 +736,8 @@ struct HostState {
     clock_last: Duration,
     /// Writes that left the journal early because it was full.
     journal_overflowed: u64,
+    /// Whether this host can fail over at all; without standbys it keeps no journal.
+    journaling: bool,
 }
 
 struct JournalEntry {
@@ -764,6 +766,7 @@ impl StoreControl {
             standbys_through: None,
             clock_last: Duration::ZERO,
             journal_overflowed: 0,
+            journaling: standbys_count > 0,
         };
         let shared = HostShared {
             config,
@@ -859,7 +862,8 @@ impl StoreControl {
 
 impl HostState {
     async fn execute(&mut self, request: StoreRequest, now: Duration, window: Duration) -> StoreResponse {
-        if !request.is_write() {
+        // A host set up without standbys can never fail over: a journal would only cost.
+        if !request.is_write() || !self.journaling {
             return execute(&self.primary, request).await;
         }
         let response = execute(&self.primary, request.clone()).await;
@@ -964,7 +968,10 @@ pub async fn serve_store<L: Accept>(mut listener: L, control: StoreControl) {
             }
         }
     };
+    // `biased` everywhere here: tokio otherwise polls branches in an order drawn from its own
+    // unseeded RNG, and a simulated run would not replay.
     tokio::select! {
+        biased;
         () = accept_loop => {}
         () = control.run_failovers() => {}
     }
@@ -1066,6 +1073,7 @@ where
     let (read_half, write_half) = tokio::io::split(stream);
     let (responses, responses_out) = mpsc::unbounded_channel();
     let reason = tokio::select! {
+        biased;
         reason = read_requests(read_half, control, activity, responses) => reason,
         reason = write_frames(write_half, responses_out) => reason,
     };
@@ -1405,6 +1413,7 @@ async fn run_client_connection(
     let _close = CloseOnDrop(table.clone());
     let (read_half, write_half) = tokio::io::split(stream);
     let reason = tokio::select! {
+        biased;
         reason = read_responses(read_half, &table) => reason,
         reason = write_frames(write_half, frames) => reason,
     };
