@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tcore_sim::checker::check;
 use tcore_sim::scenario::{HoldMode, Scenario};
@@ -32,13 +32,6 @@ enum Command {
     Run(RunArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum HoldModeArg {
-    Atomic,
-    FencedLock,
-    UnfencedLock,
-}
-
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// The scenario file (TOML).
@@ -51,7 +44,7 @@ struct RunArgs {
     seeds: Option<String>,
     /// Replace the scenario's hold mode.
     #[arg(long, value_enum)]
-    hold_mode: Option<HoldModeArg>,
+    hold_mode: Option<HoldMode>,
     /// Where run.json goes (default: target/tcore/<scenario>/<seed>).
     #[arg(long, env = "TCORE_OUT")]
     out: Option<PathBuf>,
@@ -89,12 +82,10 @@ fn commit() -> String {
         .map_or_else(|| "unknown".to_owned(), |commit| commit.trim().to_owned())
 }
 
-fn apply_hold_mode(scenario: Scenario, hold_mode: Option<HoldModeArg>) -> Scenario {
+fn apply_hold_mode(scenario: Scenario, hold_mode: Option<HoldMode>) -> Scenario {
     match hold_mode {
         None => scenario,
-        Some(HoldModeArg::Atomic) => scenario.with_hold_mode(HoldMode::Atomic),
-        Some(HoldModeArg::FencedLock) => scenario.with_hold_mode(HoldMode::FencedLock),
-        Some(HoldModeArg::UnfencedLock) => scenario.with_hold_mode(HoldMode::UnfencedLock),
+        Some(hold_mode) => scenario.with_hold_mode(hold_mode),
     }
 }
 

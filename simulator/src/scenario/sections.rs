@@ -121,35 +121,9 @@ pub enum StoreKind {
     RedisMariadb,
 }
 
-/// How a seat is taken (the engine's safety modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HoldMode {
-    /// One atomic check-and-set in the store; the fence is checked at confirm.
-    #[default]
-    Atomic,
-    /// A lock with a TTL, then a write guarded by the lock's fencing token.
-    FencedLock,
-    /// **Known unsafe**: a lock with a TTL, then read-check-write without a fence.
-    UnfencedLock,
-}
-
-impl HoldMode {
-    /// The mode's name as written in scenarios and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            HoldMode::Atomic => "atomic",
-            HoldMode::FencedLock => "fenced-lock",
-            HoldMode::UnfencedLock => "unfenced-lock",
-        }
-    }
-}
-
-impl fmt::Display for HoldMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// How a seat is taken: the engine's own safety modes (`atomic`, `fenced-lock`, and the
+/// known-unsafe `unfenced-lock`).
+pub use tcore_engine::config::HoldMode;
 
 /// `[engine.admission]`: how fast and how far the waiting line moves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,16 +145,9 @@ impl Default for Admission {
     }
 }
 
-/// In which order the waiting room admits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AdmissionOrder {
-    /// First come, first served.
-    #[default]
-    Fifo,
-    /// Those who queued before the opening are shuffled at the opening; later arrivals FIFO.
-    RandomAtOpen,
-}
+/// In which order the waiting room admits: the engine's own orders (`fifo`, and
+/// `random-at-open`, which shuffles those who queued before the opening).
+pub use tcore_engine::domain::QueueOrder as AdmissionOrder;
 
 /// `[engine.rate_limits]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

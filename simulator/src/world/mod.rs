@@ -24,8 +24,8 @@ use anyhow::Context as _;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tcore_engine::clock::ManualClock;
-use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
-use tcore_engine::domain::{AdmissionPolicy, Concert, QueueOrder, Schedule, Section};
+use tcore_engine::config::{EngineConfig, RateLimits};
+use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
@@ -399,20 +399,13 @@ async fn sleep_until_us(at_us: u64) {
 
 fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
     let engine = &scenario.engine;
-    let hold_mode = match engine.hold_mode {
-        scenario::HoldMode::Atomic => HoldMode::Atomic,
-        scenario::HoldMode::FencedLock => HoldMode::FencedLock,
-        scenario::HoldMode::UnfencedLock => HoldMode::UnfencedLock,
-    };
+    let hold_mode = engine.hold_mode;
     EngineConfig {
         hold_mode,
         allow_unsafe_hold_mode: hold_mode.is_unsafe(),
         lock_ttl_ms: engine.lock_ttl_ms,
         hold_ttl_ms: engine.hold_ttl_s * 1000,
-        queue_order: match engine.admission.order {
-            scenario::AdmissionOrder::Fifo => QueueOrder::Fifo,
-            scenario::AdmissionOrder::RandomAtOpen => QueueOrder::RandomAtOpen,
-        },
+        queue_order: engine.admission.order,
         admission: AdmissionPolicy {
             rate_per_s: engine.admission.rate_per_s,
             active_max: engine.admission.active_max,
