@@ -45,6 +45,9 @@ struct RunArgs {
     /// Replace the scenario's hold mode.
     #[arg(long, value_enum)]
     hold_mode: Option<HoldMode>,
+    /// Redraw the fault parameters from the seed, as a swarm does (replays one swarm seed).
+    #[arg(long, conflicts_with = "seeds")]
+    perturb: bool,
     /// Where run.json goes (default: target/tcore/<scenario>/<seed>).
     #[arg(long, env = "TCORE_OUT")]
     out: Option<PathBuf>,
@@ -89,28 +92,42 @@ fn apply_hold_mode(scenario: Scenario, hold_mode: Option<HoldMode>) -> Scenario 
     }
 }
 
+/// How to run a scenario again exactly, but for the seed: the file and the flags that change
+/// the run. The checker's counterexamples end with `tcore run <this> --seed N`.
+fn replay_command(args: &RunArgs, perturb: bool) -> String {
+    let mut command = args.scenario.display().to_string();
+    if let Some(hold_mode) = args.hold_mode {
+        command.push_str(" --hold-mode ");
+        command.push_str(hold_mode.name());
+    }
+    if perturb {
+        command.push_str(" --perturb");
+    }
+    command
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
-    let file = args.scenario.display().to_string();
     if let Some(range) = &args.seeds {
-        return swarm(&scenario, &file, range, args);
+        return swarm(&scenario, &args.scenario.display().to_string(), &replay_command(args, true), range, args);
     }
-    let scenario = match args.seed {
-        Some(seed) => scenario.with_seed(seed),
-        None => scenario,
-    };
+    let file = replay_command(args, args.perturb);
+    let seed = args.seed.unwrap_or(scenario.seed);
+    let scenario = if args.perturb { scenario.perturbed(seed).with_seed(seed) } else { scenario.with_seed(seed) };
     println!("seed: {}", scenario.seed);
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name).join(scenario.seed.to_string()));
-    let passed = run_one(&scenario, &file, &out, !args.quiet, args.save_history)?;
+    let path = args.scenario.display().to_string();
+    let passed = run_one(&scenario, &path, &file, &out, !args.quiet, args.save_history)?;
     Ok(passed)
 }
 
 fn run_one(
     scenario: &Scenario,
     file: &str,
+    replay: &str,
     out: &Path,
     show_progress: bool,
     save_history: bool,
@@ -123,7 +140,7 @@ fn run_one(
             .progress_chars("=> "),
     );
     let users = scenario.users_total();
-    let world = world::run(scenario, file, &mut |progress| {
+    let world = world::run(scenario, replay, &mut |progress| {
         bar.set_length(progress.total_us.max(1));
         bar.set_position(progress.sim_us);
         bar.set_message(format!(
@@ -137,7 +154,8 @@ fn run_one(
     bar.finish_and_clear();
     let simulated_s = started.elapsed().as_secs_f64();
     let report = check(&world.history);
-    let result = run_result(scenario, file, &commit(), &world, &report);
+    let mut result = run_result(scenario, file, &commit(), &world, &report);
+    result["replay"] = serde_json::Value::String(format!("tcore run {replay} --seed {}", scenario.seed));
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let run_path = out.join("run.json");
     let mut bytes = serde_json::to_vec_pretty(&result)?;
@@ -206,7 +224,7 @@ fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckR
     println!("\nverdict: {}", if result["verdict"] == "pass" { "PASS" } else { "FAIL" });
 }
 
-fn swarm(scenario: &Scenario, file: &str, range: &str, args: &RunArgs) -> anyhow::Result<bool> {
+fn swarm(scenario: &Scenario, file: &str, replay: &str, range: &str, args: &RunArgs) -> anyhow::Result<bool> {
     let (start, end) = range.split_once("..").context("--seeds takes A..B")?;
     let (start, end): (u64, u64) =
         (start.parse().context("--seeds: A is not a number")?, end.parse().context("--seeds: B is not a number")?);
@@ -220,7 +238,7 @@ fn swarm(scenario: &Scenario, file: &str, range: &str, args: &RunArgs) -> anyhow
             .clone()
             .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name))
             .join(format!("swarm-{seed}"));
-        if !run_one(&perturbed, file, &out, false, false)? {
+        if !run_one(&perturbed, file, replay, &out, false, false)? {
             failing.push(seed);
         }
     }
@@ -228,9 +246,9 @@ fn swarm(scenario: &Scenario, file: &str, range: &str, args: &RunArgs) -> anyhow
         println!("swarm {start}..{end}: every seed passed");
         return Ok(true);
     }
-    println!("swarm {start}..{end}: {} failing seeds", failing.len());
+    println!("swarm {start}..{end}: {} failing seeds; replay each with:", failing.len());
     for seed in &failing {
-        println!("  tcore run {file} --seeds {seed}..{}", seed + 1);
+        println!("  tcore run {replay} --seed {seed}");
     }
     Ok(false)
 }
