@@ -112,8 +112,16 @@ pub(super) fn check_acknowledged_confirmations_durable(context: &Context<'_>, fi
     let operations = &context.history.operations;
     let mut acknowledgements: Vec<(u64, usize)> = Vec::new();
     let mut cancels: Vec<(u64, u64)> = Vec::new();
+    // The seat each client was given each reservation id for: a store that lost writes can
+    // hand the same id out again for another seat, which must not pass for the lost one.
+    let mut held_seats: Vec<((u64, u64), (u64, u64))> = Vec::new();
     for (position, operation) in operations.iter().enumerate() {
         match (&operation.kind, &operation.outcome) {
+            (OpKind::Hold { schedule_id, seat_id }, Outcome::Ok(response)) => {
+                if let Some(reservation_id) = response.reservation_id {
+                    held_seats.push(((operation.client, reservation_id), (*schedule_id, *seat_id)));
+                }
+            }
             (OpKind::Confirm { reservation_id }, Outcome::Ok(_)) => {
                 acknowledgements.push((*reservation_id, position));
             }
@@ -130,6 +138,11 @@ pub(super) fn check_acknowledged_confirmations_durable(context: &Context<'_>, fi
     }
     acknowledgements.sort_unstable();
     cancels.sort_unstable();
+    held_seats.sort_unstable();
+    let seat_told = |client: u64, reservation_id: u64| {
+        let at = held_seats.partition_point(|(key, _)| *key < (client, reservation_id));
+        held_seats.get(at).filter(|(key, _)| *key == (client, reservation_id)).map(|(_, seat)| *seat)
+    };
     for acknowledged in acknowledgements.chunk_by(|a, b| a.0 == b.0) {
         let reservation_id = acknowledged[0].0;
         let reservation = context.reservation(reservation_id);
@@ -138,12 +151,23 @@ pub(super) fn check_acknowledged_confirmations_durable(context: &Context<'_>, fi
             && acknowledged
                 .iter()
                 .any(|&(_, position)| cancels.binary_search(&(reservation_id, operations[position].client)).is_ok());
-        if status == Some(ReservationStatus::Confirmed) || cancelled_by_a_told_client {
+        let same_seat = reservation.is_none_or(|reservation| {
+            acknowledged.iter().all(|&(_, position)| {
+                seat_told(operations[position].client, reservation_id)
+                    .is_none_or(|seat| seat == (reservation.schedule_id, reservation.seat_id))
+            })
+        });
+        if (status == Some(ReservationStatus::Confirmed) && same_seat) || cancelled_by_a_told_client {
             continue;
         }
         findings.add(Invariant::AcknowledgedConfirmationsDurable, || {
             let first = &operations[acknowledged[0].1];
             let end = match reservation {
+                Some(reservation) if !same_seat => format!(
+                    "at the end that id names seat {}/{}, not the seat the client held: the \
+                     confirmation was lost and the id given out again",
+                    reservation.schedule_id, reservation.seat_id
+                ),
                 Some(reservation) => format!(
                     "at the end it is {} (seat {}/{})",
                     reservation.status, reservation.schedule_id, reservation.seat_id

@@ -430,6 +430,21 @@ fn a_confirmation_lost_in_a_failover_breaks_durability() {
 }
 
 #[test]
+fn a_lost_confirmation_whose_id_was_given_out_again_breaks_durability() {
+    let (mut history, _) = clean();
+    // The store lost reservation 1001 and handed its id out again, for another seat, which
+    // was then sold: the id is CONFIRMED at the end, but not for the seat the client held.
+    let reservation = reservation_mut(&mut history, 1001);
+    let told_seat = reservation.seat_id;
+    reservation.seat_id = told_seat + 100;
+
+    let report = check(&history, &[Invariant::AcknowledgedConfirmationsDurable]);
+    let violation = only_violation(&report, Invariant::AcknowledgedConfirmationsDurable);
+    assert_eq!(violation.subject, Subject::Reservation { reservation_id: 1001 });
+    assert!(violation.message.contains("given out again"), "{violation}");
+}
+
+#[test]
 fn a_confirmation_cancelled_by_another_client_is_not_excused() {
     let (mut history, _) = clean();
     // Client 101 cancels client 102's reservation instead of client 102.

@@ -64,3 +64,23 @@ fn a_scenario_asking_for_an_agent_the_world_cannot_run_is_refused() {
     let error = world::run(&asking, "bot-storm", &mut |_| {}).expect_err("no agent host yet");
     assert!(error.to_string().contains("no ops agent host"), "{error}");
 }
+
+#[test]
+fn a_record_store_failover_during_payments_loses_acknowledged_confirmations_and_is_caught() {
+    let mut failover = scenario("store-failover.toml");
+    for fault in &mut failover.faults {
+        if let tcore_sim::scenario::Fault::StoreFailover(store_failover) = fault
+            && store_failover.host == tcore_sim::scenario::STORE_RECORD_HOST
+        {
+            // In the middle of the sale, losing the last second of writes.
+            store_failover.at_s = 7.0;
+            store_failover.lose_last_ms = 1_000;
+        }
+    }
+    let (_, report) = run(&failover);
+    assert!(
+        report.failed_invariants().contains(&Invariant::AcknowledgedConfirmationsDurable),
+        "seed {}: {report}",
+        failover.seed
+    );
+}
