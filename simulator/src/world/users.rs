@@ -142,8 +142,9 @@ impl ClientContext {
         for _ in 0..=self.users.retries_max {
             let body = format!("{{\"user_id\":{}}}", user.user_id);
             let path = format!("/v1/schedules/{schedule_id}/queue");
-            let key = format!("join-{}", user.index);
-            match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, Some(key), Some(body)).await {
+            // No Idempotency-Key: joining is idempotent by user (a user keeps their place), so
+            // a retried join needs none, and the key's two store round trips would be waste.
+            match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, None, Some(body)).await {
                 Answer::Ok(value) => return value["token"].as_str().map(str::to_owned),
                 Answer::Refused { status, .. } if !retryable(status) => return None,
                 _ => self.backoff(user).await,
