@@ -418,8 +418,13 @@ impl Engine {
     ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(token, TokenNeed::Admitted).await?;
         Self::check_schedule(claim, schedule_id)?;
-        let request =
-            HoldRequest { schedule_id, seat_id, user_id: claim.user_id, hold_ttl_ms: self.settings.read().hold_ttl_ms };
+        let request = HoldRequest {
+            schedule_id,
+            seat_id,
+            user_id: claim.user_id,
+            hold_ttl_ms: self.settings.read().hold_ttl_ms,
+            node: self.config.node.clone(),
+        };
         let reservation = match self.config.hold_mode {
             HoldMode::Atomic => self.timed("try_hold", self.record.try_hold(request, self.now_ms())).await?,
             HoldMode::FencedLock => self.hold_under_lock(request, WriteGuard::Fenced).await?,
@@ -441,10 +446,11 @@ impl Engine {
             .timed("acquire_lock", self.cache.acquire_lock(key.clone(), self.config.lock_ttl_ms, self.now_ms()))
             .await?
             .ok_or(EngineError::SeatLocked)?;
+        let (schedule_id, seat_id) = (request.schedule_id, request.seat_id);
         let context = |now_ms| FaultContext {
             now_ms,
-            schedule_id: request.schedule_id,
-            seat_id: Some(request.seat_id),
+            schedule_id,
+            seat_id: Some(seat_id),
             lock_expires_at_ms: Some(grant.expires_at_ms),
         };
         self.fault_point(FaultPoint::HoldAfterLock, context(self.now_ms())).await;
@@ -577,8 +583,8 @@ impl Engine {
         }
     }
 
-    /// What the ops agent reads.
-    pub fn snapshot(&self) -> Snapshot {
+    /// The snapshot's figures kept on this node; `snapshot` adds each line's policy.
+    fn node_snapshot(&self) -> Snapshot {
         let now_ms = self.now_ms();
         let settings = *self.settings.read();
         let queues = self
@@ -608,9 +614,10 @@ impl Engine {
         }
     }
 
-    /// Fills in each line's current policy (the snapshot's cached report does not carry it).
-    pub async fn snapshot_with_policies(&self) -> Result<Snapshot, EngineError> {
-        let mut snapshot = self.snapshot();
+    /// What the ops agent reads: this node's traffic, settings and blocks, and each line's
+    /// counts with its current admission policy from the cache store.
+    pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
+        let mut snapshot = self.node_snapshot();
         for queue in &mut snapshot.queues {
             queue.admission = self.timed("admission_policy", self.cache.admission_policy(queue.schedule_id)).await?;
         }

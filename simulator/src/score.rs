@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::checker::CheckReport;
-use crate::history::{History, OpKind, Outcome, ReservationStatus};
+use crate::history::{OpKind, Outcome, ReservationStatus};
 use crate::scenario::{AgentPolicy, Scenario};
 use crate::world::WorldRun;
 
@@ -292,19 +292,4 @@ pub fn safety_passed(run: &Value) -> bool {
 /// Whether every SLO threshold of a run result held.
 pub fn slo_passed(run: &Value) -> bool {
     run["slo"].as_array().is_none_or(|results| results.iter().all(|result| result["passed"].as_bool().unwrap_or(false)))
-}
-
-/// The history's operations per outcome kind, for quick summaries.
-pub fn summarize(history: &History) -> (u64, u64, u64) {
-    let mut ok = 0;
-    let mut fail = 0;
-    let mut unknown = 0;
-    for operation in &history.operations {
-        match operation.outcome {
-            Outcome::Ok(_) => ok += 1,
-            Outcome::Fail { .. } => fail += 1,
-            Outcome::Unknown { .. } => unknown += 1,
-        }
-    }
-    (ok, fail, unknown)
 }

@@ -81,7 +81,7 @@ pub(super) struct AuditQuery {
 /// Rates, latencies, error rates, lines, top talkers and store latency of this node.
 #[utoipa::path(get, path = "/admin/v1/snapshot", security(("admin_token" = [])), responses((status = 200, body = Snapshot)))]
 pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
-    respond(StatusCode::OK, state.engine.snapshot_with_policies().await.map_err(ApiError::from))
+    respond(StatusCode::OK, state.engine.snapshot().await.map_err(ApiError::from))
 }
 
 /// Sets a line's admission rate, active maximum and pause.

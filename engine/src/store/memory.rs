@@ -178,6 +178,7 @@ impl Records {
             seat_id: request.seat_id,
             fence,
             reservation_id,
+            node: request.node.clone(),
             at_ms: now_ms,
         });
         self.reservations.insert(reservation_id, reservation.clone());
@@ -700,7 +701,13 @@ mod tests {
         };
         store.put_schedule(schedule).await.expect("schedule");
         let user = store.create_user("ada".into(), 0, 0).await.expect("user");
-        let request = HoldRequest { schedule_id: 1, seat_id: 3, user_id: user.user_id, hold_ttl_ms: 1_000 };
+        let request = HoldRequest {
+            schedule_id: 1,
+            seat_id: 3,
+            user_id: user.user_id,
+            hold_ttl_ms: 1_000,
+            node: "engine-1".into(),
+        };
         store.try_hold(request, 0).await.expect("hold");
         let filter = SeatFilter { section: Some("B".into()), status: Some(SeatStatus::Available), limit: Some(2) };
         let page = store.seat_map(1, filter, 10).await.expect("seat map");

@@ -45,21 +45,25 @@ pub enum StoreError {
 }
 
 /// What a hold asks of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HoldRequest {
     pub schedule_id: ScheduleId,
     pub seat_id: SeatId,
     pub user_id: UserId,
     pub hold_ttl_ms: u64,
+    /// The engine node writing the hold, recorded with the fence it is accepted with.
+    pub node: String,
 }
 
 /// A fence the store accepted for a seat, in the order it accepted them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcceptedFence {
     pub schedule_id: ScheduleId,
     pub seat_id: SeatId,
     pub fence: FenceToken,
     pub reservation_id: ReservationId,
+    /// The engine node whose write was accepted.
+    pub node: String,
     pub at_ms: u64,
 }
 

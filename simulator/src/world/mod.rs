@@ -684,6 +684,14 @@ fn fault_windows(scenario: &Scenario, hosts: &[String]) -> Vec<FaultWindow> {
         .collect()
 }
 
+/// The 0-based index of an engine host `engine-N`, as the history names nodes.
+fn node_index(host: &str) -> anyhow::Result<u32> {
+    host.strip_prefix("engine-")
+        .and_then(|number| number.parse::<u32>().ok())
+        .and_then(|number| number.checked_sub(1))
+        .with_context(|| format!("a fence was accepted from {host:?}, which is not an engine host"))
+}
+
 fn to_us(at_ms: u64) -> u64 {
     at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
 }
@@ -769,15 +777,17 @@ fn read_final_state(
     let fences = dump
         .fences
         .iter()
-        .map(|f| AcceptedFence {
-            schedule_id: f.schedule_id,
-            seat_id: f.seat_id,
-            fence: f.fence.0,
-            reservation_id: f.reservation_id,
-            node: 0,
-            at_us: to_us(f.at_ms),
+        .map(|f| {
+            Ok(AcceptedFence {
+                schedule_id: f.schedule_id,
+                seat_id: f.seat_id,
+                fence: f.fence.0,
+                reservation_id: f.reservation_id,
+                node: node_index(&f.node)?,
+                at_us: to_us(f.at_ms),
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let admissions = admitted
         .iter()
         .map(|a| Admission {

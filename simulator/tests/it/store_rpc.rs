@@ -46,7 +46,7 @@ fn schedule(id: u64, seats: u32) -> Schedule {
 }
 
 fn hold(seat_id: u64, user_id: u64) -> HoldRequest {
-    HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms: HOLD_TTL_MS }
+    HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms: HOLD_TTL_MS, node: "engine-1".into() }
 }
 
 /// Connections handed over in memory: tokio's paused clock only moves when every task waits,
