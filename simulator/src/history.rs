@@ -20,6 +20,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// The engine's own reservation statuses, ledger reasons and outbox kinds, with the same
+/// names on the wire.
+pub use tcore_engine::domain::{LedgerReason, OutboxKind, ReservationStatus};
 
 /// Identifies one client operation within a history; the recorder hands them out from 0.
 pub type OpId = u64;
@@ -440,27 +443,6 @@ pub struct FinalReservation {
     pub amount_paid: u64,
 }
 
-/// Where a reservation is in its life: `HELD → CONFIRMED | EXPIRED | CANCELLED`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ReservationStatus {
-    Held,
-    Confirmed,
-    Expired,
-    Cancelled,
-}
-
-impl fmt::Display for ReservationStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ReservationStatus::Held => "HELD",
-            ReservationStatus::Confirmed => "CONFIRMED",
-            ReservationStatus::Expired => "EXPIRED",
-            ReservationStatus::Cancelled => "CANCELLED",
-        })
-    }
-}
-
 /// A user's point balance at the end. Signed, so that a store that lets it go below zero
 /// can say so.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -483,28 +465,6 @@ pub struct LedgerRecord {
     pub at_us: u64,
 }
 
-/// Why a balance moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LedgerReason {
-    /// Points bought (`POST /v1/users/{id}/points`).
-    TopUp,
-    /// A reservation paid for.
-    Charge,
-    /// A payment given back on cancellation.
-    Refund,
-}
-
-impl fmt::Display for LedgerReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LedgerReason::TopUp => "top-up",
-            LedgerReason::Charge => "charge",
-            LedgerReason::Refund => "refund",
-        })
-    }
-}
-
 /// A schedule and how many seats it has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalSchedule {
@@ -521,18 +481,6 @@ pub struct OutboxRecord {
     pub reservation_id: Option<u64>,
     pub user_id: u64,
     pub at_us: u64,
-}
-
-/// The kinds of change the outbox carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutboxKind {
-    ReservationHeld,
-    ReservationConfirmed,
-    ReservationCancelled,
-    ReservationExpired,
-    PointsCharged,
-    PointsRefunded,
 }
 
 /// Builds a [`History`] while a run goes on.

@@ -8,12 +8,22 @@ use super::{ReservationId, TransitionError, UserId};
 pub const CHARGE_POINTS_MAX: u64 = 10_000_000;
 
 /// Why the balance moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LedgerReason {
     TopUp,
     Charge,
     Refund,
+}
+
+impl std::fmt::Display for LedgerReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LedgerReason::TopUp => "top-up",
+            LedgerReason::Charge => "charge",
+            LedgerReason::Refund => "refund",
+        })
+    }
 }
 
 /// One movement of a user's balance: positive for top-ups and refunds, negative for charges.

@@ -18,13 +18,24 @@ impl FenceToken {
 }
 
 /// Where a reservation is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReservationStatus {
     Held,
     Confirmed,
     Expired,
     Cancelled,
+}
+
+impl std::fmt::Display for ReservationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReservationStatus::Held => "HELD",
+            ReservationStatus::Confirmed => "CONFIRMED",
+            ReservationStatus::Expired => "EXPIRED",
+            ReservationStatus::Cancelled => "CANCELLED",
+        })
+    }
 }
 
 /// A seat taken by a user: `HELD → CONFIRMED | EXPIRED | CANCELLED`, and `CONFIRMED →

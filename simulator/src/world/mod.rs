@@ -38,7 +38,7 @@ use self::store_rpc::{
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
     AcceptedFence, Admission, CheckConfig, FinalReservation, FinalSchedule, FinalState, FinalUser, History,
-    HistoryRecorder, LedgerReason, LedgerRecord, OutboxKind, OutboxRecord, ReservationStatus,
+    HistoryRecorder, LedgerRecord, OutboxRecord,
 };
 use crate::scenario::{self, Fault, Scenario};
 
@@ -711,7 +711,6 @@ fn read_final_state(
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("final state runtime")?;
     let (dump, admitted) =
         runtime.block_on(async { anyhow::Ok((RecordStore::dump(record).await?, cache.admissions().await?)) })?;
-    use tcore_engine::domain::{LedgerReason as Reason, OutboxKind as Kind, ReservationStatus as Status};
     let final_state = FinalState {
         reservations: dump
             .reservations
@@ -721,12 +720,7 @@ fn read_final_state(
                 schedule_id: r.schedule_id,
                 seat_id: r.seat_id,
                 user_id: r.user_id,
-                status: match r.status {
-                    Status::Held => ReservationStatus::Held,
-                    Status::Confirmed => ReservationStatus::Confirmed,
-                    Status::Expired => ReservationStatus::Expired,
-                    Status::Cancelled => ReservationStatus::Cancelled,
-                },
+                status: r.status,
                 fence: r.fence.0,
                 held_us: to_us(r.held_at_ms),
                 expires_us: to_us(r.expires_at_ms),
@@ -745,11 +739,7 @@ fn read_final_state(
             .map(|entry| LedgerRecord {
                 user_id: entry.user_id,
                 delta: entry.delta,
-                reason: match entry.reason {
-                    Reason::TopUp => LedgerReason::TopUp,
-                    Reason::Charge => LedgerReason::Charge,
-                    Reason::Refund => LedgerReason::Refund,
-                },
+                reason: entry.reason,
                 reservation_id: entry.reservation_id,
                 idempotency_key: entry.idempotency_key.clone(),
                 at_us: to_us(entry.at_ms),
@@ -760,14 +750,7 @@ fn read_final_state(
             .outbox
             .iter()
             .map(|event| OutboxRecord {
-                kind: match event.kind {
-                    Kind::ReservationHeld => OutboxKind::ReservationHeld,
-                    Kind::ReservationConfirmed => OutboxKind::ReservationConfirmed,
-                    Kind::ReservationCancelled => OutboxKind::ReservationCancelled,
-                    Kind::ReservationExpired => OutboxKind::ReservationExpired,
-                    Kind::PointsCharged => OutboxKind::PointsCharged,
-                    Kind::PointsRefunded => OutboxKind::PointsRefunded,
-                },
+                kind: event.kind,
                 reservation_id: event.reservation_id,
                 user_id: event.user_id,
                 at_us: to_us(event.at_ms),
