@@ -102,7 +102,7 @@ pub struct AdmissionChange {
 }
 
 /// A line's state in the admin snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct QueueSnapshot {
     pub schedule_id: ScheduleId,
     pub waiting: u64,
@@ -112,7 +112,7 @@ pub struct QueueSnapshot {
 }
 
 /// What the ops agent reads: traffic, lines, settings and blocks of one node.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Snapshot {
     pub node: String,
     pub at_ms: u64,
@@ -747,6 +747,12 @@ impl Engine {
             Ok((serde_json::json!({ "ttl_s": before / 1000 }), serde_json::json!({ "ttl_s": ttl_s })))
         })
         .await
+    }
+
+    /// Writes an ops agent's decision to the audit log.
+    pub async fn record_decision(&self, actor: &str, decision: &crate::agent::DecisionRecord) {
+        let target = format!("decision/{}", decision.observation_digest);
+        self.audit(actor, "agent_decision", target, serde_json::Value::Null, json(decision), "recorded").await;
     }
 
     /// Claims an idempotency key for a request, or says why not.

@@ -41,7 +41,7 @@ pub enum LimitScope {
 }
 
 /// A blocklist entry, for the admin snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Block {
     #[schema(value_type = String)]
     pub ip: IpAddr,

@@ -4,6 +4,7 @@
 //! The layers, from the inside out: [`domain`] (pure rules), [`store`] (the traits and the
 //! embedded store), [`engine`] (use cases, guards, background work), [`api`] (HTTP).
 
+pub mod agent;
 pub mod api;
 pub mod clock;
 pub mod config;

@@ -25,6 +25,57 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    /// Run the ops agent against live nodes' admin API.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyArg {
+    /// Read and record, never act.
+    None,
+    /// Deterministic thresholds with hysteresis.
+    Rules,
+    /// A language model behind an OpenAI-compatible endpoint.
+    Llm,
+    /// Answers recorded in a cassette.
+    Replay,
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// Base URL of a node's HTTP API; repeat for every node.
+    #[arg(long, env = "TCORE_AGENT_TARGET", value_delimiter = ',', required = true)]
+    target: Vec<String>,
+    /// Bearer token of the admin API.
+    #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// How the agent decides.
+    #[arg(long, env = "TCORE_AGENT_POLICY", value_enum, default_value = "rules")]
+    policy: PolicyArg,
+    /// Seconds between decisions.
+    #[arg(long, env = "TCORE_AGENT_INTERVAL_S", default_value_t = 5.0)]
+    interval_s: f64,
+    /// Judge and record actions, but send none.
+    #[arg(long, env = "TCORE_AGENT_DRY_RUN")]
+    dry_run: bool,
+    /// Stop after this many decisions (0: run until interrupted).
+    #[arg(long, default_value_t = 0)]
+    decisions: u64,
+    /// OpenAI-compatible endpoint of the llm policy.
+    #[arg(long, env = "TCORE_LLM_BASE_URL", default_value = "https://api.openai.com/v1")]
+    llm_base_url: String,
+    /// Model of the llm policy.
+    #[arg(long, env = "TCORE_LLM_MODEL", default_value = "gpt-4o-mini")]
+    llm_model: String,
+    /// The environment variable holding the endpoint's API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    llm_api_key_env: String,
+    /// How long one answer of the model may take, in seconds.
+    #[arg(long, env = "TCORE_LLM_TIMEOUT_S", default_value_t = 20.0)]
+    llm_timeout_s: f64,
+    /// The cassette: replayed by `replay`, recorded into by `llm`.
+    #[arg(long, env = "TCORE_AGENT_CASSETTE")]
+    cassette: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -146,7 +197,75 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Agent(args) => agent(args).await,
     }
+}
+
+// Each decision goes to stdout as one JSON line: that is the command's output.
+#[allow(clippy::print_stdout)]
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use tcore_engine::agent::llm::{Cassette, LlmPolicy, OpenAiModel, Recording, Replaying};
+    use tcore_engine::agent::policy::{NoPolicy, Policy};
+    use tcore_engine::agent::rules::{RulesConfig, RulesPolicy};
+    use tcore_engine::agent::{ACTOR, Agent, AgentOptions, http::HttpTransport};
+
+    anyhow::ensure!(
+        args.interval_s.is_finite() && (0.1..=3_600.0).contains(&args.interval_s),
+        "--interval-s must be in 0.1..=3600"
+    );
+    anyhow::ensure!(
+        args.llm_timeout_s.is_finite() && (0.1..=600.0).contains(&args.llm_timeout_s),
+        "--llm-timeout-s must be in 0.1..=600"
+    );
+    let transport = HttpTransport::new(
+        args.target.clone(),
+        args.admin_token.clone(),
+        ACTOR.to_owned(),
+        std::time::Duration::from_secs(5),
+    );
+    let options = AgentOptions { dry_run: args.dry_run };
+    let model = || {
+        let key = std::env::var(&args.llm_api_key_env).unwrap_or_default();
+        OpenAiModel::new(&args.llm_base_url, &key, std::time::Duration::from_secs_f64(args.llm_timeout_s))
+    };
+    let recorded = Rc::new(RefCell::new(Cassette::default()));
+    let policy: Box<dyn Policy> = match args.policy {
+        PolicyArg::None => Box::new(NoPolicy),
+        PolicyArg::Rules => Box::new(RulesPolicy::new(RulesConfig::default())),
+        PolicyArg::Llm => Box::new(LlmPolicy::new(
+            "llm",
+            Recording { model: model(), cassette: Rc::clone(&recorded) },
+            &args.llm_model,
+        )),
+        PolicyArg::Replay => {
+            let path = args.cassette.as_deref().context("--policy replay needs --cassette")?;
+            let cassette = Cassette::load(path).map_err(anyhow::Error::msg)?;
+            Box::new(LlmPolicy::new("replay", Replaying { cassette }, &args.llm_model))
+        }
+    };
+    let mut agent = Agent::new(transport, policy, Arc::new(SystemClock::new()), options);
+    let interval = std::time::Duration::from_secs_f64(args.interval_s);
+    let mut made = 0_u64;
+    let run = agent.run(interval, |decision| {
+        made += 1;
+        println!("{}", serde_json::to_string(decision).unwrap_or_default());
+        if args.policy == PolicyArg::Llm
+            && let Some(path) = &args.cassette
+            && let Err(error) = recorded.borrow().save(path)
+        {
+            tracing::error!(%error, "the cassette could not be written");
+        }
+        args.decisions == 0 || made < args.decisions
+    });
+    tokio::select! {
+        biased;
+        () = shutdown_signal() => {},
+        () = run => {},
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -132,7 +132,7 @@ impl Window {
 }
 
 /// A route's figures over the window.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
 pub struct RouteSnapshot {
     pub route: String,
     pub requests_per_s: f64,
@@ -143,7 +143,7 @@ pub struct RouteSnapshot {
 }
 
 /// One client IP's request rate over the window.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
 pub struct Talker {
     #[schema(value_type = String)]
     pub ip: IpAddr,
@@ -151,7 +151,7 @@ pub struct Talker {
 }
 
 /// The traffic part of the admin snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
 pub struct TrafficSnapshot {
     pub window_s: u64,
     pub requests_per_s: f64,

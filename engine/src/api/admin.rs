@@ -14,12 +14,15 @@ use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
+use crate::agent::DecisionRecord;
 use crate::config::RateLimits;
 use crate::engine::{AdmissionChange, Snapshot};
 use crate::store::AuditEntry;
 
-/// Who the audit log names for calls made with the admin token.
+/// Who the audit log names for calls made with the admin token and no actor header.
 const ADMIN_ACTOR: &str = "admin";
+/// The longest actor name an admin call may give.
+const ACTOR_CHARS_MAX: usize = 64;
 /// The most audit entries one call returns.
 const AUDIT_PAGE_MAX: u32 = 1_000;
 
@@ -32,6 +35,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/blocks/{ip}", delete(unblock))
         .route("/hold-ttl", put(set_hold_ttl))
         .route("/audit", get(audit))
+        .route("/decisions", post(record_decision))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
@@ -54,6 +58,33 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         }
         Some(presented) if Sha256::digest(presented) == Sha256::digest(expected) => next.run(request).await,
         Some(_) => ApiError::new(StatusCode::FORBIDDEN, "admin_forbidden", "the admin token is wrong").into_response(),
+    }
+}
+
+/// Who makes an admin call, as the audit log names it: the `X-Admin-Actor` header (letters,
+/// digits, `-`, `_`, `:`, `.`; at most 64), else `admin`.
+#[derive(Debug, Clone)]
+pub(super) struct Actor(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(crate::agent::ACTOR_HEADER) else {
+            return Ok(Actor(ADMIN_ACTOR.to_owned()));
+        };
+        let valid = value.to_str().ok().filter(|name| {
+            (1..=ACTOR_CHARS_MAX).contains(&name.len())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
+        });
+        match valid {
+            Some(name) => Ok(Actor(name.to_owned())),
+            None => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_actor",
+                "X-Admin-Actor must be 1 to 64 letters, digits, `-`, `_`, `:` or `.`",
+            )),
+        }
     }
 }
 
@@ -89,38 +120,55 @@ pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
     security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
 pub(super) async fn set_admission(
     State(state): State<AppState>,
+    Actor(actor): Actor,
     ApiPath(id): ApiPath<u64>,
     ApiJson(change): ApiJson<AdmissionChange>,
 ) -> Response {
-    respond(StatusCode::OK, state.engine.set_admission(ADMIN_ACTOR, id, change).await.map_err(ApiError::from))
+    respond(StatusCode::OK, state.engine.set_admission(&actor, id, change).await.map_err(ApiError::from))
 }
 
 /// Sets the per-IP and per-token rate limits.
 #[utoipa::path(put, path = "/admin/v1/rate-limits", request_body = RateLimits,
     security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
-pub(super) async fn set_rate_limits(State(state): State<AppState>, ApiJson(limits): ApiJson<RateLimits>) -> Response {
-    respond(StatusCode::OK, state.engine.set_rate_limits(ADMIN_ACTOR, limits).await.map_err(ApiError::from))
+pub(super) async fn set_rate_limits(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(limits): ApiJson<RateLimits>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.set_rate_limits(&actor, limits).await.map_err(ApiError::from))
 }
 
 /// Blocks an IP for a while.
 #[utoipa::path(post, path = "/admin/v1/blocks", request_body = BlockRequest,
     security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
-pub(super) async fn block(State(state): State<AppState>, ApiJson(body): ApiJson<BlockRequest>) -> Response {
-    respond(StatusCode::OK, state.engine.block(ADMIN_ACTOR, body.ip, body.ttl_s).await.map_err(ApiError::from))
+pub(super) async fn block(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(body): ApiJson<BlockRequest>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.block(&actor, body.ip, body.ttl_s).await.map_err(ApiError::from))
 }
 
 /// Lifts a block.
 #[utoipa::path(delete, path = "/admin/v1/blocks/{ip}", params(("ip" = String, Path)),
     security(("admin_token" = [])), responses((status = 200), (status = 404, body = super::Problem)))]
-pub(super) async fn unblock(State(state): State<AppState>, ApiPath(ip): ApiPath<IpAddr>) -> Response {
-    respond(StatusCode::OK, state.engine.unblock(ADMIN_ACTOR, ip).await.map_err(ApiError::from))
+pub(super) async fn unblock(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiPath(ip): ApiPath<IpAddr>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.unblock(&actor, ip).await.map_err(ApiError::from))
 }
 
 /// Sets the TTL of new holds.
 #[utoipa::path(put, path = "/admin/v1/hold-ttl", request_body = HoldTtl,
     security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
-pub(super) async fn set_hold_ttl(State(state): State<AppState>, ApiJson(body): ApiJson<HoldTtl>) -> Response {
-    respond(StatusCode::OK, state.engine.set_hold_ttl(ADMIN_ACTOR, body.ttl_s).await.map_err(ApiError::from))
+pub(super) async fn set_hold_ttl(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(body): ApiJson<HoldTtl>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.set_hold_ttl(&actor, body.ttl_s).await.map_err(ApiError::from))
 }
 
 /// The audit log: when, what, value before and after.
@@ -133,4 +181,16 @@ pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQue
             .into_response();
     }
     respond(StatusCode::OK, state.engine.audit_log(limit).await.map_err(ApiError::from))
+}
+
+/// Writes an ops agent's decision (what it saw, why, what it did) to the audit log.
+#[utoipa::path(post, path = "/admin/v1/decisions", request_body = Object,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn record_decision(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(decision): ApiJson<DecisionRecord>,
+) -> Response {
+    state.engine.record_decision(&actor, &decision).await;
+    (StatusCode::OK, axum::Json(serde_json::json!({ "recorded": true }))).into_response()
 }
