@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tcore_sim::checker::check;
-use tcore_sim::scenario::{HoldMode, Scenario};
+use tcore_sim::scenario::{AgentPolicy, HoldMode, Scenario};
 use tcore_sim::score::{run_result, safety_passed, slo_passed};
 use tcore_sim::world;
 
@@ -57,6 +57,12 @@ struct RunArgs {
     /// Also write the full history (every operation) as history.json.
     #[arg(long)]
     save_history: bool,
+    /// Replace the scenario's agent policy.
+    #[arg(long, value_enum)]
+    agent: Option<AgentPolicy>,
+    /// Also run the same seed with this agent policy, and show both side by side.
+    #[arg(long, value_enum, conflicts_with = "seeds")]
+    compare_agent: Option<AgentPolicy>,
 }
 
 fn main() -> ExitCode {
@@ -100,14 +106,29 @@ fn replay_command(args: &RunArgs, perturb: bool) -> String {
         command.push_str(" --hold-mode ");
         command.push_str(hold_mode.name());
     }
+    if let Some(agent) = args.agent {
+        command.push_str(" --agent ");
+        command.push_str(agent.name());
+    }
     if perturb {
         command.push_str(" --perturb");
     }
     command
 }
 
+fn with_agent(mut scenario: Scenario, policy: AgentPolicy) -> Scenario {
+    scenario.agent.policy = policy;
+    if matches!(policy, AgentPolicy::None | AgentPolicy::Rules) {
+        scenario.agent.cassette = None;
+    }
+    scenario
+}
+
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
-    let scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
+    let mut scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
+    if let Some(policy) = args.agent {
+        scenario = with_agent(scenario, policy);
+    }
     if let Some(range) = &args.seeds {
         return swarm(&scenario, &args.scenario.display().to_string(), &replay_command(args, true), range, args);
     }
@@ -120,8 +141,50 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name).join(scenario.seed.to_string()));
     let path = args.scenario.display().to_string();
-    let passed = run_one(&scenario, &path, &file, &out, !args.quiet, args.save_history)?;
+    let Some(other) = args.compare_agent else {
+        return run_one(&scenario, &path, &file, &out, !args.quiet, args.save_history);
+    };
+    let mut passed = true;
+    let mut results = Vec::new();
+    for policy in [scenario.agent.policy, other] {
+        let out = out.join(format!("agent-{}", policy.name()));
+        let file = format!("{} --agent {}", args.scenario.display(), policy.name());
+        passed &= run_one(&with_agent(scenario.clone(), policy), &path, &file, &out, !args.quiet, args.save_history)?;
+        results.push(serde_json::from_slice(&std::fs::read(out.join("run.json"))?)?);
+    }
+    print_comparison(&results);
     Ok(passed)
+}
+
+/// The figures that tell the agents apart, side by side.
+fn print_comparison(results: &[serde_json::Value]) {
+    let rows: [(&str, &str); 14] = [
+        ("verdict", "/verdict"),
+        ("oversell", "/score/oversell"),
+        ("seats sold", "/score/seats/sold"),
+        ("goodput (confirm/s)", "/score/goodput/confirm_per_s"),
+        ("fans' queue wait p50 (us)", "/score/queue_wait_fans/p50_us"),
+        ("fans' queue wait p90 (us)", "/score/queue_wait_fans/p90_us"),
+        ("hold p99 (us)", "/score/latency/hold/p99_us"),
+        ("actions applied", "/score/agent/actions_applied"),
+        ("actions rejected", "/score/agent/actions_rejected"),
+        ("time to detect (s)", "/score/agent/time_to_detect_s"),
+        ("time to mitigate (s)", "/score/agent/time_to_mitigate_s"),
+        ("false alarms", "/score/agent/false_alarms"),
+        ("legitimate users blocked", "/score/agent/harm/legitimate_users_blocked"),
+        ("legitimate users turned away", "/score/agent/harm/legitimate_users_turned_away"),
+    ];
+    println!();
+    let policies: Vec<String> = results
+        .iter()
+        .map(|run| format!("agent {}", run["score"]["agent"]["policy"].as_str().unwrap_or("?")))
+        .collect();
+    println!("{:<30} {:>18} {:>18}", "", policies[0], policies.get(1).map_or("", String::as_str));
+    for (label, pointer) in rows {
+        let cell =
+            |run: &serde_json::Value| run.pointer(pointer).map_or_else(|| "-".to_owned(), |value| value.to_string());
+        println!("{label:<30} {:>18} {:>18}", cell(&results[0]), results.get(1).map_or_else(String::new, cell));
+    }
 }
 
 fn run_one(
@@ -172,6 +235,11 @@ fn run_one(
         "operations_per_wall_s": operations as f64 / simulated_s.max(1e-9),
     });
     std::fs::write(out.join("wall.json"), serde_json::to_vec_pretty(&wall)?)?;
+    if let Some(cassette) = world.agent.as_ref().and_then(|agent| agent.cassette.as_ref()) {
+        let path = scenario.agent.cassette.as_ref().map_or_else(|| out.join("cassette.json"), PathBuf::from);
+        cassette.save(&path).map_err(anyhow::Error::msg)?;
+        println!("cassette: {}", path.display());
+    }
     print_summary(&result, &report, simulated_s);
     println!("run result: {}", run_path.display());
     Ok(safety_passed(&result) && slo_passed(&result))

@@ -14,8 +14,10 @@ use serde_json::{Value, json};
 
 use crate::checker::CheckReport;
 use crate::history::{OpKind, Outcome, ReservationStatus};
-use crate::scenario::{AgentPolicy, Scenario};
+use crate::scenario::Scenario;
 use crate::world::WorldRun;
+
+mod agent;
 
 /// The version of the run result's shape; a change of meaning is a new version.
 pub const RUN_SCHEMA: &str = "tcore.run/1";
@@ -168,6 +170,7 @@ pub fn run_result(
     for admission in &history.admissions {
         queue_wait.saturating_record(admission.admitted_us.saturating_sub(admission.joined_us).max(1));
     }
+    let fans_wait = fans_queue_wait(history);
     let final_state = &history.final_state;
     let seats_total: u64 = final_state.schedules.iter().map(|schedule| schedule.capacity).sum();
     let mut confirmed_at: Vec<u64> = final_state
@@ -216,6 +219,7 @@ pub fn run_result(
         },
         "latency": latency_by_step,
         "queue_wait": latency(&queue_wait),
+        "queue_wait_fans": latency(&fans_wait),
         "errors": {
             "by_code": by_code,
             "error_rate": ratio(failed),
@@ -226,13 +230,9 @@ pub fn run_result(
         "journeys": world.outcomes.journeys_ended,
         "bots": { "requests": world.outcomes.bot_requests, "dropped": world.outcomes.bot_dropped, "answers": world.outcomes.bot_answers },
     });
-    // The world runs no ops agent yet: with policy `none` its figures are truly zero; with
-    // any other policy they are not measured, and an SLO on them fails as such.
+    let safety_passed = report.passed();
+    let (agent_actions, agent) = agent::agent_result(scenario, world.agent.as_ref(), history, safety_passed);
     if let Some(object) = score.as_object_mut() {
-        let agent = match scenario.agent.policy {
-            AgentPolicy::None => json!({ "policy": "none", "actions": 0, "legitimate_users_blocked": 0 }),
-            other => json!({ "policy": format!("{other:?}").to_lowercase(), "measured": false }),
-        };
         object.insert("agent".into(), agent);
     }
     let slo: Vec<SloResult> = scenario
@@ -249,7 +249,6 @@ pub fn run_result(
             }
         })
         .collect();
-    let safety_passed = report.passed();
     let slo_passed = slo.iter().all(|result| result.passed);
     json!({
         "schema": RUN_SCHEMA,
@@ -275,8 +274,34 @@ pub fn run_result(
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
         })).collect::<Vec<_>>(),
         "store_failovers": world.store_failovers,
+        "agent_actions": agent_actions,
         "history_overflow": report.history_overflow,
     })
+}
+
+/// How long each user who joined waited, as the user saw it: from the first join call to the
+/// first answer saying ADMITTED; a user never admitted counts until their last call. Unlike
+/// `queue_wait` (every admission the store made), this counts only the users' own calls and
+/// leaves out nobody who gave up or was still waiting at the end.
+fn fans_queue_wait(history: &crate::history::History) -> Histogram<u64> {
+    let mut waits: BTreeMap<u64, (u64, Option<u64>, u64)> = BTreeMap::new();
+    for operation in &history.operations {
+        let done_us = operation.complete_us.unwrap_or(operation.invoke_us);
+        if let Some(wait) = waits.get_mut(&operation.client) {
+            wait.2 = wait.2.max(done_us);
+            let admitted = matches!(&operation.outcome, Outcome::Ok(ok) if ok.status == Some(crate::history::ReportedStatus::Admitted));
+            if admitted && wait.1.is_none() {
+                wait.1 = Some(done_us);
+            }
+        } else if matches!(operation.kind, OpKind::JoinQueue { .. }) {
+            waits.insert(operation.client, (operation.invoke_us, None, done_us));
+        }
+    }
+    let mut histogram = histogram();
+    for (joined_us, admitted_us, last_us) in waits.into_values() {
+        histogram.saturating_record(admitted_us.unwrap_or(last_us).saturating_sub(joined_us).max(1));
+    }
+    histogram
 }
 
 /// The value at a dotted path of the score, as a number.

@@ -392,16 +392,39 @@ pub struct Agent {
     /// The recorded LLM answers: replayed by `replay`, recorded into by `llm`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cassette: Option<String>,
+    /// `rules`: the p99 latency (ms) above which the cluster counts as overloaded; also the
+    /// bound the score's time to mitigate waits for.
+    pub latency_p99_ms_max: f64,
+    /// `rules`: the server error rate above which the cluster counts as overloaded.
+    pub error_rate_max: f64,
+    /// `llm`: the OpenAI-compatible endpoint.
+    pub base_url: String,
+    /// `llm`: the model.
+    pub model: String,
+    /// `llm`: the environment variable holding the API key.
+    pub api_key_env: String,
+    /// `llm`: how long one answer may take, in wall seconds (simulated time stands still).
+    pub timeout_s: f64,
 }
 
 impl Default for Agent {
     fn default() -> Self {
-        Self { policy: AgentPolicy::None, interval_s: 5.0, cassette: None }
+        Self {
+            policy: AgentPolicy::None,
+            interval_s: 5.0,
+            cassette: None,
+            latency_p99_ms_max: 500.0,
+            error_rate_max: 0.05,
+            base_url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            timeout_s: 20.0,
+        }
     }
 }
 
 /// How the ops agent decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AgentPolicy {
     /// No agent: the run's baseline.
@@ -413,6 +436,18 @@ pub enum AgentPolicy {
     Llm,
     /// A recorded cassette of language-model answers, replayed exactly.
     Replay,
+}
+
+impl AgentPolicy {
+    /// The policy's name, as in scenarios and run results.
+    pub fn name(self) -> &'static str {
+        match self {
+            AgentPolicy::None => "none",
+            AgentPolicy::Rules => "rules",
+            AgentPolicy::Llm => "llm",
+            AgentPolicy::Replay => "replay",
+        }
+    }
 }
 
 impl Venue {
@@ -504,6 +539,12 @@ impl Users {
 impl Agent {
     pub(crate) fn check(&self, checks: &mut Checks, path: &KeyPath) {
         checks.in_range_f64(path.key("interval_s"), self.interval_s, 0.1..=3_600.0);
+        checks.in_range_f64(path.key("latency_p99_ms_max"), self.latency_p99_ms_max, 1.0..=600_000.0);
+        checks.in_range_f64(path.key("error_rate_max"), self.error_rate_max, 0.0001..=1.0);
+        checks.in_range_f64(path.key("timeout_s"), self.timeout_s, 0.1..=600.0);
+        checks.not_blank(path.key("base_url"), &self.base_url);
+        checks.not_blank(path.key("model"), &self.model);
+        checks.not_blank(path.key("api_key_env"), &self.api_key_env);
         match (self.policy, &self.cassette) {
             (AgentPolicy::Replay, None) => {
                 checks.fail(path.key("policy"), "the replay policy needs a `cassette` to replay");

@@ -7,6 +7,7 @@
 //! and the engine reads time only from [`node::SimClock`], i.e. simulated time. Nothing here
 //! reads the wall clock except the caller's progress callback, which only displays.
 
+pub mod agent;
 pub mod net;
 pub mod node;
 pub mod store_rpc;
@@ -30,6 +31,7 @@ use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
+use self::agent::{AgentHost, AgentRun};
 use self::net::{ENGINE_PORT, HttpClient, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
@@ -86,6 +88,8 @@ pub struct WorldRun {
     pub fault_windows: Vec<FaultWindow>,
     pub fired_pauses: Vec<FiredPause>,
     pub users: u64,
+    /// What the ops agent did; `None` without an agent.
+    pub agent: Option<AgentRun>,
 }
 
 /// Where a run is, for a progress display.
@@ -113,11 +117,6 @@ enum Action {
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
 pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<WorldRun> {
-    anyhow::ensure!(
-        scenario.agent.policy == scenario::AgentPolicy::None,
-        "{label}: [agent] policy {:?} cannot run: the simulated world has no ops agent host yet; use policy = \"none\"",
-        scenario.agent.policy
-    );
     let seed = scenario.seed;
     let arrivals = scenario.arrival_times_us();
     let users_total = arrivals.len() as u64;
@@ -224,6 +223,15 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         check_config(scenario, heal_us, duration_us + drain_us),
     )));
     let outcomes = Rc::new(RefCell::new(UserOutcomes::default()));
+    let agent_log = match scenario.agent.policy {
+        scenario::AgentPolicy::None => None,
+        _ => {
+            let host = AgentHost::prepare(scenario).with_context(|| format!("{label}: [agent]"))?;
+            let log = host.log.clone();
+            host.install(&mut sim, scenario, engine_hosts.clone(), Rc::clone(&recorder), duration_us);
+            Some(log)
+        }
+    };
     let schedules: Vec<(u64, Vec<SectionChoice>)> = scenario
         .venue
         .schedules
@@ -387,6 +395,7 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         fired_pauses,
         store_failovers,
         users: users_total,
+        agent: agent_log.map(|log| log.finish(scenario.agent.policy)),
     })
 }
 
@@ -421,7 +430,7 @@ fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
             },
         ),
         token_secret: format!("tcore-simulation-secret-{seed:016x}").into_bytes(),
-        admin_token: Some("tcore-simulation-admin".into()),
+        admin_token: Some(agent::ADMIN_TOKEN.into()),
         trust_forwarded_for: true,
         ..EngineConfig::default()
     }
@@ -692,7 +701,7 @@ fn node_index(host: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("a fence was accepted from {host:?}, which is not an engine host"))
 }
 
-fn to_us(at_ms: u64) -> u64 {
+pub(crate) fn to_us(at_ms: u64) -> u64 {
     at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
 }
 

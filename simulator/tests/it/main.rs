@@ -1,5 +1,6 @@
 //! The simulator's integration tests: one binary, one module per area.
 
+mod agent;
 mod checker;
 mod scenario;
 mod store_rpc;

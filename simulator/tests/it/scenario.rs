@@ -5,15 +5,18 @@ use std::path::{Path, PathBuf};
 use tcore_sim::scenario::{ArrivalCurve, Fault, HoldMode, Scenario, ScenarioError, SloOp};
 
 /// The scenarios the repository ships, by path under `scenarios/`.
-const SHIPPED: [&str; 16] = [
+const SHIPPED: [&str; 20] = [
     "bot-storm.toml",
+    "calm-opening.toml",
     "ci/bot-storm.toml",
+    "ci/calm-opening.toml",
     "ci/clock-skew.toml",
     "ci/concert-open.toml",
     "ci/lock-holder-pause.toml",
     "ci/node-crash.toml",
     "ci/partition-during-payment.toml",
     "ci/retry-storm.toml",
+    "ci/slow-store.toml",
     "ci/store-failover.toml",
     "clock-skew.toml",
     "concert-open.toml",
@@ -21,6 +24,7 @@ const SHIPPED: [&str; 16] = [
     "node-crash.toml",
     "partition-during-payment.toml",
     "retry-storm.toml",
+    "slow-store.toml",
     "store-failover.toml",
 ];
 
@@ -125,8 +129,11 @@ fn ci_scenarios_are_small_versions_of_the_full_ones() {
         let small = load_shipped(name);
         let full = load_shipped(name.trim_start_matches("ci/"));
         assert!(small.duration_s <= 60.0, "{name}");
-        assert!(small.users_total() <= 2_000, "{name}");
-        assert!(small.venue.seats_total() <= 300, "{name}");
+        // The bot storm needs a sale long enough for the scalpers' queue entries to hog the
+        // active slots, or the agent that blocks them has nothing to show.
+        let (users_max, seats_max) = if *name == "ci/bot-storm.toml" { (3_000, 1_500) } else { (2_000, 300) };
+        assert!(small.users_total() <= users_max, "{name}");
+        assert!(small.venue.seats_total() <= seats_max, "{name}");
         assert_eq!(small.engine.hold_mode, full.engine.hold_mode, "{name}");
         let kinds = |scenario: &Scenario| scenario.faults.iter().map(Fault::kind).collect::<Vec<_>>();
         assert_eq!(kinds(&small), kinds(&full), "{name}");

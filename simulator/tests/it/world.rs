@@ -8,13 +8,13 @@ use tcore_sim::scenario::{HoldMode, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
 
-fn scenario(name: &str) -> Scenario {
+pub(crate) fn scenario(name: &str) -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci").join(name);
     Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Runs a scenario; returns the run result's bytes and the checker's report.
-fn run(scenario: &Scenario) -> (Vec<u8>, CheckReport) {
+pub(crate) fn run(scenario: &Scenario) -> (Vec<u8>, CheckReport) {
     let world =
         world::run(scenario, "ci", &mut |_| {}).unwrap_or_else(|error| panic!("seed {}: {error:#}", scenario.seed));
     let report = check(&world.history);
@@ -55,14 +55,6 @@ fn the_same_pause_is_harmless_with_fenced_lock_and_atomic_holds() {
         let (_, report) = run(&safe_run);
         assert!(report.passed(), "{mode:?}, seed {}: {report}", safe_run.seed);
     }
-}
-
-#[test]
-fn a_scenario_asking_for_an_agent_the_world_cannot_run_is_refused() {
-    let mut asking = scenario("bot-storm.toml");
-    asking.agent.policy = tcore_sim::scenario::AgentPolicy::Rules;
-    let error = world::run(&asking, "bot-storm", &mut |_| {}).expect_err("no agent host yet");
-    assert!(error.to_string().contains("no ops agent host"), "{error}");
 }
 
 #[test]

@@ -1,0 +1,144 @@
+//! The ops agent in the simulated world: the rules agent against a bot storm and a calm
+//! opening, determinism with the agent on, and an llm run recorded then replayed.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::routing::post;
+use serde_json::{Value, json};
+use tcore_sim::scenario::{AgentPolicy, Scenario};
+
+use crate::world::{run, scenario};
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).expect("run.json is JSON")
+}
+
+fn with_policy(mut scenario: Scenario, policy: AgentPolicy) -> Scenario {
+    scenario.agent.policy = policy;
+    scenario
+}
+
+fn figure(run: &Value, pointer: &str) -> f64 {
+    run.pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("{pointer} in {run}"))
+}
+
+#[test]
+fn in_the_bot_storm_the_rules_agent_serves_fans_better_than_none_with_zero_oversell() {
+    let storm = scenario("bot-storm.toml");
+    let (rules, _) = run(&with_policy(storm.clone(), AgentPolicy::Rules));
+    let (none, _) = run(&with_policy(storm.clone(), AgentPolicy::None));
+    let (rules, none) = (json_of(&rules), json_of(&none));
+    let seed = storm.seed;
+    assert_eq!(figure(&rules, "/score/oversell"), 0.0, "seed {seed}");
+    assert_eq!(figure(&none, "/score/oversell"), 0.0, "seed {seed}");
+    assert!(figure(&rules, "/score/agent/actions_applied") > 0.0, "seed {seed}: the agent acted");
+    assert_eq!(figure(&rules, "/score/agent/harm/legitimate_users_blocked"), 0.0, "seed {seed}");
+    assert_eq!(rules["score"]["agent"]["caused_safety_violation"], json!(false));
+    assert!(
+        figure(&rules, "/score/goodput/confirm_per_s") > figure(&none, "/score/goodput/confirm_per_s"),
+        "seed {seed}: goodput"
+    );
+    assert!(figure(&rules, "/score/seats/sold") > figure(&none, "/score/seats/sold"), "seed {seed}: seats sold");
+    for quantile in ["p50_us", "p90_us"] {
+        let pointer = format!("/score/queue_wait_fans/{quantile}");
+        assert!(figure(&rules, &pointer) < figure(&none, &pointer), "seed {seed}: fans' queue wait {quantile}");
+    }
+    assert_eq!(none["agent_actions"], json!([]));
+    assert_eq!(none["score"]["agent"]["time_to_detect_s"], Value::Null);
+    assert!(rules["agent_actions"].as_array().is_some_and(|actions| {
+        actions.iter().all(|action| action["tool"] == "block_ip" && action["outcome"] == "applied")
+    }));
+}
+
+#[test]
+fn without_faults_the_rules_agent_decides_but_takes_no_action() {
+    let calm = scenario("calm-opening.toml");
+    assert_eq!(calm.agent.policy, AgentPolicy::Rules);
+    let (bytes, report) = run(&calm);
+    assert!(report.passed(), "seed {}: {report}", calm.seed);
+    let result = json_of(&bytes);
+    assert!(figure(&result, "/score/agent/decisions") > 10.0, "the agent ran");
+    assert_eq!(result["agent_actions"], json!([]));
+    assert_eq!(figure(&result, "/score/agent/false_alarms"), 0.0);
+}
+
+#[test]
+fn with_the_agent_acting_the_same_seed_gives_byte_identical_runs() {
+    let slow = scenario("slow-store.toml");
+    let (first, _) = run(&slow);
+    assert!(figure(&json_of(&first), "/score/agent/actions_applied") > 0.0, "the agent acted");
+    let (second, _) = run(&slow);
+    assert!(first == second, "seed {}: two runs of one seed differ", slow.seed);
+}
+
+/// A language model stand-in over real HTTP on its own thread: blocks the busiest talker it
+/// sees above 100 requests/s that is not blocked yet; otherwise calls nothing.
+fn scripted_model() -> String {
+    async fn answer(Json(request): Json<Value>) -> Json<Value> {
+        let text = request["messages"][1]["content"].as_str().unwrap_or("");
+        let seen: Value = serde_json::from_str(text.trim_start_matches("Observation: ")).unwrap_or_default();
+        let blocked = seen["blocked"].as_array().cloned().unwrap_or_default();
+        let target = seen["talkers"].as_array().into_iter().flatten().find(|talker| {
+            talker["requests_per_s"].as_f64().unwrap_or(0.0) > 100.0 && !blocked.contains(&talker["ip"])
+        });
+        let message = match target {
+            Some(talker) => json!({ "role": "assistant", "content": null, "tool_calls": [{
+                "id": "call-1", "type": "function",
+                "function": { "name": "block_ip", "arguments": json!({ "ip": talker["ip"], "ttl_s": 120 }).to_string() },
+            }]}),
+            None => json!({ "role": "assistant", "content": "all good" }),
+        };
+        Json(json!({
+            "id": "chatcmpl", "object": "chat.completion", "created": 0, "model": "scripted",
+            "choices": [{ "index": 0, "message": message, "finish_reason": "stop" }],
+        }))
+    }
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            sender.send(listener.local_addr().expect("address")).expect("send");
+            let router = axum::Router::new().route("/v1/chat/completions", post(answer));
+            axum::serve(listener, router).await.expect("serve");
+        });
+    });
+    format!("http://{}/v1", receiver.recv().expect("the model's address"))
+}
+
+#[test]
+fn an_llm_run_recorded_then_replayed_gives_the_same_run_result() {
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/calm-opening.toml"))
+            .expect("scenario");
+    let bot = "\n[[bots]]\nname = \"scalper\"\nips = 2\nrate_per_s = 600\nstart_s = 3\nend_s = 30\ntargets = [\"queue-join\"]\n";
+    let cassette = std::env::temp_dir().join(format!("tcore-cassette-{}.json", std::process::id()));
+    let mut llm = Scenario::parse(&format!("{text}{bot}"), "llm.toml").unwrap_or_else(|error| panic!("{error}"));
+    llm.slo.thresholds.retain(|threshold| !threshold.metric.starts_with("agent."));
+    llm.agent.policy = AgentPolicy::Llm;
+    llm.agent.base_url = scripted_model();
+    llm.agent.cassette = Some(cassette.display().to_string());
+    let world = tcore_sim::world::run(&llm, "llm", &mut |_| {}).expect("llm run");
+    let recorded = world.agent.as_ref().and_then(|agent| agent.cassette.clone()).expect("a cassette");
+    recorded.save(&cassette).expect("cassette written");
+    let report = tcore_sim::checker::check(&world.history);
+    let mut first = tcore_sim::score::run_result(&llm, "ci", "test", &world, &report);
+    assert!(
+        figure(&first, "/score/agent/actions_applied") >= 2.0,
+        "the model blocked both scalpers: {}",
+        first["agent_actions"]
+    );
+    assert!(recorded.answers.len() >= 5);
+    let replay = with_policy(llm.clone(), AgentPolicy::Replay);
+    let (second, _) = run(&replay);
+    let mut second = json_of(&second);
+    std::fs::remove_file(&cassette).ok();
+    assert_eq!(first["score"]["agent"]["policy"], json!("llm"));
+    assert_eq!(second["score"]["agent"]["policy"], json!("replay"));
+    // Everything else, every action and every figure, is the same.
+    first["score"]["agent"]["policy"] = Value::Null;
+    second["score"]["agent"]["policy"] = Value::Null;
+    first = json_of(&serde_json::to_vec_pretty(&first).expect("bytes"));
+    assert!(first == second, "the replay differs from the recorded run");
+}
