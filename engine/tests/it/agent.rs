@@ -263,3 +263,17 @@ async fn a_recorded_cassette_replays_the_same_answers_without_the_model() {
     let missed = LlmPolicy::new("replay", Replaying { cassette }, "scripted").decide(&elsewhere).await;
     assert!(missed.calls.is_empty() && missed.note.as_deref().is_some_and(|note| note.contains("no answer")));
 }
+
+#[tokio::test]
+async fn a_dry_run_judges_actions_but_sends_none() {
+    let (engine, base_url) = served("engine-1").await;
+    let transport =
+        HttpTransport::new(vec![base_url.clone()], ADMIN_TOKEN.into(), ACTOR.into(), Duration::from_secs(5));
+    let clock = Arc::new(ManualClock::starting_at_ms(START_MS));
+    let mut agent =
+        Agent::new(transport, RulesPolicy::new(RulesConfig::default()), clock, AgentOptions { dry_run: true });
+    agent.decide_once().await;
+    let decision = agent.decide_once().await;
+    assert_eq!(outcomes(&decision), vec![("block_ip", ActionOutcome::DryRun)]);
+    assert!(engine.snapshot().await.expect("snapshot").blocks.is_empty());
+}

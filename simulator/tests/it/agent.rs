@@ -142,3 +142,28 @@ fn an_llm_run_recorded_then_replayed_gives_the_same_run_result() {
     first = json_of(&serde_json::to_vec_pretty(&first).expect("bytes"));
     assert!(first == second, "the replay differs from the recorded run");
 }
+
+#[test]
+fn a_partition_cuts_the_agent_off_and_its_decisions_say_so() {
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/calm-opening.toml"))
+            .expect("scenario");
+    let cut = "\n[[faults]]\nkind = \"partition\"\nat_s = 10\nheal_at_s = 20\na = \"agent\"\nb = \"engine-*\"\n";
+    let cut_off = Scenario::parse(&format!("{text}{cut}"), "cut.toml").unwrap_or_else(|error| panic!("{error}"));
+    let world = tcore_sim::world::run(&cut_off, "cut", &mut |_| {}).expect("run");
+    let decisions = &world.agent.as_ref().expect("an agent ran").decisions;
+    let at_s = |at_ms: u64| (at_ms - tcore_sim::world::EPOCH_MS) as f64 / 1e3;
+    let unreachable = |from_s: f64, to_s: f64| {
+        decisions
+            .iter()
+            .filter(|decision| (from_s..to_s).contains(&at_s(decision.at_ms)))
+            .map(|decision| decision.nodes_unreachable.len())
+            .collect::<Vec<_>>()
+    };
+    let during = unreachable(11.0, 19.0);
+    assert!(!during.is_empty() && during.iter().all(|count| *count == 3), "cut off: {during:?}");
+    let before = unreachable(0.0, 9.5);
+    assert!(!before.is_empty() && before.iter().all(|count| *count == 0), "before: {before:?}");
+    let after = unreachable(25.0, 60.0);
+    assert!(!after.is_empty() && after.iter().all(|count| *count == 0), "after: {after:?}");
+}
