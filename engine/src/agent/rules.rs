@@ -184,7 +184,17 @@ impl Policy for RulesPolicy {
         let (mut reasons, mut calls) = (Vec::new(), Vec::new());
         self.admission(seen, &mut reasons, &mut calls);
         self.abusers(seen, &mut reasons, &mut calls);
-        Proposal { reason: if reasons.is_empty() { "healthy".into() } else { reasons.join("; ") }, calls, note: None }
+        let reason = if reasons.is_empty() {
+            format!(
+                "no rule fired: p99 {} us, error rate {:.3}, busiest IP {:.0} requests/s",
+                seen.latency_us_p99,
+                seen.error_rate,
+                seen.talkers.first().map_or(0.0, |talker| talker.requests_per_s)
+            )
+        } else {
+            reasons.join("; ")
+        };
+        Proposal { reason, calls, note: None }
     }
 }
 
