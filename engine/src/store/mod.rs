@@ -11,9 +11,15 @@
 //! caller never has to compose store calls to stay correct.
 //! **API boundary:** callers see domain types and [`StoreError`] only, never a backend's types.
 
+mod mariadb;
 mod memory;
+mod redis;
+mod relay;
 
+pub use mariadb::{MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
 pub use memory::{MemoryStore, MemoryStoreConfig};
+pub use redis::{GatePass, RedisStore, RedisStoreConfig, SeatGate};
+pub use relay::{OutboxRelay, OutboxRelayConfig};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -2,5 +2,9 @@
 
 mod api;
 mod concurrency;
+mod contract;
 mod hold_modes;
+mod services;
+mod shared_stores;
+mod store_faults;
 mod support;
