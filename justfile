@@ -27,6 +27,14 @@ bench:
 bench-sim:
     cargo bench -p tcore-sim --bench sim_throughput
 
+# Live smoke: two engine nodes on redis+mariadb, a burst of holds and confirms, a database audit.
+smoke:
+    bash scripts/smoke-live.sh
+
+# Apply the MariaDB schema (TCORE_DATABASE_URL, default mysql://root@127.0.0.1:3306/tcore).
+migrate:
+    cargo run -q -p tcore-engine -- migrate
+
 # Lints, as strict as the workspace says.
 lint:
     cargo clippy --workspace --all-targets -- -D warnings

@@ -180,11 +180,19 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A store refusing an option's value, as the error that names the option.
+fn option_error(option: &str, error: tcore_engine::store::StoreError) -> anyhow::Error {
+    match error {
+        tcore_engine::store::StoreError::Invalid { reason } => anyhow::anyhow!("{option}: {reason}"),
+        other => anyhow::anyhow!("{option}: {other}"),
+    }
+}
+
 /// Creates the database if it is missing and applies pending migrations.
 async fn migrate(database_url: &str) -> anyhow::Result<MariaDbStore> {
     use sqlx::migrate::MigrateDatabase;
     let store = MariaDbStore::connect_lazy(database_url, MariaDbStoreConfig::default())
-        .map_err(|error| anyhow::anyhow!("--database-url: {error}"))?;
+        .map_err(|error| option_error("--database-url", error))?;
     let exists = sqlx::MySql::database_exists(database_url).await.context("--database-url: cannot reach MariaDB")?;
     if !exists {
         sqlx::MySql::create_database(database_url).await.context("--database-url: cannot create the database")?;
@@ -218,7 +226,7 @@ async fn stores(args: &ServeArgs) -> anyhow::Result<Stores> {
                     ..RedisStoreConfig::default()
                 },
             )
-            .map_err(|error| anyhow::anyhow!("--redis-url: {error}"))?;
+            .map_err(|error| option_error("--redis-url", error))?;
             let record: Arc<dyn RecordStore> =
                 Arc::new(migrate(&args.database_url).await?.with_seat_gate(redis.seat_gate()));
             let relay = OutboxRelay::new(Arc::clone(&record), redis.clone(), OutboxRelayConfig::default());

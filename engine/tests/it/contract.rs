@@ -574,3 +574,35 @@ contract!(
         assert_books_balance(record.as_ref()).await;
     }
 );
+
+contract!(
+    async fn sweepers_of_several_nodes_expire_each_hold_once(stores) {
+        let record = Arc::clone(&stores.record);
+        record.put_schedule(schedule(40, 0)).await.expect("schedule");
+        let ada = user(record.as_ref(), "ada", 0).await;
+        for seat in seat_ids(record.as_ref()).await {
+            record.try_hold(hold(seat, ada), T0).await.expect("hold");
+        }
+        let sweepers: Vec<_> = (0..4)
+            .map(|_| {
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut expired = 0;
+                    for _ in 0..10 {
+                        expired += record.expire_holds(T0 + TTL_MS, 7).await.expect("sweep");
+                    }
+                    expired
+                })
+            })
+            .collect();
+        let mut expired = 0;
+        for sweeper in sweepers {
+            expired += sweeper.await.expect("task");
+        }
+        assert_eq!(expired, 40, "each hold counted by exactly one sweeper");
+        let dump = record.dump().await.expect("dump");
+        assert!(dump.reservations.iter().all(|reservation| reservation.status == ReservationStatus::Expired));
+        let events = dump.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationExpired).count();
+        assert_eq!(events, 40, "one expiry event per hold");
+    }
+);

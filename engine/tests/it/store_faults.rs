@@ -14,8 +14,8 @@ use tcore_engine::config::{EngineConfig, HoldMode};
 use tcore_engine::domain::{FenceToken, LedgerReason, ReservationStatus, TransitionError, WriteGuard};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::store::{
-    CacheStore, HoldRequest, MariaDbStore, MariaDbStoreConfig, RecordStore, RedisStore, RedisStoreConfig, SeatFilter,
-    StoreError,
+    CacheStore, HoldRequest, MariaDbStore, MariaDbStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore, RedisStore,
+    RedisStoreConfig, SeatFilter, StoreError,
 };
 use tcore_engine::{Engine, EngineParts, app};
 use tower::ServiceExt;
@@ -210,4 +210,49 @@ async fn malformed_store_urls_are_refused_with_a_reason() {
     }
     let redis = RedisStore::connect_lazy("redis://[::1", RedisStoreConfig::default());
     assert!(matches!(redis, Err(StoreError::Invalid { reason }) if reason.starts_with("malformed Redis URL")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_relay_publishes_every_event_to_the_stream_and_marks_it_sent() {
+    let Some(stores) = Stores::redis_mariadb().await else { return };
+    let redis = stores.redis.clone().expect("redis");
+    let ada = stores.record.create_user("ada".into(), 0, START_MS).await.expect("user").user_id;
+    for index in 0..7 {
+        stores.record.top_up(ada, 10, format!("k{index}"), START_MS).await.expect("top up");
+    }
+    let relay = OutboxRelay::new(
+        Arc::clone(&stores.record),
+        redis.clone(),
+        OutboxRelayConfig { batch_max: 5, ..OutboxRelayConfig::default() },
+    );
+    assert_eq!(relay.relay_once().await.expect("relay"), 5);
+    assert_eq!(relay.relay_once().await.expect("relay"), 2);
+    assert_eq!(relay.relay_once().await.expect("relay"), 0);
+    assert!(stores.record.outbox_pending(100).await.expect("pending").is_empty());
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("connect");
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(redis.outbox_stream_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut connection)
+        .await
+        .expect("stream");
+    let published: Vec<(String, String)> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let field = |name: &str| fields.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone());
+            (field("id").unwrap_or_default(), field("kind").unwrap_or_default())
+        })
+        .collect();
+    let expected: Vec<(String, String)> = stores
+        .record
+        .dump()
+        .await
+        .expect("dump")
+        .outbox
+        .iter()
+        .map(|event| (event.id.to_string(), "points_charged".to_owned()))
+        .collect();
+    assert_eq!(published, expected, "every event once, in order");
 }
