@@ -23,6 +23,10 @@ demo:
 bench:
     cargo bench -p tcore-engine --bench http_mix
 
+# Hold attempts per second: memory store, then two nodes on Redis and MariaDB, and redis-benchmark's rate for the gate script.
+bench-holds:
+    cargo bench -p tcore-engine --bench holds
+
 # Simulated requests per wall second against a bare handler in the same world.
 bench-sim:
     cargo bench -p tcore-sim --bench sim_throughput

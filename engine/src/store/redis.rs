@@ -628,6 +628,11 @@ pub struct GatePass {
 }
 
 impl SeatGate {
+    /// The SHA1 the gate's Lua script runs by (`EVALSHA`), for tools that drive it directly.
+    pub fn take_script_hash(&self) -> &str {
+        self.redis.scripts.gate_take.get_hash()
+    }
+
     /// Closes the seat's gate for this hold; `None` if a live hold or a sale already closed it.
     pub async fn take(&self, request: &HoldRequest, now_ms: u64) -> Result<Option<GatePass>, StoreError> {
         let number = self.redis.gate_tokens.fetch_add(1, Ordering::Relaxed);

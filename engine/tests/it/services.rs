@@ -177,6 +177,7 @@ macro_rules! contract {
 
 /// A TCP proxy in front of a server, which a test can cut (every connection closed, new ones
 /// refused) and restore: the server "goes down" without touching the real one.
+#[derive(Debug)]
 pub struct CutProxy {
     pub port: u16,
     open: Arc<std::sync::atomic::AtomicBool>,

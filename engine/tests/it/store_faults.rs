@@ -3,6 +3,7 @@
 //! `TCORE_REQUIRE_SERVICES=1`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -12,7 +13,7 @@ use http_body_util::BodyExt;
 use tcore_engine::clock::ManualClock;
 use tcore_engine::config::{EngineConfig, HoldMode};
 use tcore_engine::domain::{FenceToken, LedgerReason, ReservationStatus, TransitionError, WriteGuard};
-use tcore_engine::faults::NoFaults;
+use tcore_engine::faults::{FaultContext, FaultHook, FaultPoint, NoFaults};
 use tcore_engine::store::{
     CacheStore, HoldRequest, MariaDbStore, MariaDbStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore, RedisStore,
     RedisStoreConfig, SeatFilter, StoreError,
@@ -66,9 +67,14 @@ fn problem_code(bytes: &Bytes) -> String {
     problem["code"].as_str().unwrap_or_default().to_owned()
 }
 
-fn engine_on(record: Arc<dyn RecordStore>, cache: Arc<dyn CacheStore>, clock: &ManualClock) -> Arc<Engine> {
+fn engine_on(
+    record: Arc<dyn RecordStore>,
+    cache: Arc<dyn CacheStore>,
+    clock: &ManualClock,
+    faults: Arc<dyn FaultHook>,
+) -> Arc<Engine> {
     let config = EngineConfig { trust_forwarded_for: true, ..config(HoldMode::Atomic) };
-    Engine::new(EngineParts { config, clock: Arc::new(clock.clone()), record, cache, faults: Arc::new(NoFaults) })
+    Engine::new(EngineParts { config, clock: Arc::new(clock.clone()), record, cache, faults })
         .unwrap_or_else(|error| panic!("test config is valid: {error}"))
 }
 
@@ -116,10 +122,26 @@ async fn the_database_refuses_a_second_active_reservation_of_a_seat_even_from_th
     }
 }
 
+/// Cuts MariaDB off once, when a confirm has claimed its idempotency key and is about to write.
+#[derive(Debug)]
+struct CutBeforeConfirm {
+    proxy: Arc<CutProxy>,
+    armed: AtomicBool,
+}
+
+impl FaultHook for CutBeforeConfirm {
+    fn pause_at(&self, point: FaultPoint, _context: &FaultContext) -> Option<Duration> {
+        if point == FaultPoint::ConfirmBeforeCommit && self.armed.swap(false, Ordering::SeqCst) {
+            self.proxy.cut();
+        }
+        None
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_confirm_cut_off_from_mariadb_answers_503_and_its_retry_charges_once() {
+async fn mariadb_lost_in_the_middle_of_a_confirm_answers_503_and_the_retry_charges_once() {
     let Some(stores) = Stores::redis_mariadb().await else { return };
-    let proxy = CutProxy::start(host_port(&mariadb_server_url())).await;
+    let proxy = Arc::new(CutProxy::start(host_port(&mariadb_server_url())).await);
     let database_url = through(stores.database_url.as_deref().expect("database"), &proxy);
     let config = MariaDbStoreConfig {
         call_timeout: Duration::from_secs(2),
@@ -130,20 +152,26 @@ async fn a_confirm_cut_off_from_mariadb_answers_503_and_its_retry_charges_once()
     let record =
         Arc::new(MariaDbStore::connect_lazy(&database_url, config).expect("url").with_seat_gate(redis.seat_gate()));
     let clock = ManualClock::starting_at_ms(START_MS);
-    let engine = engine_on(record.clone(), Arc::clone(&stores.cache), &clock);
+    let faults = Arc::new(CutBeforeConfirm { proxy: Arc::clone(&proxy), armed: AtomicBool::new(false) });
+    let engine = engine_on(record, Arc::clone(&stores.cache), &clock, faults.clone());
     engine.add_schedule(schedule(START_MS, 5)).await.expect("schedule");
     let (user_id, token) = admitted_user(&engine, &clock).await;
     let held = engine.hold(Some(&token), 1, 1).await.expect("hold");
     let router = app(Arc::clone(&engine));
     let confirm = format!("/v1/reservations/{}/confirm", held.id);
 
-    proxy.cut();
+    faults.armed.store(true, Ordering::SeqCst);
     let (status, content_type, body) = send(&router, Method::POST, &confirm, Some(&token), Some("pay-1"), None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(content_type, "application/problem+json");
     assert_eq!(problem_code(&body), "store_unavailable");
 
     proxy.restore();
+    // The key's lease could not be given back while the database was away: until it lapses a
+    // retry is told the request is still in progress, and runs nothing.
+    let (status, _, body) = send(&router, Method::POST, &confirm, Some(&token), Some("pay-1"), None).await;
+    assert_eq!((status, problem_code(&body).as_str()), (StatusCode::CONFLICT, "idempotency_in_progress"));
+    clock.advance(Duration::from_millis(engine.config().idempotency_lease_ms));
     let (status, _, first) = send(&router, Method::POST, &confirm, Some(&token), Some("pay-1"), None).await;
     assert_eq!(status, StatusCode::OK, "{first:?}");
     let (status, _, replay) = send(&router, Method::POST, &confirm, Some(&token), Some("pay-1"), None).await;
@@ -171,7 +199,7 @@ async fn with_redis_down_readyz_and_booking_calls_answer_503_and_service_resumes
     .expect("url");
     let record = Arc::new(stores.mariadb.clone().expect("mariadb").with_seat_gate(redis.seat_gate()));
     let clock = ManualClock::starting_at_ms(START_MS);
-    let engine = engine_on(record, Arc::new(redis), &clock);
+    let engine = engine_on(record, Arc::new(redis), &clock, Arc::new(NoFaults));
     engine.add_schedule(schedule(START_MS, 5)).await.expect("schedule");
     let (_, token) = admitted_user(&engine, &clock).await;
     let router = app(Arc::clone(&engine));
