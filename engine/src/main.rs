@@ -227,8 +227,12 @@ async fn stores(args: &ServeArgs) -> anyhow::Result<Stores> {
                 },
             )
             .map_err(|error| option_error("--redis-url", error))?;
-            let record: Arc<dyn RecordStore> =
-                Arc::new(migrate(&args.database_url).await?.with_seat_gate(redis.seat_gate()));
+            let record: Arc<dyn RecordStore> = Arc::new(
+                migrate(&args.database_url)
+                    .await?
+                    .with_seat_gate(redis.seat_gate())
+                    .with_idempotency_cache(redis.idempotency_cache()),
+            );
             let relay = OutboxRelay::new(Arc::clone(&record), redis.clone(), OutboxRelayConfig::default());
             Ok(Stores { record, cache: Arc::new(redis), relay: Some(relay) })
         }

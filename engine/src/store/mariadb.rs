@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, QueryBuilder, Row, Transaction};
 
-use super::redis::SeatGate;
+use super::redis::{IdempotencyCache, SeatGate};
 use super::{AcceptedFence, AuditEntry, HoldRequest, RecordDump, RecordStore, SeatFilter, StoreError};
 use crate::domain::{
     Account, Concert, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, LedgerReason, OutboxEvent,
@@ -60,6 +60,7 @@ pub struct MariaDbStore {
     pool: MySqlPool,
     config: MariaDbStoreConfig,
     gate: Option<SeatGate>,
+    idempotency_cache: Option<IdempotencyCache>,
 }
 
 /// Why a transaction failed: a domain answer, or the database.
@@ -139,13 +140,19 @@ impl MariaDbStore {
             .max_connections(config.connections_max)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, config, gate: None })
+        Ok(Self { pool, config, gate: None, idempotency_cache: None })
     }
 
     /// Puts a seat gate in front of the atomic hold, so that attempts on a seat someone holds
     /// are refused without a transaction.
     pub fn with_seat_gate(mut self, gate: SeatGate) -> Self {
         self.gate = Some(gate);
+        self
+    }
+
+    /// Answers replays of completed idempotency keys from `cache` when it has them.
+    pub fn with_idempotency_cache(mut self, cache: IdempotencyCache) -> Self {
+        self.idempotency_cache = Some(cache);
         self
     }
 
@@ -578,6 +585,21 @@ impl MariaDbStore {
         emit(&mut tx, OutboxKind::ReservationHeld, Some(reservation.id), request.user_id, now_ms).await?;
         tx.commit().await?;
         Ok(reservation)
+    }
+
+    /// Caches a completed record, after reading back that the database holds exactly it (a
+    /// completion that lost its lease changed nothing there and must not be cached).
+    async fn cache_completed(
+        &self,
+        cache: &IdempotencyCache,
+        key: &str,
+        fingerprint: &[u8; 32],
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        let stored = self.call(|| self.idempotency_record(key)).await?;
+        let matches = matches!(&stored, Some(IdempotencyRecord::Completed { fingerprint: held, response: kept, .. })
+            if held == fingerprint && kept == response);
+        if matches { cache.put(key, fingerprint, response).await } else { Ok(()) }
     }
 
     /// Reads a reservation without locking it, to learn which seat to lock first.
@@ -1144,7 +1166,24 @@ impl RecordStore for MariaDbStore {
         lease_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError> {
-        self.call(|| self.idempotency_begin_once(&key, &fingerprint, lease_ms, now_ms)).await
+        if let Some(cache) = &self.idempotency_cache {
+            match cache.get(&key).await {
+                Ok(Some((stored_fingerprint, response))) => {
+                    let completed =
+                        IdempotencyRecord::Completed { fingerprint: stored_fingerprint, response, completed_at_ms: 0 };
+                    return Ok(idempotency_decision(Some(&completed), &fingerprint, now_ms));
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "idempotency cache unavailable; asking the database"),
+            }
+        }
+        let decision = self.call(|| self.idempotency_begin_once(&key, &fingerprint, lease_ms, now_ms)).await?;
+        if let (Some(cache), IdempotencyDecision::Replay(response)) = (&self.idempotency_cache, &decision)
+            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, response).await
+        {
+            tracing::warn!(%error, "completed idempotency record not cached");
+        }
+        Ok(decision)
     }
 
     async fn idempotency_complete(
@@ -1170,7 +1209,13 @@ impl RecordStore for MariaDbStore {
             .await?;
             Ok(())
         })
-        .await
+        .await?;
+        if let Some(cache) = &self.idempotency_cache
+            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, &response).await
+        {
+            tracing::warn!(%error, "completed idempotency record not cached");
+        }
+        Ok(())
     }
 
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ mod relay;
 
 pub use mariadb::{MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
 pub use memory::{MemoryStore, MemoryStoreConfig};
-pub use redis::{GatePass, RedisStore, RedisStoreConfig, SeatGate};
+pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
 pub use relay::{OutboxRelay, OutboxRelayConfig};
 
 use async_trait::async_trait;

@@ -22,7 +22,7 @@ use redis::{FromRedisValue, Script};
 use super::{AdmitReport, CacheStore, HoldRequest, LockGrant, StoreError};
 use crate::domain::{
     AdmissionPolicy, Admitted, FenceToken, OutboxEvent, QueueOrder, QueueStatus, ReservationId, ScheduleId, SeatId,
-    TokenStatus, TransitionError, UserId,
+    StoredResponse, TokenStatus, TransitionError, UserId,
 };
 
 /// Where the Redis store keeps its keys, how long a call may take, and its seed.
@@ -463,6 +463,11 @@ impl RedisStore {
     pub fn seat_gate(&self) -> SeatGate {
         SeatGate { redis: self.clone() }
     }
+
+    /// The cache of completed idempotency records on this server.
+    pub fn idempotency_cache(&self) -> IdempotencyCache {
+        IdempotencyCache { redis: self.clone() }
+    }
 }
 
 #[async_trait]
@@ -686,5 +691,68 @@ impl SeatGate {
         let mut invocation = self.redis.scripts.gate_release.key(self.redis.gate_key(schedule_id, seat_id));
         invocation.arg("reservation").arg(reservation_id);
         self.redis.run::<u8>(invocation).await.map(|_| ())
+    }
+}
+
+/// Completed idempotency records, cached in front of the record store: a replay is answered
+/// from Redis without a database round trip. A completed record never changes, so the cache
+/// cannot go stale; a record it lost (evicted, expired, server restarted) is read from the
+/// record store again.
+#[derive(Debug, Clone)]
+pub struct IdempotencyCache {
+    redis: RedisStore,
+}
+
+/// Fingerprint, status, content type and body of a cached record, each missing if not cached.
+type CachedIdempotencyFields = (Option<Vec<u8>>, Option<u16>, Option<String>, Option<Vec<u8>>);
+
+/// How long a completed idempotency record stays cached.
+const IDEMPOTENCY_CACHE_TTL_MS: u64 = 24 * 3_600 * 1_000;
+
+impl IdempotencyCache {
+    fn key(&self, key: &str) -> String {
+        format!("{}idem:{key}", self.redis.config.prefix)
+    }
+
+    /// The completed record of `key`, if cached: its fingerprint and response.
+    pub async fn get(&self, key: &str) -> Result<Option<([u8; 32], StoredResponse)>, StoreError> {
+        let mut connection = self.redis.connection.clone();
+        let cache_key = self.key(key);
+        let fields: CachedIdempotencyFields = self
+            .redis
+            .bounded(async move {
+                redis::cmd("HMGET")
+                    .arg(cache_key)
+                    .arg(&["fingerprint", "status", "content_type", "body"])
+                    .query_async(&mut connection)
+                    .await
+            })
+            .await?;
+        let (Some(fingerprint), Some(status), Some(content_type), Some(body)) = fields else { return Ok(None) };
+        let Ok(fingerprint) = <[u8; 32]>::try_from(fingerprint) else { return Ok(None) };
+        Ok(Some((fingerprint, StoredResponse { status, content_type, body })))
+    }
+
+    /// Caches the completed record of `key`.
+    pub async fn put(&self, key: &str, fingerprint: &[u8; 32], response: &StoredResponse) -> Result<(), StoreError> {
+        let cache_key = self.key(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&cache_key)
+            .arg("fingerprint")
+            .arg(&fingerprint[..])
+            .arg("status")
+            .arg(response.status)
+            .arg("content_type")
+            .arg(&response.content_type)
+            .arg("body")
+            .arg(&response.body)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&cache_key)
+            .arg(IDEMPOTENCY_CACHE_TTL_MS)
+            .ignore();
+        let mut connection = self.redis.connection.clone();
+        self.redis.bounded(async move { pipe.query_async::<()>(&mut connection).await }).await
     }
 }

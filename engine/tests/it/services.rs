@@ -81,7 +81,8 @@ impl Stores {
         }
         let mariadb = MariaDbStore::connect_lazy(&database_url, MariaDbStoreConfig::default())
             .expect("the MariaDB URL is well formed")
-            .with_seat_gate(redis.seat_gate());
+            .with_seat_gate(redis.seat_gate())
+            .with_idempotency_cache(redis.idempotency_cache());
         mariadb.migrate().await.expect("the schema migrates on a fresh database");
         Some(Self {
             backend: "redis+mariadb",

@@ -12,7 +12,9 @@ use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tcore_engine::clock::ManualClock;
 use tcore_engine::config::{EngineConfig, HoldMode};
-use tcore_engine::domain::{FenceToken, LedgerReason, ReservationStatus, TransitionError, WriteGuard};
+use tcore_engine::domain::{
+    FenceToken, IdempotencyDecision, LedgerReason, ReservationStatus, StoredResponse, TransitionError, WriteGuard,
+};
 use tcore_engine::faults::{FaultContext, FaultHook, FaultPoint, NoFaults};
 use tcore_engine::store::{
     CacheStore, HoldRequest, MariaDbStore, MariaDbStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore, RedisStore,
@@ -283,4 +285,21 @@ async fn the_outbox_relay_publishes_every_event_to_the_stream_and_marks_it_sent(
         .map(|event| (event.id.to_string(), "points_charged".to_owned()))
         .collect();
     assert_eq!(published, expected, "every event once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_idempotency_key_is_replayed_from_the_redis_cache() {
+    let Some(stores) = Stores::redis_mariadb().await else { return };
+    let record = stores.record.as_ref();
+    let response = StoredResponse { status: 200, content_type: "application/json".into(), body: b"{}".to_vec() };
+    assert_eq!(record.idempotency_begin("k".into(), [1; 32], 1_000, START_MS).await, Ok(IdempotencyDecision::Proceed));
+    record.idempotency_complete("k".into(), [1; 32], response.clone(), START_MS).await.expect("complete");
+    let pool = stores.mariadb.as_ref().expect("mariadb").pool();
+    sqlx::query("DELETE FROM idempotency_records").execute(pool).await.expect("delete");
+    assert_eq!(
+        record.idempotency_begin("k".into(), [1; 32], 1_000, START_MS).await,
+        Ok(IdempotencyDecision::Replay(response)),
+        "answered from the cache"
+    );
+    assert_eq!(record.idempotency_begin("k".into(), [2; 32], 1_000, START_MS).await, Ok(IdempotencyDecision::Mismatch));
 }
