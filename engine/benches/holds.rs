@@ -10,8 +10,8 @@
 //! mostly taken map.
 //!
 //! Run: `cargo bench -p tcore-engine --bench holds` (`just bench-holds`). Environment:
-//! `BENCH_SECONDS` per round (5), `BENCH_ROUNDS` (2), `BENCH_CONNECTIONS` (64), `BENCH_SEATS`
-//! (20000), `TCORE_BENCH_MARIADB` (mysql://root@127.0.0.1:3306), `TCORE_BENCH_REDIS`
+//! `BENCH_SECONDS` per round (5), `BENCH_ROUNDS` (3), `BENCH_CONNECTIONS` (64), `BENCH_SEATS`
+//! (5000), `TCORE_BENCH_MARIADB` (mysql://root@127.0.0.1:3306), `TCORE_BENCH_REDIS`
 //! (redis://127.0.0.1:6379). Servers, drivers, Redis and MariaDB all share this machine.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
@@ -44,9 +44,9 @@ struct Tally {
 
 fn main() {
     let seconds: u64 = env_or("BENCH_SECONDS", 5);
-    let rounds: usize = env_or("BENCH_ROUNDS", 2);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let connections: usize = env_or("BENCH_CONNECTIONS", 64);
-    let seats: u64 = env_or("BENCH_SEATS", 20_000);
+    let seats: u64 = env_or("BENCH_SEATS", 5_000);
     let mariadb: String = env_or("TCORE_BENCH_MARIADB", "mysql://root@127.0.0.1:3306".to_owned());
     let redis_url: String = env_or("TCORE_BENCH_REDIS", "redis://127.0.0.1:6379".to_owned());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();

@@ -10,6 +10,11 @@
 //! confirm checks the fence, debits, confirms and writes its outbox event together), so a
 //! caller never has to compose store calls to stay correct.
 //! **API boundary:** callers see domain types and [`StoreError`] only, never a backend's types.
+//!
+//! Implementations: [`MemoryStore`] (both roles, one process; the reference semantics),
+//! [`MariaDbStore`] (the record role on MariaDB, with [`SeatGate`] and [`IdempotencyCache`] on
+//! Redis in front of it) and [`RedisStore`] (the cache role). One contract suite
+//! (`engine/tests/it/contract.rs`) runs the same test bodies against each.
 
 mod mariadb;
 mod memory;

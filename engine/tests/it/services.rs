@@ -79,7 +79,9 @@ impl Stores {
             drop(cleanup);
             return unavailable(&format!("Redis at {} does not answer: {error}", redis_url()));
         }
-        let mariadb = MariaDbStore::connect_lazy(&database_url, MariaDbStoreConfig::default())
+        // Few connections per test: many tests run at once against one server.
+        let config = MariaDbStoreConfig { connections_max: 8, ..MariaDbStoreConfig::default() };
+        let mariadb = MariaDbStore::connect_lazy(&database_url, config)
             .expect("the MariaDB URL is well formed")
             .with_seat_gate(redis.seat_gate())
             .with_idempotency_cache(redis.idempotency_cache());
