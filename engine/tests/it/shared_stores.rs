@@ -3,18 +3,20 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
-use tcore_engine::clock::ManualClock;
+use tcore_engine::clock::{ManualClock, TokioClock};
 use tcore_engine::config::{EngineConfig, HoldMode};
-use tcore_engine::domain::{OutboxKind, ReservationStatus};
+use tcore_engine::domain::{FenceToken, OutboxKind, ReservationStatus, TransitionError};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::{Engine, EngineError, EngineParts};
 
 use crate::contract;
 use crate::contract::assert_books_balance;
+use crate::hold_modes::PauseFirstHolders;
 use crate::services::Stores;
-use crate::support::{START_MS, config, schedule};
+use crate::support::{START_MS, config, queued_user, schedule};
 
 /// Engine nodes named `engine-1`, `engine-2`, ... on `stores`, sharing one clock.
 pub fn nodes(stores: &Stores, count: usize, config: &EngineConfig, clock: &ManualClock) -> Vec<Arc<Engine>> {
@@ -118,5 +120,43 @@ contract!(
 contract!(
     async fn two_nodes_racing_fenced_lock_holds_and_confirms_sell_each_seat_once(stores) {
         race_two_nodes(stores, HoldMode::FencedLock).await;
+    }
+);
+
+contract!(
+    async fn a_fenced_lock_holder_paused_past_its_ttl_cannot_overwrite_the_next_holder(stores) {
+        // Real time: the first holder sleeps 1.5 s at `hold.after_check` with a 200 ms lock.
+        let clock = Arc::new(TokioClock::new(START_MS));
+        let config = EngineConfig { lock_ttl_ms: 200, ..config(HoldMode::FencedLock) };
+        let faults =
+            Arc::new(PauseFirstHolders { pause: Duration::from_millis(1_500), holders: AtomicU32::new(1) });
+        let engine = Engine::new(EngineParts {
+            config,
+            clock,
+            record: Arc::clone(&stores.record),
+            cache: Arc::clone(&stores.cache),
+            faults,
+        })
+        .unwrap_or_else(|error| panic!("test config is valid: {error}"));
+        engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
+        let (_, token_a) = queued_user(&engine, "a", 1_000).await;
+        let (_, token_b) = queued_user(&engine, "b", 1_000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        engine.tick_admission().await.expect("tick");
+        let slow_engine = Arc::clone(&engine);
+        let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let taken = engine.hold(Some(&token_b), 1, 1).await.expect("the next holder takes the seat");
+        engine.confirm(Some(&token_b), taken.id, None).await.expect("and pays");
+        let stale = slow.await.expect("task");
+        assert!(
+            matches!(stale, Err(EngineError::Rejected(TransitionError::StaleFence { .. }))),
+            "the paused holder's write is stale: {stale:?}"
+        );
+        let dump = stores.record.dump().await.expect("dump");
+        let confirmed = dump.reservations.iter().filter(|r| r.status == ReservationStatus::Confirmed).count();
+        assert_eq!(confirmed, 1);
+        let fences: Vec<FenceToken> = dump.fences.iter().map(|fence| fence.fence).collect();
+        assert_eq!(fences, vec![FenceToken(2)]);
     }
 );
