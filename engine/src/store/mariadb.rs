@@ -132,8 +132,16 @@ impl MariaDbStore {
         let Some(rest) = url.strip_prefix("mysql://") else {
             return Err(malformed("the scheme must be mysql".into()));
         };
-        if rest.split_once('/').is_none_or(|(_, database)| database.split('?').next().unwrap_or("").is_empty()) {
+        let database = rest.split_once('/').map_or("", |(_, path)| path.split('?').next().unwrap_or(""));
+        if database.is_empty() {
             return Err(malformed("no database named".into()));
+        }
+        // The name ends up in `CREATE DATABASE` when it is missing: plain names only.
+        let plain = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        if database.len() > DATABASE_NAME_LEN_MAX || !database.chars().all(plain) {
+            return Err(malformed(format!(
+                "the database name must be 1 to {DATABASE_NAME_LEN_MAX} letters, digits or underscores"
+            )));
         }
         let options = MySqlConnectOptions::from_str(url).map_err(|error| malformed(error.to_string()))?;
         let pool = MySqlPoolOptions::new()
@@ -959,6 +967,8 @@ impl MariaDbStore {
     }
 }
 
+/// MariaDB's longest database name.
+const DATABASE_NAME_LEN_MAX: usize = 64;
 /// Seats written per `INSERT` when a schedule is added.
 const SEAT_INSERT_BATCH_MAX: usize = 1_000;
 /// How often claiming an idempotency key is tried before the caller is told it is in progress.

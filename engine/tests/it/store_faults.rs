@@ -231,7 +231,15 @@ async fn with_redis_down_readyz_and_booking_calls_answer_503_and_service_resumes
 
 #[tokio::test]
 async fn malformed_store_urls_are_refused_with_a_reason() {
-    for url in ["postgres://nope/db", "mysql://127.0.0.1:3306", "mysql://127.0.0.1:99999/db", "mysql://[::1/db"] {
+    let hostile = [
+        "postgres://nope/db",
+        "mysql://127.0.0.1:3306",
+        "mysql://127.0.0.1:99999/db",
+        "mysql://[::1/db",
+        "mysql://root@127.0.0.1:3306/x`; DROP DATABASE test; --",
+        "mysql://root@127.0.0.1:3306/x%60y",
+    ];
+    for url in hostile {
         let database = MariaDbStore::connect_lazy(url, MariaDbStoreConfig::default());
         assert!(
             matches!(&database, Err(StoreError::Invalid { reason }) if reason.starts_with("malformed MariaDB URL")),
