@@ -215,6 +215,13 @@ fn zero_or_negative_seats_name_line_and_key() {
 }
 
 #[test]
+fn a_tick_outside_1_to_10_ms_names_line_and_key() {
+    let text = with("\n[network]\ntick_ms = 0\n");
+    let line = text.lines().position(|line| line == "tick_ms = 0").expect("the key") + 1;
+    check_error(&text, &format!("scenarios/x.toml:{line}:1: key `network.tick_ms`: must be in 1..=10 (got 0)"));
+}
+
+#[test]
 fn a_fault_aimed_at_a_host_that_does_not_exist_names_key_and_host() {
     check_error(
         &with("\n[[faults]]\nkind = \"crash\"\nat_s = 10\nrestart_at_s = 20\nhost = \"engine-3\"\n"),
@@ -368,6 +375,7 @@ rate_limits = { per_ip_per_s = 5, per_token_per_s = 2, burst = 10 }
 latency_ms = { min = 0.5, max = 3 }
 store_latency_ms = { min = 0.1, max = 0.4 }
 fail_rate = 0.001
+tick_ms = 2
 
 [[arrivals]]
 shape = "spike"
