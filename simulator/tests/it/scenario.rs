@@ -135,6 +135,17 @@ fn ci_scenarios_are_small_versions_of_the_full_ones() {
 }
 
 #[test]
+fn the_benchmark_input_is_concert_open_at_ten_times_the_size() {
+    let (open, million) = (load_shipped("concert-open.toml"), load_shipped("bench/million-open.toml"));
+    assert_eq!((open.users_total(), million.users_total()), (100_000, 1_000_000));
+    let seats = |scenario: &Scenario| -> u32 {
+        scenario.venue.schedules.iter().flat_map(|schedule| &schedule.sections).map(|section| section.seats).sum()
+    };
+    assert_eq!((seats(&open), seats(&million)), (20_000, 200_000));
+    assert!(million.faults.is_empty() && !million.is_unsafe());
+}
+
+#[test]
 fn concert_open_is_a_spike_of_100_000_users_for_20_000_seats_without_faults() {
     let scenario = load_shipped("concert-open.toml");
     assert_eq!(scenario.users_total(), 100_000);
