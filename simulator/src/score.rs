@@ -358,7 +358,7 @@ pub fn run_result(
 }
 
 /// The value at a dotted path of the score, as a number.
-fn lookup(score: &Value, metric: &str) -> Option<f64> {
+pub fn lookup(score: &Value, metric: &str) -> Option<f64> {
     metric.split('.').try_fold(score, |value, key| value.get(key))?.as_f64()
 }
 
