@@ -166,7 +166,7 @@ fn judge_change(baseline: f64, run: f64, lower_is_better: bool, allowed: f64) ->
     );
     let worse_by = if lower_is_better { difference } else { -difference };
     if worse_by <= 0.0 {
-        (Status::Pass, format!("improved: {moved}; record it with --update-baseline"))
+        (Status::Pass, format!("improved: {moved}"))
     } else if worse_by <= allowed {
         (Status::Pass, format!("{moved}, within the tolerance of {}", number(allowed)))
     } else {

@@ -135,7 +135,11 @@ pub fn markdown(gates: &[ScenarioGate]) -> String {
     let changes: Vec<String> = gates
         .iter()
         .flat_map(|gate| {
-            gate.checks.iter().filter(|check| check.change.is_some()).map(move |check| {
+            // Wall-clock figures always move a little; they are listed only when they warn.
+            let listed = |check: &&super::Check| {
+                check.change.is_some() && (check.kind != CheckKind::Wall || check.status != Status::Pass)
+            };
+            gate.checks.iter().filter(listed).map(move |check| {
                 let mark = match check.status {
                     Status::Pass => "ok",
                     Status::Warn => "warn",
@@ -148,6 +152,7 @@ pub fn markdown(gates: &[ScenarioGate]) -> String {
     if !changes.is_empty() {
         text.push_str("\n### Changes against the baselines\n\n| scenario | metric | change | verdict |\n| --- | --- | --- | --- |\n");
         text.extend(changes);
+        text.push_str("\nAn improvement beyond the tolerance is recorded with `tcore gate --update-baseline`.\n");
     }
     text
 }

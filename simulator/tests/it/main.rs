@@ -1,6 +1,8 @@
 //! The simulator's integration tests: one binary, one module per area.
 
 mod checker;
+mod gate;
+mod runs;
 mod scenario;
 mod store_rpc;
 mod world;
