@@ -2,6 +2,7 @@
 
 mod checker;
 mod gate;
+mod report;
 mod runs;
 mod scenario;
 mod store_rpc;
