@@ -64,7 +64,7 @@ fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u6
         sim.host(format!("engine-{node}").as_str(), || async {
             let router = Router::new().fallback(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" });
             let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
-            axum::serve(SimListener(listener), router).await?;
+            tcore_engine::server::serve_router(SimListener(listener), router, std::future::pending()).await?;
             Ok(())
         });
     }

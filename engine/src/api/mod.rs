@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -81,8 +81,25 @@ pub fn app(engine: Arc<Engine>) -> Router {
     router
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .fallback(not_found)
+        .layer(middleware::from_fn(finish_writes))
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .with_state(state)
+}
+
+/// A mutating request, once started, runs to its end even if its client goes away (an HTTP/2
+/// stream reset, a closed connection): a payment half done is never abandoned between two
+/// store calls, and its idempotency record is completed for the client's retry.
+async fn finish_writes(request: Request, next: Next) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(request).await;
+    }
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::error!(%error, "request task failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed").into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

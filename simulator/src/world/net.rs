@@ -1,5 +1,5 @@
 //! The simulated network seen from the engine and from the clients: an `axum` listener on
-//! turmoil's TCP, and a small HTTP/1.1 client with a connection pool per engine node.
+//! turmoil's TCP, and a small HTTP/2 client with one connection per engine node.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 /// The port every engine node serves HTTP on.
 pub const ENGINE_PORT: u16 = 8080;
-/// The most idle connections a client host keeps per engine node.
-pub const IDLE_CONNECTIONS_MAX: usize = 512;
+/// How often a connection with requests in flight pings its node.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is given up.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// turmoil's TCP listener as an `axum` listener, so the engine's router runs unchanged.
 pub struct SimListener(pub turmoil::net::TcpListener);
@@ -74,15 +76,45 @@ pub struct HttpRequest {
     pub body: Option<String>,
 }
 
-/// An HTTP client of one client host: a pool of HTTP/1.1 connections per engine node.
+/// An HTTP client of one client host: one HTTP/2 connection per engine node, which carries
+/// every request the host's users have in flight to that node (long polls included).
 /// Single-threaded, like the host it runs on.
 #[derive(Debug, Clone, Default)]
 pub struct HttpClient {
-    idle: Rc<RefCell<IdleConnections>>,
+    nodes: Rc<RefCell<BTreeMap<String, Rc<NodeConnection>>>>,
 }
 
-/// Idle connections per engine node, the most recently used last.
-type IdleConnections = BTreeMap<String, Vec<SendRequest<Full<Bytes>>>>;
+/// The connection to one engine node, made on first use and made again once it is closed.
+#[derive(Debug, Default)]
+struct NodeConnection {
+    sender: RefCell<Option<SendRequest<Full<Bytes>>>>,
+    /// Held while connecting, so the users who wait meanwhile share the new connection.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl NodeConnection {
+    fn open(&self) -> Option<SendRequest<Full<Bytes>>> {
+        self.sender.borrow().as_ref().filter(|sender| !sender.is_closed()).cloned()
+    }
+}
+
+/// A header value that differs per user, sent without entering the connection's compression
+/// table (where it would only push out the values every request shares).
+fn per_user(value: String) -> Result<hyper::header::HeaderValue, HttpFailure> {
+    let mut value = hyper::header::HeaderValue::try_from(value).map_err(|_| HttpFailure::ConnectionLost)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Runs the connections' own tasks on the client host's local task set.
+#[derive(Debug, Clone, Copy)]
+struct LocalExecutor;
+
+impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExecutor {
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}
 
 impl HttpClient {
     /// Sends `request` to `node`, waiting at most `timeout` for the whole answer.
@@ -97,14 +129,13 @@ impl HttpClient {
         let mut sender = self.connection(node).await?;
         let mut builder = hyper::Request::builder()
             .method(request.method)
-            .uri(request.path)
-            .header("host", node)
-            .header("x-forwarded-for", request.forwarded_for);
+            .uri(format!("http://{node}{}", request.path))
+            .header("x-forwarded-for", per_user(request.forwarded_for)?);
         if let Some(token) = request.bearer {
-            builder = builder.header("authorization", format!("Bearer {token}"));
+            builder = builder.header("authorization", per_user(format!("Bearer {token}"))?);
         }
         if let Some(key) = request.idempotency_key {
-            builder = builder.header("idempotency-key", key);
+            builder = builder.header("idempotency-key", per_user(key)?);
         }
         let body = match request.body {
             Some(body) => {
@@ -114,38 +145,39 @@ impl HttpClient {
             None => Full::new(Bytes::new()),
         };
         let request = builder.body(body).map_err(|_| HttpFailure::ConnectionLost)?;
+        sender.ready().await.map_err(|_| HttpFailure::ConnectionLost)?;
         let response = sender.send_request(request).await.map_err(|_| HttpFailure::ConnectionLost)?;
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.map_err(|_| HttpFailure::ConnectionLost)?.to_bytes();
-        self.give_back(node, sender);
         Ok(HttpReply { status, body })
     }
 
     async fn connection(&self, node: &str) -> Result<SendRequest<Full<Bytes>>, HttpFailure> {
-        loop {
-            let idle = self.idle.borrow_mut().get_mut(node).and_then(Vec::pop);
-            match idle {
-                Some(sender) if sender.is_ready() => return Ok(sender),
-                Some(_) => continue,
-                None => break,
-            }
+        let slot = Rc::clone(self.nodes.borrow_mut().entry(node.to_owned()).or_default());
+        if let Some(sender) = slot.open() {
+            return Ok(sender);
+        }
+        let _connecting = slot.connecting.lock().await;
+        if let Some(sender) = slot.open() {
+            return Ok(sender);
         }
         let stream =
             turmoil::net::TcpStream::connect((node, ENGINE_PORT)).await.map_err(|_| HttpFailure::ConnectionLost)?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // Pings find a connection whose node crashed or was cut off, so that it is closed
+        // and the next request connects again.
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(LocalExecutor)
+            .timer(TokioTimer::new())
+            // Answers carry few repeated headers: no compression table to keep.
+            .header_table_size(0)
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|_| HttpFailure::ConnectionLost)?;
         tokio::task::spawn_local(async move {
             let _ = connection.await;
         });
+        *slot.sender.borrow_mut() = Some(sender.clone());
         Ok(sender)
-    }
-
-    fn give_back(&self, node: &str, sender: SendRequest<Full<Bytes>>) {
-        let mut idle = self.idle.borrow_mut();
-        let pool = idle.entry(node.to_owned()).or_default();
-        if pool.len() < IDLE_CONNECTIONS_MAX {
-            pool.push(sender);
-        }
     }
 }
