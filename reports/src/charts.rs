@@ -130,12 +130,13 @@ pub fn bar_chart(labels: &[String], counts: &[u64], colour: Colour, y_label: &st
         let root = SVGBackend::with_string(&mut svg, HISTOGRAM_SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(chart_error)?;
         let y_max = counts.iter().copied().max().unwrap_or(0).max(1);
-        let buckets = labels.len().max(1) as u32;
+        // Integer ranges are inclusive in plotters: 0..last gives one segment per bucket.
+        let last = labels.len().saturating_sub(1) as u32;
         let mut context = ChartBuilder::on(&root)
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d((0..buckets).into_segmented(), 0..y_max + y_max / 20 + 1)
+            .build_cartesian_2d((0..last).into_segmented(), 0..y_max + y_max / 20 + 1)
             .map_err(chart_error)?;
         let label_of = |value: &SegmentValue<u32>| match value {
             SegmentValue::CenterOf(index) => labels.get(*index as usize).cloned().unwrap_or_default(),

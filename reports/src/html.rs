@@ -360,7 +360,7 @@ fn queue_charts(run: &Run) -> Vec<ChartSpec> {
     vec![
         ChartSpec {
             key: "queue-depth".into(),
-            title: "Waiting users (joined, not yet admitted)".into(),
+            title: "Users waiting in the queue (polling its status)".into(),
             y_label: "users",
             lines: vec![series_line("queue depth", PALETTE[0], series, |second| {
                 second.queue_depth.map(|depth| depth as f64)

@@ -60,3 +60,53 @@ pub fn render(runs: &[serde_json::Value]) -> Result<String, ReportError> {
         .collect::<Result<Vec<_>, _>>()?;
     html::page(&runs)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A run result as the first `tcore.run/1` writers made it: no per-step series, no queue
+    /// figures, no histograms, no agent.
+    fn minimal_run() -> serde_json::Value {
+        json!({
+            "schema": "tcore.run/1",
+            "scenario": { "name": "old", "file": "old.toml" },
+            "seed": 1,
+            "commit": "abc",
+            "hold_mode": "Atomic",
+            "duration_s": 3.0,
+            "verdict": "pass",
+            "safety": { "passed": true, "invariants": [{ "invariant": "no-double-sale", "passed": true, "violations": 0 }] },
+            "slo": [],
+            "score": { "oversell": 0, "errors": { "by_code": {} } },
+            "series": [
+                { "t_s": 0, "requests": 5, "joins": 5, "admissions": 2, "holds": 1, "confirms": 1, "rejections": 0,
+                  "errors": 0, "unknown": 0, "p99_us": 12000 },
+                { "t_s": 1, "requests": 3, "joins": 1, "admissions": 2, "holds": 2, "confirms": 1, "rejections": 1,
+                  "errors": 0, "unknown": 0, "p99_us": 15000 },
+            ],
+            "faults": [],
+        })
+    }
+
+    #[test]
+    fn an_older_run_result_renders_what_it_has_and_says_what_it_lacks() {
+        let html = render(&[minimal_run()]).expect("renders");
+        assert_eq!(html.matches("<figure class=\"chart\"").count(), 3, "throughput, p99 of holds and confirms, errors");
+        assert!(html.contains("data-chart=\"latency-holds-confirms\""));
+        assert!(html.contains("this run result has no per-step series"));
+        assert!(html.contains("This run result has no latency histograms."));
+        assert!(html.contains("The run result records no agent actions."));
+        assert!(html.contains("<p>No errors and no rejections.</p>"));
+    }
+
+    #[test]
+    fn a_run_result_missing_required_fields_is_refused_with_its_position() {
+        let mut run = minimal_run();
+        run.as_object_mut().expect("an object").remove("safety");
+        let error = render(&[minimal_run(), run]).expect_err("no safety").to_string();
+        assert_eq!(error, "run result 2: missing field `safety`");
+    }
+}

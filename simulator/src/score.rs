@@ -6,7 +6,7 @@
 //! clock, and every map is ordered, so the same seed and commit give the same bytes. Wall-clock
 //! figures go in a separate file (`wall.json`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -88,8 +88,9 @@ struct Second {
     p99_us: u64,
     /// Per journey step, latency of the operations invoked in this second.
     latency: BTreeMap<&'static str, StepSecond>,
-    /// Users whose join the clients saw succeed and who were not admitted yet, at the end of
-    /// the second.
+    /// Users waiting in the queue during the second: those with a queue status call (a poll
+    /// or a long poll) open at some point of it. Admitted users and users who gave up stop
+    /// asking.
     queue_depth: u64,
     /// Queue wait of the users admitted in this second.
     queue_wait_p50_us: u64,
@@ -149,9 +150,15 @@ pub fn run_result(
     let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
     let mut series: BTreeMap<u64, (Second, Histogram<u64>)> = BTreeMap::new();
     let mut step_seconds: BTreeMap<(u64, &'static str), Vec<u64>> = BTreeMap::new();
-    let mut joined_at: Vec<u64> = Vec::new();
+    let mut waiting: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let (mut unknown, mut failed, mut rejected, mut completed) = (0_u64, 0_u64, 0_u64, 0_u64);
     for operation in &history.operations {
+        if matches!(operation.kind, OpKind::QueueStatus { .. }) {
+            let last_us = operation.complete_us.unwrap_or(history.config.end_us).max(operation.invoke_us);
+            for second in operation.invoke_us / 1_000_000..=last_us / 1_000_000 {
+                waiting.entry(second).or_default().insert(operation.client);
+            }
+        }
         let step = step_name(&operation.kind);
         let second = operation.invoke_us / 1_000_000;
         let entry = series.entry(second).or_insert_with(|| (Second { t_s: second, ..Second::default() }, histogram()));
@@ -164,9 +171,6 @@ pub fn run_result(
                 let elapsed = complete_us.saturating_sub(operation.invoke_us).max(1);
                 steps.entry(step).or_insert_with(histogram).saturating_record(elapsed);
                 step_seconds.entry((second, step)).or_default().push(elapsed);
-                if matches!(operation.kind, OpKind::JoinQueue { .. }) {
-                    joined_at.push(complete_us);
-                }
                 if matches!(operation.kind, OpKind::Hold { .. } | OpKind::Confirm { .. }) {
                     entry.1.saturating_record(elapsed);
                 }
@@ -203,7 +207,6 @@ pub fn run_result(
         }
     }
     let mut waits_by_second: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    let mut admitted_at: Vec<u64> = Vec::with_capacity(history.admissions.len());
     for admission in &history.admissions {
         let second = admission.admitted_us / 1_000_000;
         series
@@ -212,7 +215,6 @@ pub fn run_result(
             .0
             .admissions += 1;
         waits_by_second.entry(second).or_default().push(admission.admitted_us.saturating_sub(admission.joined_us));
-        admitted_at.push(admission.admitted_us);
     }
     for ((second, step), mut elapsed) in step_seconds {
         elapsed.sort_unstable();
@@ -222,16 +224,11 @@ pub fn run_result(
             entry.latency.insert(step, percentiles);
         }
     }
-    joined_at.sort_unstable();
-    admitted_at.sort_unstable();
     let series: Vec<Second> = series
         .into_values()
         .map(|(mut second, latency)| {
             second.p99_us = if latency.is_empty() { 0 } else { latency.value_at_quantile(0.99) };
-            let end_us = (second.t_s + 1) * 1_000_000;
-            let joined = joined_at.partition_point(|&at| at < end_us) as u64;
-            let admitted = admitted_at.partition_point(|&at| at < end_us) as u64;
-            second.queue_depth = joined.saturating_sub(admitted);
+            second.queue_depth = waiting.get(&second.t_s).map_or(0, |clients| clients.len() as u64);
             if let Some(mut waits) = waits_by_second.remove(&second.t_s) {
                 waits.sort_unstable();
                 second.queue_wait_p50_us = nearest_rank(&waits, 0.5);

@@ -72,6 +72,16 @@ fn a_passing_run_shows_every_invariant_passed_and_all_its_charts() {
     assert_eq!(occurrences(&html, "<details class=\"counterexample\""), 0);
     // The fault shading colour appears only in the legend of a run with faults.
     assert!(!html.contains("fault window"));
+    // The queue chart draws users waiting: many while the spike queues, few once it sold out.
+    let depths: Vec<u64> = run["series"]
+        .as_array()
+        .expect("series")
+        .iter()
+        .map(|second| second["queue_depth"].as_u64().expect("depth"))
+        .collect();
+    let peak = depths.iter().copied().max().unwrap_or(0);
+    assert!(peak > 100, "{depths:?}");
+    assert!(depths.last().is_some_and(|&last| last < peak / 10), "{depths:?}");
 }
 
 #[test]
@@ -285,4 +295,34 @@ fn the_report_renders_in_a_headless_browser_with_no_console_error_and_no_request
     assert_eq!(visit.requests, ["http://127.0.0.1:9/x.png"]);
     assert!(visit.console.iter().any(|line| line.contains("boom")), "{:?}", visit.console);
     assert_eq!(count_pixels(&visit.pixels, [0x1f, 0x77, 0xb4]), 0);
+}
+
+#[test]
+fn tcore_run_writes_the_report_and_tcore_report_compares_runs() {
+    let dir = temp_dir("report-command");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/concert-open.toml");
+    let tcore = |arguments: &[&std::ffi::OsStr]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tcore")).args(arguments).output().expect("tcore runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let run_dir = dir.join("run");
+    let stdout =
+        tcore(&["run".as_ref(), "--quiet".as_ref(), "--out".as_ref(), run_dir.as_os_str(), scenario.as_os_str()]);
+    assert!(stdout.contains(&format!("report: {}", run_dir.join("report.html").display())), "{stdout}");
+    let single = std::fs::read_to_string(run_dir.join("report.html")).expect("report.html beside run.json");
+    assert!(single.contains("T-CORE run: ci-concert-open"));
+
+    std::fs::write(dir.join("failing.json"), serde_json::to_vec(failing()).expect("JSON")).expect("written");
+    let out = dir.join("compare.html");
+    tcore(&[
+        "report".as_ref(),
+        run_dir.as_os_str(),
+        dir.join("failing.json").as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    let compared = std::fs::read_to_string(&out).expect("comparison written");
+    assert!(compared.contains("T-CORE comparison of 2 runs"));
+    assert_eq!(occurrences(&compared, "data-verdict=\"fail\""), 1);
 }
