@@ -188,8 +188,14 @@ fn a_run_result_of_another_schema_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // In a browser.
 
+/// Debian's chromium, or the browser `TCORE_CHROMIUM` names.
 fn chromium() -> Option<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().map(PathBuf::from).find(|path| path.exists())
+    match std::env::var_os("TCORE_CHROMIUM") {
+        Some(path) => Some(PathBuf::from(path)).filter(|path| path.exists()),
+        None => {
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"].into_iter().map(PathBuf::from).find(|path| path.exists())
+        }
+    }
 }
 
 /// What a headless chromium made of a page.
