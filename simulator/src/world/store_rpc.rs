@@ -7,8 +7,8 @@
 //!
 //! One private request enum names every method of both traits with its arguments; one response
 //! enum carries the `Result` of each (errors as a serde mirror of [`StoreError`]). A frame is a
-//! 4-byte big-endian length and a `serde_json` body (`{"id": .., "request" | "response": ..}`),
-//! at most [`FRAME_BYTES_MAX`] bytes. One connection carries many calls at once, at most
+//! 4-byte big-endian length and a `postcard` body (the id, then the request or response), at
+//! most [`FRAME_BYTES_MAX`] bytes. One connection carries many calls at once, at most
 //! [`IN_FLIGHT_MAX`]; responses are matched to calls by id, never by order. Floats (admission
 //! rates, numbers in audit values) travel as their shortest decimal text, so they arrive
 //! bit for bit: serde_json's default float parsing does not promise that.
@@ -546,8 +546,8 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
 
 /// Encodes a frame: the body's length, then the body.
 fn encode_frame<T: Serialize>(frame: &T) -> Result<Vec<u8>, String> {
-    let mut bytes = vec![0; 4];
-    serde_json::to_writer(&mut bytes, frame).map_err(|error| format!("encode: {error}"))?;
+    let bytes = postcard::to_extend(frame, vec![0; 4]).map_err(|error| format!("encode: {error}"))?;
+    let mut bytes = bytes;
     let body_bytes = bytes.len() - 4;
     let length = u32::try_from(body_bytes)
         .ok()
@@ -1101,7 +1101,7 @@ where
             Err(error) => return format!("read: {error}"),
         };
         activity.touch();
-        match serde_json::from_slice::<RequestFrame>(&body) {
+        match postcard::from_bytes::<RequestFrame>(&body) {
             Ok(RequestFrame { id, request }) => {
                 let control = control.clone();
                 let responses = responses.clone();
@@ -1113,7 +1113,7 @@ where
                 });
             }
             Err(error) => {
-                let Ok(FrameId { id }) = serde_json::from_slice::<FrameId>(&body) else {
+                let Ok(FrameId { id }) = postcard::from_bytes::<FrameId>(&body) else {
                     return format!("undecodable frame: {error}");
                 };
                 let refused =
@@ -1429,7 +1429,7 @@ async fn read_responses<R: AsyncRead + Unpin>(read_half: R, table: &WaiterTable)
             Ok(None) => return "closed by the store host".into(),
             Err(error) => return format!("read: {error}"),
         };
-        match serde_json::from_slice::<ResponseFrame>(&body) {
+        match postcard::from_bytes::<ResponseFrame>(&body) {
             Ok(ResponseFrame { id, response }) => table.deliver(id, response),
             Err(error) => return format!("undecodable frame from the store host: {error}"),
         }

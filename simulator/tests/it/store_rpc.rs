@@ -335,10 +335,14 @@ async fn bad_frames_are_refused_or_close_the_connection_without_a_panic() {
     tokio::spawn(serve_store(listener, control.clone()));
 
     let mut raw = tokio::net::TcpStream::connect(address).await.expect("connect");
-    write_raw(&mut raw, br#"{"id":7,"request":{"Teleport":{}}}"#).await;
+    // Frames are postcard: the id as a varint (7), then the request's variant index, here 255,
+    // which names no request.
+    write_raw(&mut raw, &[7, 0xFF, 0x01]).await;
     let answer = read_raw(&mut raw).await.expect("an answer to a request that does not decode");
-    assert!(answer.contains(r#""id":7"#) && answer.contains("Refused"), "{answer}");
-    write_raw(&mut raw, b"not json at all").await;
+    assert_eq!(answer.as_bytes().first(), Some(&7), "the answer carries the request's id: {answer:?}");
+    assert!(answer.contains("undecodable request"), "{answer:?}");
+    // Eleven continuation bytes are no u64 varint: the frame has no id to answer.
+    write_raw(&mut raw, &[0xFF; 11]).await;
     assert_eq!(read_raw(&mut raw).await, None, "a frame without an id closes the connection");
 
     let mut raw = tokio::net::TcpStream::connect(address).await.expect("connect");
