@@ -149,8 +149,14 @@ pub fn record(run: &Value, wall: Option<&Value>, thresholds: &[SloThreshold]) ->
     }
 }
 
+/// A figure with six significant digits, so a small difference does not print as zero.
 fn number(value: f64) -> String {
-    if value.fract() == 0.0 && value.abs() < 1e15 { format!("{value:.0}") } else { format!("{value:.4}") }
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        return format!("{value:.0}");
+    }
+    let decimals = (5 - value.abs().log10().floor() as i64).clamp(1, 15) as usize;
+    let formatted = format!("{value:.decimals$}");
+    formatted.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// How far `run` is from `baseline` the wrong way, and whether that is within `allowed`.
@@ -265,6 +271,15 @@ mod tests {
         check(100.0, 89.0, false, 10.0, Status::Fail);
         check(100.0, 200.0, false, 10.0, Status::Pass);
         check(0.0, 1.0, true, 0.0, Status::Fail);
+    }
+
+    #[test]
+    fn figures_keep_six_significant_digits() {
+        assert_eq!(number(8003.0), "8003");
+        assert_eq!(number(101.76390773405699), "101.764");
+        assert_eq!(number(0.8491123), "0.849112");
+        assert_eq!(number(-0.0000083412), "-0.0000083412");
+        assert_eq!(number(2.5), "2.5");
     }
 
     #[test]
