@@ -94,21 +94,27 @@ fn gate_one(
     if args.update_baseline {
         let mut gate = judge(&run, &run_file, &thresholds, None, wall.as_ref(), tolerances)?;
         let safe = gate.count(CheckKind::Safety, Status::Fail) == 0;
-        if safe {
-            let baseline = record(&run, wall.as_ref(), &thresholds);
+        let baseline = record(&run, wall.as_ref(), &thresholds);
+        // A baseline whose simulated figures did not move is left alone, so commits that
+        // re-record baselines only touch the scenarios that changed.
+        let unchanged = load_baseline(&baseline_path)?.is_some_and(|old| {
+            (old.seed, &old.hold_mode, &old.metrics) == (baseline.seed, &baseline.hold_mode, &baseline.metrics)
+        });
+        let message = if !safe {
+            format!("not recorded in {}: the run violates a safety invariant", baseline_path.display())
+        } else if unchanged {
+            format!("{} unchanged", baseline_path.display())
+        } else {
             let mut bytes = serde_json::to_vec_pretty(&baseline)?;
             bytes.push(b'\n');
             write_file(&baseline_path, &bytes)?;
-        }
+            format!("recorded {}", baseline_path.display())
+        };
         gate.checks.push(Check {
             kind: CheckKind::Baseline,
             name: "baseline".to_owned(),
             status: if safe { Status::Pass } else { Status::Fail },
-            message: if safe {
-                format!("recorded {}", baseline_path.display())
-            } else {
-                format!("not recorded in {}: the run violates a safety invariant", baseline_path.display())
-            },
+            message,
             change: None,
         });
         return Ok(gate);
