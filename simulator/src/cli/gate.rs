@@ -7,7 +7,7 @@ use anyhow::Context;
 use tcore_sim::gate::{
     Baseline, Check, CheckKind, ScenarioGate, Status, Tolerances, judge, junit_xml, markdown, record, thresholds_of,
 };
-use tcore_sim::scenario::Scenario;
+use tcore_sim::scenario::{Scenario, SloThreshold};
 
 use super::{read_json, run_json_path, write_file};
 
@@ -33,6 +33,9 @@ pub struct GateArgs {
     /// Also write the Markdown summary (it is always printed).
     #[arg(long, value_name = "FILE")]
     pub markdown: Option<PathBuf>,
+    /// An extra threshold for every input, k6-style: `--slo "latency.hold.p99_us < 50000"`.
+    #[arg(long = "slo", value_name = "EXPRESSION", value_parser = SloThreshold::parse_statement)]
+    pub extra_thresholds: Vec<SloThreshold>,
     /// How far (percent of the baseline) a latency, goodput or time may regress.
     #[arg(long, default_value_t = 10.0)]
     pub tolerance_pct: f64,
@@ -82,10 +85,11 @@ fn gate_one(
     };
     let run_file = run_path.display().to_string();
     let run = read_json(&run_path)?;
-    let thresholds = match scenario_thresholds {
+    let mut thresholds = match scenario_thresholds {
         Some(thresholds) => thresholds,
         None => thresholds_of(&run, &run_file)?,
     };
+    thresholds.extend(args.extra_thresholds.iter().cloned());
     let wall = run_path.parent().map(|dir| dir.join("wall.json")).filter(|path| path.exists());
     let wall = wall.map(|path| read_json(&path)).transpose()?;
     let name =

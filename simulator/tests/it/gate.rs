@@ -225,6 +225,15 @@ fn the_gate_command_judges_run_results_and_writes_junit_and_markdown() {
     assert!(pass.status.success(), "{stdout}");
     assert!(stdout.trim_end().ends_with("gate: 1 scenarios, 1 passed, 0 failed"), "{stdout}");
 
+    // Thresholds given on the command line, k6-style, judge every input too.
+    let extra = tcore(&["gate", &path(&run_dir), "--baselines", &path(&baselines), "--slo", "latency.hold.p99_us < 1"]);
+    let stdout = String::from_utf8_lossy(&extra.stdout);
+    assert_eq!(extra.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("slo `latency.hold.p99_us < 1`"), "{stdout}");
+    let bad = tcore(&["gate", &path(&run_dir), "--slo", "latency.hold.p99_us fast"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid threshold \"latency.hold.p99_us fast\""));
+
     let mut regressed = passing().clone();
     let p99 = regressed["score"]["latency"]["hold"]["p99_us"].as_f64().expect("a hold p99");
     regressed["score"]["latency"]["hold"]["p99_us"] = json!(p99 * 2.0);
