@@ -55,7 +55,7 @@ fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u6
     let mut sim = turmoil::Builder::new()
         .rng_seed(scenario.seed)
         .simulation_duration(Duration::from_micros(end_us) + Duration::from_secs(60))
-        .tick_duration(Duration::from_millis(1))
+        .tick_duration(Duration::from_millis(scenario.network.tick_ms))
         .min_message_latency(Duration::from_micros((latency.min * 1000.0) as u64))
         .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
         .tcp_capacity(1 << 16)

@@ -28,11 +28,11 @@ pub use tcore_engine::domain::{LedgerReason, OutboxKind, ReservationStatus};
 pub type OpId = u64;
 
 /// The most operations a recorder keeps; later ones are counted in [`Overflow::operations`].
-pub const OPERATIONS_MAX: usize = 2_000_000;
+pub const OPERATIONS_MAX: usize = 10_000_000;
 /// The most accepted fences a recorder keeps.
 pub const FENCES_MAX: usize = 2_000_000;
 /// The most admissions a recorder keeps.
-pub const ADMISSIONS_MAX: usize = 2_000_000;
+pub const ADMISSIONS_MAX: usize = 4_000_000;
 /// The most policy changes (admission or hold TTL) a recorder keeps.
 pub const POLICY_CHANGES_MAX: usize = 100_000;
 

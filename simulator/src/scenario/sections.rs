@@ -171,6 +171,9 @@ pub struct Network {
     pub store_latency_ms: RangeMs,
     /// Probability that a message between a client and an engine node is lost.
     pub fail_rate: f64,
+    /// The simulation's step: messages are delivered and timers fire on whole ticks, so it is
+    /// the resolution of every simulated time.
+    pub tick_ms: u64,
 }
 
 impl Default for Network {
@@ -179,6 +182,7 @@ impl Default for Network {
             latency_ms: RangeMs { min: 1.0, max: 5.0 },
             store_latency_ms: RangeMs { min: 0.2, max: 1.0 },
             fail_rate: 0.0,
+            tick_ms: 1,
         }
     }
 }
@@ -480,6 +484,9 @@ impl Engine {
     }
 }
 
+/// The longest simulation step a scenario may ask for.
+const TICK_MS_MAX: u64 = 10;
+
 impl Network {
     pub(crate) fn check(&self, checks: &mut Checks, path: &KeyPath) {
         self.latency_ms.check(checks, &path.key("latency_ms"), 0.0, LATENCY_MS_MAX);
@@ -487,6 +494,7 @@ impl Network {
         if !(self.fail_rate.is_finite() && (0.0..1.0).contains(&self.fail_rate)) {
             checks.fail(path.key("fail_rate"), format!("must be in 0..1, 1 excluded (got {})", self.fail_rate));
         }
+        checks.in_range(path.key("tick_ms"), self.tick_ms, 1..=TICK_MS_MAX);
     }
 }
 

@@ -135,6 +135,17 @@ fn ci_scenarios_are_small_versions_of_the_full_ones() {
 }
 
 #[test]
+fn the_benchmark_input_is_concert_open_at_ten_times_the_size() {
+    let (open, million) = (load_shipped("concert-open.toml"), load_shipped("bench/million-open.toml"));
+    assert_eq!((open.users_total(), million.users_total()), (100_000, 1_000_000));
+    let seats = |scenario: &Scenario| -> u32 {
+        scenario.venue.schedules.iter().flat_map(|schedule| &schedule.sections).map(|section| section.seats).sum()
+    };
+    assert_eq!((seats(&open), seats(&million)), (20_000, 200_000));
+    assert!(million.faults.is_empty() && !million.is_unsafe());
+}
+
+#[test]
 fn concert_open_is_a_spike_of_100_000_users_for_20_000_seats_without_faults() {
     let scenario = load_shipped("concert-open.toml");
     assert_eq!(scenario.users_total(), 100_000);
@@ -212,6 +223,13 @@ fn zero_or_negative_seats_name_line_and_key() {
         &BASE.replace("seats = 200", "seats = -5"),
         "scenarios/x.toml:17:9: key `venue.schedules[0].sections[1].seats`: invalid value: integer `-5`, expected u32",
     );
+}
+
+#[test]
+fn a_tick_outside_1_to_10_ms_names_line_and_key() {
+    let text = with("\n[network]\ntick_ms = 0\n");
+    let line = text.lines().position(|line| line == "tick_ms = 0").expect("the key") + 1;
+    check_error(&text, &format!("scenarios/x.toml:{line}:1: key `network.tick_ms`: must be in 1..=10 (got 0)"));
 }
 
 #[test]
@@ -368,6 +386,7 @@ rate_limits = { per_ip_per_s = 5, per_token_per_s = 2, burst = 10 }
 latency_ms = { min = 0.5, max = 3 }
 store_latency_ms = { min = 0.1, max = 0.4 }
 fail_rate = 0.001
+tick_ms = 2
 
 [[arrivals]]
 shape = "spike"
