@@ -244,6 +244,9 @@ fn run_facts(html: &mut String, run: &Run) {
     fact("commit", &run.commit);
     fact("hold mode", &run.hold_mode);
     fact("simulated duration", &format!("{} s", format_number(run.duration_s)));
+    if let Some(tick_ms) = run.tick_ms {
+        fact("tick (time resolution)", &format!("{tick_ms} ms"));
+    }
     if let Some(replay) = &run.replay {
         fact("replay", replay);
     }

@@ -23,6 +23,8 @@ pub struct Run {
     #[serde(default)]
     pub duration_s: f64,
     #[serde(default)]
+    pub tick_ms: Option<u64>,
+    #[serde(default)]
     pub verdict: String,
     pub safety: Safety,
     #[serde(default)]

@@ -332,6 +332,7 @@ pub fn run_result(
         "commit": commit,
         "hold_mode": format!("{:?}", scenario.engine.hold_mode),
         "duration_s": scenario.duration_s,
+        "tick_ms": scenario.network.tick_ms,
         "verdict": if safety_passed && slo_passed { "pass" } else { "fail" },
         "safety": {
             "passed": safety_passed,
