@@ -11,6 +11,14 @@ run SCENARIO="scenarios/concert-open.toml":
 ci-scenarios:
     for scenario in scenarios/ci/*.toml; do cargo run -q -p tcore-sim --bin tcore -- run --quiet "$scenario" || exit 1; done
 
+# The CI gate: scenarios/ci judged by safety, [slo] and scenarios/baselines (JUnit and Markdown in target/tcore/gate).
+gate:
+    cargo run -q -p tcore-sim --bin tcore -- gate --junit target/tcore/gate/junit.xml --markdown target/tcore/gate/summary.md scenarios/ci/*.toml
+
+# Record new baselines for scenarios/ci (commit them with the change that explains them).
+gate-update:
+    cargo run -q -p tcore-sim --bin tcore -- gate --update-baseline scenarios/ci/*.toml
+
 # Run every test (set TCORE_REQUIRE_SERVICES=1 to make the real-server tests mandatory).
 test:
     cargo test --workspace

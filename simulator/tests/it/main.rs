@@ -1,6 +1,9 @@
 //! The simulator's integration tests: one binary, one module per area.
 
 mod checker;
+mod gate;
+mod report;
+mod runs;
 mod scenario;
 mod store_rpc;
 mod world;

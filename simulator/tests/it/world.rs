@@ -8,13 +8,13 @@ use tcore_sim::scenario::{HoldMode, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
 
-fn scenario(name: &str) -> Scenario {
+pub(crate) fn scenario(name: &str) -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci").join(name);
     Scenario::load(&path).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Runs a scenario; returns the run result's bytes and the checker's report.
-fn run(scenario: &Scenario) -> (Vec<u8>, CheckReport) {
+pub(crate) fn run(scenario: &Scenario) -> (Vec<u8>, CheckReport) {
     let world =
         world::run(scenario, "ci", &mut |_| {}).unwrap_or_else(|error| panic!("seed {}: {error:#}", scenario.seed));
     let report = check(&world.history);
