@@ -11,6 +11,14 @@ run SCENARIO="scenarios/concert-open.toml":
 ci-scenarios:
     for scenario in scenarios/ci/*.toml; do cargo run -q -p tcore-sim --bin tcore -- run --quiet "$scenario" || exit 1; done
 
+# The CI gate: scenarios/ci judged by safety, [slo] and scenarios/baselines (JUnit and Markdown in target/tcore/gate).
+gate:
+    cargo run -q -p tcore-sim --bin tcore -- gate --junit target/tcore/gate/junit.xml --markdown target/tcore/gate/summary.md scenarios/ci/*.toml
+
+# Record new baselines for scenarios/ci (commit them with the change that explains them).
+gate-update:
+    cargo run -q -p tcore-sim --bin tcore -- gate --update-baseline scenarios/ci/*.toml
+
 # Run every test (set TCORE_REQUIRE_SERVICES=1 to make the real-server tests mandatory).
 test:
     cargo test --workspace
@@ -23,9 +31,21 @@ demo:
 bench:
     cargo bench -p tcore-engine --bench http_mix
 
+# Hold attempts per second: memory store, then two nodes on Redis and MariaDB, and redis-benchmark's rate for the gate script.
+bench-holds:
+    cargo bench -p tcore-engine --bench holds
+
 # Simulated requests per wall second against a bare handler in the same world.
 bench-sim:
     cargo bench -p tcore-sim --bench sim_throughput
+
+# Live smoke: two engine nodes on redis+mariadb, a burst of holds and confirms, a database audit.
+smoke:
+    bash scripts/smoke-live.sh
+
+# Apply the MariaDB schema (TCORE_DATABASE_URL, default mysql://root@127.0.0.1:3306/tcore).
+migrate:
+    cargo run -q -p tcore-engine -- migrate
 
 # Lints, as strict as the workspace says.
 lint:

@@ -10,27 +10,22 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::routing::{get, post};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use support::{Server, admitted_tokens, client, closed_loops, env_or, free_addr, send};
 
 const BARE_LISTEN_ENV: &str = "TCORE_BENCH_BARE_LISTEN";
 const SEATS: u64 = 1_000;
 const USERS: u64 = 500;
-
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 #[derive(Debug, Default)]
 struct Tally {
@@ -86,7 +81,7 @@ fn main() {
             "100000",
         ]);
         let _engine = Server::start(&mut engine_command, engine_addr).await;
-        let tokens = admitted_tokens(engine_addr).await;
+        let tokens = admitted_tokens(engine_addr, USERS).await;
 
         // Both servers run throughout. Alternate the targets so that a disturbance of the machine hits both alike; report
         // each target's median round.
@@ -113,14 +108,6 @@ fn median(mut rounds: Vec<Figures>) -> Figures {
     rounds.swap_remove(rounds.len() / 2)
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 fn report(name: &str, figures: &Figures) {
     println!(
         "{name:>22}: {:>9.0} req/s  p50 {:>6} us  p99 {:>6} us  (2xx {}, 4xx {}, 5xx {}, transport failures {})",
@@ -134,148 +121,38 @@ fn report(name: &str, figures: &Figures) {
     );
 }
 
-/// A server process, killed when dropped.
-struct Server(Child);
-
-impl Server {
-    async fn start(command: &mut Command, addr: SocketAddr) -> Server {
-        let server = Server(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("server starts"));
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("server on {addr} did not come up");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn send(
-    client: &HttpClient,
-    method: &str,
-    uri: String,
-    token: Option<&str>,
-    key: Option<String>,
-    body: Option<String>,
-) -> Result<(u16, Bytes), ()> {
-    let mut request = hyper::Request::builder().method(method).uri(uri);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
-    }
-    if let Some(key) = key {
-        request = request.header("idempotency-key", key);
-    }
-    let body = match body {
-        Some(body) => {
-            request = request.header("content-type", "application/json");
-            Full::new(Bytes::from(body))
-        }
-        None => Full::new(Bytes::new()),
-    };
-    let response = client.request(request.body(body).map_err(|_| ())?).await.map_err(|_| ())?;
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.map_err(|_| ())?.to_bytes();
-    Ok((status, bytes))
-}
-
-fn client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http()
-}
-
-/// Joins every demo user to the demo schedule and waits until all are admitted.
-async fn admitted_tokens(addr: SocketAddr) -> Vec<String> {
-    let client = client();
-    let mut tokens = Vec::new();
-    for user_id in 1..=USERS {
-        let (status, body) = send(
-            &client,
-            "POST",
-            format!("http://{addr}/v1/schedules/1/queue"),
-            None,
-            None,
-            Some(format!("{{\"user_id\":{user_id}}}")),
-        )
-        .await
-        .expect("join");
-        assert_eq!(status, 201, "join: {body:?}");
-        let joined: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        tokens.push(joined["token"].as_str().unwrap().to_owned());
-    }
-    for token in &tokens {
-        let (_, body) = send(&client, "GET", format!("http://{addr}/v1/queue/{token}?wait_s=10"), None, None, None)
-            .await
-            .expect("status");
-        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(status["status"], "ADMITTED", "{status}");
-    }
-    tokens
-}
-
 /// Drives the mix over `connections` closed loops for `seconds`.
 async fn drive(addr: SocketAddr, tokens: &[String], connections: usize, seconds: u64) -> Figures {
     let client = client();
     let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
     let tokens = Arc::new(tokens.to_vec());
-    let started = Instant::now();
-    let workers: Vec<_> = (0..connections)
-        .map(|worker| {
-            let (client, tally, stop, tokens) =
-                (client.clone(), Arc::clone(&tally), Arc::clone(&stop), Arc::clone(&tokens));
-            tokio::spawn(async move {
-                let mut rng = StdRng::seed_from_u64(worker as u64);
-                let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                let mut sequence = 0_u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let token = &tokens[rng.random_range(0..tokens.len())];
-                    let roll = rng.random_range(0..100);
-                    let begin = Instant::now();
-                    let result = if roll < 75 {
-                        send(&client, "GET", format!("http://{addr}/v1/queue/{token}"), None, None, None).await
-                    } else if roll < 99 {
-                        sequence += 1;
-                        let seat = rng.random_range(1..=SEATS);
-                        let body = format!("{{\"schedule_id\":1,\"seat_id\":{seat}}}");
-                        send(
-                            &client,
-                            "POST",
-                            format!("http://{addr}/v1/holds"),
-                            Some(token),
-                            Some(format!("w{worker}-{sequence}")),
-                            Some(body),
-                        )
-                        .await
-                    } else {
-                        send(&client, "GET", format!("http://{addr}/v1/schedules/1/seats"), Some(token), None, None)
-                            .await
-                    };
-                    latency.saturating_record(u64::try_from(begin.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
-                    let counter = match result {
-                        Ok((200..=299, _)) => &tally.ok,
-                        Ok((400..=499, _)) => &tally.client_errors,
-                        Ok(_) => &tally.server_errors,
-                        Err(()) => &tally.failures,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
-                latency
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    for worker in workers {
-        latency.add(worker.await.unwrap()).unwrap();
-    }
-    let elapsed_s = started.elapsed().as_secs_f64();
+    let loop_tally = Arc::clone(&tally);
+    let (latency, elapsed_s) = closed_loops(connections, seconds, move |worker, sequence| {
+        let (client, tally, tokens) = (client.clone(), Arc::clone(&loop_tally), Arc::clone(&tokens));
+        let mut rng = StdRng::seed_from_u64(((worker as u64) << 40) ^ sequence);
+        let token = tokens[rng.random_range(0..tokens.len())].clone();
+        let roll = rng.random_range(0..100);
+        let seat = rng.random_range(1..=SEATS);
+        async move {
+            let result = if roll < 75 {
+                send(&client, "GET", format!("http://{addr}/v1/queue/{token}"), None, None, None).await
+            } else if roll < 99 {
+                let body = format!("{{\"schedule_id\":1,\"seat_id\":{seat}}}");
+                let key = Some(format!("w{worker}-{sequence}"));
+                send(&client, "POST", format!("http://{addr}/v1/holds"), Some(&token), key, Some(body)).await
+            } else {
+                send(&client, "GET", format!("http://{addr}/v1/schedules/1/seats"), Some(&token), None, None).await
+            };
+            let counter = match result {
+                Ok((200..=299, _)) => &tally.ok,
+                Ok((400..=499, _)) => &tally.client_errors,
+                Ok(_) => &tally.server_errors,
+                Err(()) => &tally.failures,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .await;
     Figures {
         requests_per_s: latency.len() as f64 / elapsed_s,
         latency_us_p50: latency.value_at_quantile(0.5),

@@ -10,7 +10,10 @@ use tcore_engine::clock::SystemClock;
 use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
 use tcore_engine::faults::NoFaults;
-use tcore_engine::store::{MemoryStore, MemoryStoreConfig};
+use tcore_engine::store::{
+    CacheStore, MariaDbStore, MariaDbStoreConfig, MemoryStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig,
+    RecordStore, RedisStore, RedisStoreConfig,
+};
 use tcore_engine::{Engine, EngineParts};
 use tracing_subscriber::EnvFilter;
 
@@ -24,7 +27,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the HTTP API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Apply the MariaDB schema's pending migrations (creating the database if it is missing).
+    Migrate(MigrateArgs),
     /// Run the ops agent against live nodes' admin API.
     Agent(AgentArgs),
 }
@@ -78,10 +83,24 @@ struct AgentArgs {
     cassette: Option<std::path::PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The MariaDB database, `mysql://user:password@host:port/database`.
+    #[arg(long, env = "TCORE_DATABASE_URL", default_value = DATABASE_URL_DEFAULT, hide_env_values = true)]
+    database_url: String,
+}
+
+const DATABASE_URL_DEFAULT: &str = "mysql://root@127.0.0.1:3306/tcore";
+const REDIS_URL_DEFAULT: &str = "redis://127.0.0.1:6379";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum StoreKind {
     /// Embedded, single process: nothing to install.
     Memory,
+    /// Redis for the waiting room, locks and seat gates; MariaDB as the system of record.
+    /// Several engine nodes may share them.
+    #[value(name = "redis+mariadb")]
+    RedisMariadb,
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,6 +111,17 @@ struct ServeArgs {
     /// Where state lives.
     #[arg(long, env = "TCORE_STORE", value_enum, default_value = "memory")]
     store: StoreKind,
+    /// With --store redis+mariadb: the Redis server, `redis://[:password@]host:port[/db]`.
+    #[arg(long, env = "TCORE_REDIS_URL", default_value = REDIS_URL_DEFAULT, hide_env_values = true)]
+    redis_url: String,
+    /// With --store redis+mariadb: the MariaDB database, `mysql://user:password@host:port/database`.
+    /// Its schema is migrated at start.
+    #[arg(long, env = "TCORE_DATABASE_URL", default_value = DATABASE_URL_DEFAULT, hide_env_values = true)]
+    database_url: String,
+    /// With --store redis+mariadb: prefix of every Redis key (deployments sharing a server
+    /// need different prefixes).
+    #[arg(long, env = "TCORE_REDIS_PREFIX", default_value = "tcore:")]
+    redis_prefix: String,
     /// Bearer token of the admin API; without one the admin API is not served.
     #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -196,8 +226,68 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Agent(args) => agent(args).await,
+        Command::Migrate(args) => migrate(&args.database_url).await.map(|_| ()),
+    }
+}
+
+/// A store refusing an option's value, as the error that names the option.
+fn option_error(option: &str, error: tcore_engine::store::StoreError) -> anyhow::Error {
+    match error {
+        tcore_engine::store::StoreError::Invalid { reason } => anyhow::anyhow!("{option}: {reason}"),
+        other => anyhow::anyhow!("{option}: {other}"),
+    }
+}
+
+/// Creates the database if it is missing and applies pending migrations.
+async fn migrate(database_url: &str) -> anyhow::Result<MariaDbStore> {
+    use sqlx::migrate::MigrateDatabase;
+    let store = MariaDbStore::connect_lazy(database_url, MariaDbStoreConfig::default())
+        .map_err(|error| option_error("--database-url", error))?;
+    let exists = sqlx::MySql::database_exists(database_url).await.context("--database-url: cannot reach MariaDB")?;
+    if !exists {
+        sqlx::MySql::create_database(database_url).await.context("--database-url: cannot create the database")?;
+    }
+    store.migrate().await.context("--database-url: applying the schema's migrations")?;
+    tracing::info!("schema migrated");
+    Ok(store)
+}
+
+/// What a node's stores are: both roles, and the outbox relay when there is a stream to feed.
+struct Stores {
+    record: Arc<dyn RecordStore>,
+    cache: Arc<dyn CacheStore>,
+    relay: Option<OutboxRelay>,
+}
+
+async fn stores(args: &ServeArgs) -> anyhow::Result<Stores> {
+    let seed: u64 = rand::rng().random();
+    match args.store {
+        StoreKind::Memory => {
+            let store = Arc::new(MemoryStore::new(MemoryStoreConfig { seed, ..MemoryStoreConfig::default() }));
+            Ok(Stores { record: store.clone(), cache: store, relay: None })
+        }
+        StoreKind::RedisMariadb => {
+            let redis = RedisStore::connect_lazy(
+                &args.redis_url,
+                RedisStoreConfig {
+                    prefix: args.redis_prefix.clone(),
+                    seed,
+                    instance: format!("{}-{seed:016x}", args.node),
+                    ..RedisStoreConfig::default()
+                },
+            )
+            .map_err(|error| option_error("--redis-url", error))?;
+            let record: Arc<dyn RecordStore> = Arc::new(
+                migrate(&args.database_url)
+                    .await?
+                    .with_seat_gate(redis.seat_gate())
+                    .with_idempotency_cache(redis.idempotency_cache()),
+            );
+            let relay = OutboxRelay::new(Arc::clone(&record), redis.clone(), OutboxRelayConfig::default());
+            Ok(Stores { record, cache: Arc::new(redis), relay: Some(relay) })
+        }
     }
 }
 
@@ -270,20 +360,19 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.engine_config();
-    let store = match args.store {
-        StoreKind::Memory => {
-            Arc::new(MemoryStore::new(MemoryStoreConfig { seed: rand::rng().random(), ..MemoryStoreConfig::default() }))
-        }
-    };
+    let stores = stores(&args).await?;
     let admin_enabled = config.admin_token.is_some();
     let engine = Engine::new(EngineParts {
         config,
         clock: Arc::new(SystemClock::new()),
-        record: store.clone(),
-        cache: store,
+        record: stores.record,
+        cache: stores.cache,
         faults: Arc::new(NoFaults),
     })
     .context("refusing to start")?;
+    if let Some(relay) = stores.relay {
+        tokio::spawn(relay.run());
+    }
     if args.demo_seats > 0 {
         load_demo(&engine, &args).await?;
     }
@@ -305,7 +394,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn load_demo(engine: &Arc<Engine>, args: &ServeArgs) -> anyhow::Result<()> {
-    engine.load_demo(args.demo_seats).await.context("loading the demo concert")?;
+    match engine.load_demo(args.demo_seats).await {
+        Ok(()) => {}
+        // Another node sharing the stores loaded it first.
+        Err(tcore_engine::EngineError::Invalid { reason }) if reason.contains("exists") => {
+            tracing::info!("demo concert already loaded by another node");
+        }
+        Err(error) => return Err(error).context("loading the demo concert"),
+    }
     for index in 0..args.demo_users {
         let user = engine.create_user(format!("demo-{index}")).await.context("creating demo users")?;
         if args.demo_points > 0 {

@@ -4,6 +4,7 @@
 //! scenario, history or checker logic: times are simulated microseconds carried in the data.
 
 pub mod checker;
+pub mod gate;
 pub mod history;
 pub mod scenario;
 pub mod score;

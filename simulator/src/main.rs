@@ -3,6 +3,8 @@
 // A command-line tool whose output is its job: it prints to stdout on purpose.
 #![allow(clippy::print_stdout)]
 
+mod cli;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,6 +32,10 @@ struct Cli {
 enum Command {
     /// Run a scenario in the simulated world, check it and score it.
     Run(RunArgs),
+    /// Render run results as HTML: one, or several side by side.
+    Report(cli::report::ReportArgs),
+    /// Judge scenarios or run results by safety, SLOs and baselines, for CI.
+    Gate(cli::gate::GateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,8 +76,15 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run(args) = Cli::parse().command;
-    match run(&args) {
+    let outcome = match Cli::parse().command {
+        Command::Run(args) => run(&args),
+        Command::Report(args) => cli::report::report(&args).map(|path| {
+            println!("report: {}", path.display());
+            true
+        }),
+        Command::Gate(args) => cli::gate::gate(&args, &mut run_for_gate),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
@@ -187,6 +200,14 @@ fn print_comparison(results: &[serde_json::Value]) {
     }
 }
 
+/// Runs a scenario as written (its own seed) for the gate, into `out`.
+fn run_for_gate(scenario_file: &Path, out: &Path) -> anyhow::Result<()> {
+    let scenario = Scenario::load(scenario_file)?;
+    let file = scenario_file.display().to_string();
+    run_one(&scenario, &file, &file, out, false, false)?;
+    Ok(())
+}
+
 fn run_one(
     scenario: &Scenario,
     file: &str,
@@ -224,6 +245,7 @@ fn run_one(
     let mut bytes = serde_json::to_vec_pretty(&result)?;
     bytes.push(b'\n');
     std::fs::write(&run_path, bytes).with_context(|| format!("writing {}", run_path.display()))?;
+    let report_path = cli::report::write_beside(&result, out)?;
     if save_history {
         std::fs::write(out.join("history.json"), serde_json::to_vec(&world.history)?)?;
     }
@@ -242,6 +264,7 @@ fn run_one(
     }
     print_summary(&result, &report, simulated_s);
     println!("run result: {}", run_path.display());
+    println!("report: {}", report_path.display());
     Ok(safety_passed(&result) && slo_passed(&result))
 }
 

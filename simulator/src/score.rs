@@ -6,7 +6,7 @@
 //! clock, and every map is ordered, so the same seed and commit give the same bytes. Wall-clock
 //! figures go in a separate file (`wall.json`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -66,6 +66,15 @@ fn latency(histogram: &Histogram<u64>) -> Latency {
     Latency { count: histogram.len(), p50_us: at(0.5), p90_us: at(0.9), p99_us: at(0.99), max_us: histogram.max() }
 }
 
+/// Percentiles of one journey step within one simulated second, nearest-rank over the
+/// operations invoked in that second.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct StepSecond {
+    count: u64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 struct Second {
     t_s: u64,
@@ -77,7 +86,48 @@ struct Second {
     rejections: u64,
     errors: u64,
     unknown: u64,
+    /// p99 of holds and confirms invoked in this second.
     p99_us: u64,
+    /// Per journey step, latency of the operations invoked in this second.
+    latency: BTreeMap<&'static str, StepSecond>,
+    /// Users waiting in the queue during the second: those with a queue status call (a poll
+    /// or a long poll) open at some point of it. Admitted users and users who gave up stop
+    /// asking.
+    queue_depth: u64,
+    /// Queue wait of the users admitted in this second.
+    queue_wait_p50_us: u64,
+    queue_wait_p99_us: u64,
+}
+
+/// The value at quantile `q` of sorted `values` (nearest rank); 0 when empty.
+fn nearest_rank(values: &[u64], q: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
+
+/// Upper bounds of the latency histogram buckets, in microseconds: ten per decade (the
+/// Renard R10 series) from 100 µs to 1,000 s; a last bucket takes anything slower.
+fn histogram_bounds_us() -> impl Iterator<Item = u64> {
+    const R10: [u64; 10] = [100, 125, 160, 200, 250, 315, 400, 500, 630, 800];
+    (0..7).flat_map(|exponent| R10.map(|mantissa| mantissa * 10_u64.pow(exponent))).chain([1_000_000_000])
+}
+
+/// Counts per bucket of a step's latencies, from the first bucket with a count to the last.
+fn latency_buckets(histogram: &Histogram<u64>) -> Vec<Value> {
+    let bounds: Vec<u64> = histogram_bounds_us().collect();
+    let mut counts = vec![0_u64; bounds.len() + 1];
+    for recorded in histogram.iter_recorded() {
+        // The lowest value of the recorded value's bucket, so a value on a bound counts in it.
+        let value = histogram.lowest_equivalent(recorded.value_iterated_to());
+        let bucket = bounds.iter().position(|&bound| value <= bound).unwrap_or(bounds.len());
+        counts[bucket] += recorded.count_at_value();
+    }
+    let first = counts.iter().position(|&count| count > 0).unwrap_or(0);
+    let last = counts.iter().rposition(|&count| count > 0).unwrap_or(0);
+    (first..=last).map(|bucket| json!({ "le_us": bounds.get(bucket).copied(), "count": counts[bucket] })).collect()
 }
 
 /// Builds the run result.
@@ -101,8 +151,16 @@ pub fn run_result(
     let mut steps: BTreeMap<&'static str, Histogram<u64>> = BTreeMap::new();
     let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
     let mut series: BTreeMap<u64, (Second, Histogram<u64>)> = BTreeMap::new();
+    let mut step_seconds: BTreeMap<(u64, &'static str), Vec<u64>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let (mut unknown, mut failed, mut rejected, mut completed) = (0_u64, 0_u64, 0_u64, 0_u64);
     for operation in &history.operations {
+        if matches!(operation.kind, OpKind::QueueStatus { .. }) {
+            let last_us = operation.complete_us.unwrap_or(history.config.end_us).max(operation.invoke_us);
+            for second in operation.invoke_us / 1_000_000..=last_us / 1_000_000 {
+                waiting.entry(second).or_default().insert(operation.client);
+            }
+        }
         let step = step_name(&operation.kind);
         let second = operation.invoke_us / 1_000_000;
         let entry = series.entry(second).or_insert_with(|| (Second { t_s: second, ..Second::default() }, histogram()));
@@ -114,6 +172,7 @@ pub fn run_result(
             (Outcome::Ok(_), Some(complete_us)) => {
                 let elapsed = complete_us.saturating_sub(operation.invoke_us).max(1);
                 steps.entry(step).or_insert_with(histogram).saturating_record(elapsed);
+                step_seconds.entry((second, step)).or_default().push(elapsed);
                 if matches!(operation.kind, OpKind::Hold { .. } | OpKind::Confirm { .. }) {
                     entry.1.saturating_record(elapsed);
                 }
@@ -129,10 +188,9 @@ pub fn run_result(
             }
             (Outcome::Fail { http_status, code, .. }, complete_us) => {
                 if let Some(complete_us) = complete_us {
-                    steps
-                        .entry(step)
-                        .or_insert_with(histogram)
-                        .saturating_record(complete_us.saturating_sub(operation.invoke_us).max(1));
+                    let elapsed = complete_us.saturating_sub(operation.invoke_us).max(1);
+                    steps.entry(step).or_insert_with(histogram).saturating_record(elapsed);
+                    step_seconds.entry((second, step)).or_default().push(elapsed);
                 }
                 *by_code.entry(code.clone()).or_default() += 1;
                 completed += 1;
@@ -150,6 +208,7 @@ pub fn run_result(
             }
         }
     }
+    let mut waits_by_second: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for admission in &history.admissions {
         let second = admission.admitted_us / 1_000_000;
         series
@@ -157,11 +216,26 @@ pub fn run_result(
             .or_insert_with(|| (Second { t_s: second, ..Second::default() }, histogram()))
             .0
             .admissions += 1;
+        waits_by_second.entry(second).or_default().push(admission.admitted_us.saturating_sub(admission.joined_us));
+    }
+    for ((second, step), mut elapsed) in step_seconds {
+        elapsed.sort_unstable();
+        let at = |q| nearest_rank(&elapsed, q);
+        let percentiles = StepSecond { count: elapsed.len() as u64, p50_us: at(0.5), p99_us: at(0.99) };
+        if let Some((entry, _)) = series.get_mut(&second) {
+            entry.latency.insert(step, percentiles);
+        }
     }
     let series: Vec<Second> = series
         .into_values()
         .map(|(mut second, latency)| {
             second.p99_us = if latency.is_empty() { 0 } else { latency.value_at_quantile(0.99) };
+            second.queue_depth = waiting.get(&second.t_s).map_or(0, |clients| clients.len() as u64);
+            if let Some(mut waits) = waits_by_second.remove(&second.t_s) {
+                waits.sort_unstable();
+                second.queue_wait_p50_us = nearest_rank(&waits, 0.5);
+                second.queue_wait_p99_us = nearest_rank(&waits, 0.99);
+            }
             second
         })
         .collect();
@@ -257,6 +331,7 @@ pub fn run_result(
         "commit": commit,
         "hold_mode": format!("{:?}", scenario.engine.hold_mode),
         "duration_s": scenario.duration_s,
+        "tick_ms": scenario.network.tick_ms,
         "verdict": if safety_passed && slo_passed { "pass" } else { "fail" },
         "safety": {
             "passed": safety_passed,
@@ -269,6 +344,7 @@ pub fn run_result(
         "slo": slo,
         "score": score,
         "series": series,
+        "latency_histograms": steps.iter().map(|(step, histogram)| (*step, latency_buckets(histogram))).collect::<BTreeMap<_, _>>(),
         "faults": world.fault_windows,
         "fault_pauses": world.fired_pauses.iter().map(|pause| json!({
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
@@ -305,7 +381,7 @@ fn fans_queue_wait(history: &crate::history::History) -> Histogram<u64> {
 }
 
 /// The value at a dotted path of the score, as a number.
-fn lookup(score: &Value, metric: &str) -> Option<f64> {
+pub fn lookup(score: &Value, metric: &str) -> Option<f64> {
     metric.split('.').try_fold(score, |value, key| value.get(key))?.as_f64()
 }
 
@@ -317,4 +393,53 @@ pub fn safety_passed(run: &Value) -> bool {
 /// Whether every SLO threshold of a run result held.
 pub fn slo_passed(run: &Value) -> bool {
     run["slo"].as_array().is_none_or(|results| results.iter().all(|result| result["passed"].as_bool().unwrap_or(false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_picks_the_ranked_value() {
+        let values: Vec<u64> = (1..=100).collect();
+        assert_eq!(nearest_rank(&values, 0.5), 50);
+        assert_eq!(nearest_rank(&values, 0.99), 99);
+        assert_eq!(nearest_rank(&values, 1.0), 100);
+        assert_eq!(nearest_rank(&[7], 0.99), 7);
+        assert_eq!(nearest_rank(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn latency_buckets_span_the_recorded_values_only() {
+        let mut recorded = histogram();
+        for value in [150, 180, 900, 1_500, 40_000] {
+            recorded.saturating_record(value);
+        }
+        let buckets = latency_buckets(&recorded);
+        let pairs: Vec<(Option<u64>, u64)> =
+            buckets.iter().map(|bucket| (bucket["le_us"].as_u64(), bucket["count"].as_u64().unwrap_or(0))).collect();
+        assert_eq!(
+            pairs,
+            [
+                (Some(160), 1),
+                (Some(200), 1),
+                (Some(250), 0),
+                (Some(315), 0),
+                (Some(400), 0),
+                (Some(500), 0),
+                (Some(630), 0),
+                (Some(800), 0),
+                (Some(1_000), 1),
+                (Some(1_250), 0),
+                (Some(1_600), 1)
+            ]
+            .into_iter()
+            .chain(
+                [2_000, 2_500, 3_150, 4_000, 5_000, 6_300, 8_000, 10_000, 12_500, 16_000, 20_000, 25_000, 31_500]
+                    .map(|bound| (Some(bound), 0))
+            )
+            .chain([(Some(40_000), 1)])
+            .collect::<Vec<_>>()
+        );
+    }
 }

@@ -10,10 +10,21 @@
 //! confirm checks the fence, debits, confirms and writes its outbox event together), so a
 //! caller never has to compose store calls to stay correct.
 //! **API boundary:** callers see domain types and [`StoreError`] only, never a backend's types.
+//!
+//! Implementations: [`MemoryStore`] (both roles, one process; the reference semantics),
+//! [`MariaDbStore`] (the record role on MariaDB, with [`SeatGate`] and [`IdempotencyCache`] on
+//! Redis in front of it) and [`RedisStore`] (the cache role). One contract suite
+//! (`engine/tests/it/contract.rs`) runs the same test bodies against each.
 
+mod mariadb;
 mod memory;
+mod redis;
+mod relay;
 
+pub use mariadb::{MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
 pub use memory::{MemoryStore, MemoryStoreConfig};
+pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
+pub use relay::{OutboxRelay, OutboxRelayConfig};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

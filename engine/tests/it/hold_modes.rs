@@ -16,9 +16,9 @@ use crate::support::{START_MS, config, engine_with, queued_user, schedule};
 /// Pauses the first `holders` holds that reach `hold.after_check` (lock taken, seat seen
 /// available).
 #[derive(Debug)]
-struct PauseFirstHolders {
-    pause: Duration,
-    holders: AtomicU32,
+pub struct PauseFirstHolders {
+    pub pause: Duration,
+    pub holders: AtomicU32,
 }
 
 impl FaultHook for PauseFirstHolders {

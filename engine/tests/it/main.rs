@@ -3,5 +3,9 @@
 mod agent;
 mod api;
 mod concurrency;
+mod contract;
 mod hold_modes;
+mod services;
+mod shared_stores;
+mod store_faults;
 mod support;

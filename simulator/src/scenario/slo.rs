@@ -78,6 +78,14 @@ impl SloThreshold {
         Ok(Self { metric: metric.to_owned(), op, value })
     }
 
+    /// Parses a whole threshold, k6-style: `latency.hold.p99_us < 50000`.
+    pub fn parse_statement(text: &str) -> Result<Self, String> {
+        let at = text.find(['<', '>', '=']).ok_or_else(|| {
+            format!("invalid threshold {text:?}: expected a metric, an operator and a number, as in \"latency.hold.p99_us < 50000\"")
+        })?;
+        Self::parse(text[..at].trim(), &text[at..])
+    }
+
     /// Whether a run whose metric measured `actual` meets this threshold.
     pub fn holds(&self, actual: f64) -> bool {
         self.op.holds(actual, self.value)
@@ -289,6 +297,17 @@ mod tests {
         let mut metrics: Vec<String> = wrapper.slo.thresholds.iter().map(ToString::to_string).collect();
         metrics.sort();
         assert_eq!(metrics, ["goodput.confirm_per_s > 100", "latency.hold.p99_us < 50000", "oversell == 0"]);
+    }
+
+    #[test]
+    fn whole_thresholds_parse_k6_style() {
+        let parsed = |text: &str| SloThreshold::parse_statement(text).map(|threshold| threshold.to_string());
+        assert_eq!(parsed("oversell == 0"), Ok("oversell == 0".to_owned()));
+        assert_eq!(parsed(" latency.hold.p99_us<50_000 "), Ok("latency.hold.p99_us < 50000".to_owned()));
+        assert_eq!(parsed("goodput.confirm_per_s >= 100.5"), Ok("goodput.confirm_per_s >= 100.5".to_owned()));
+        assert!(parsed("oversell").is_err_and(|error| error.starts_with("invalid threshold \"oversell\"")));
+        assert!(parsed("< 5").is_err_and(|error| error.starts_with("invalid SLO metric name \"\"")));
+        assert!(parsed("oversell == zero").is_err_and(|error| error.starts_with("invalid SLO expression")));
     }
 
     #[test]

@@ -2,6 +2,9 @@
 
 mod agent;
 mod checker;
+mod gate;
+mod report;
+mod runs;
 mod scenario;
 mod store_rpc;
 mod world;

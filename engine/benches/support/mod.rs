@@ -1,0 +1,146 @@
+//! What the engine's benchmarks share: server processes, an HTTP client, and the demo users'
+//! admitted queue tokens.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+}
+
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A server process, killed when dropped.
+pub struct Server(Child);
+
+impl Server {
+    pub async fn start(command: &mut Command, addr: SocketAddr) -> Server {
+        let server = Server(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("server starts"));
+        for _ in 0..400 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server on {addr} did not come up");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    uri: String,
+    token: Option<&str>,
+    key: Option<String>,
+    body: Option<String>,
+) -> Result<(u16, Bytes), ()> {
+    let mut request = hyper::Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let body = match body {
+        Some(body) => {
+            request = request.header("content-type", "application/json");
+            Full::new(Bytes::from(body))
+        }
+        None => Full::new(Bytes::new()),
+    };
+    let response = client.request(request.body(body).map_err(|_| ())?).await.map_err(|_| ())?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.map_err(|_| ())?.to_bytes();
+    Ok((status, bytes))
+}
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http()
+}
+
+/// Joins users `1..=users` to the demo schedule at `addr` and waits until all are admitted.
+pub async fn admitted_tokens(addr: SocketAddr, users: u64) -> Vec<String> {
+    let client = client();
+    let mut tokens = Vec::new();
+    for user_id in 1..=users {
+        let (status, body) = send(
+            &client,
+            "POST",
+            format!("http://{addr}/v1/schedules/1/queue"),
+            None,
+            None,
+            Some(format!("{{\"user_id\":{user_id}}}")),
+        )
+        .await
+        .expect("join");
+        assert_eq!(status, 201, "join: {body:?}");
+        let joined: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        tokens.push(joined["token"].as_str().unwrap().to_owned());
+    }
+    for token in &tokens {
+        let (_, body) = send(&client, "GET", format!("http://{addr}/v1/queue/{token}?wait_s=10"), None, None, None)
+            .await
+            .expect("status");
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status["status"], "ADMITTED", "{status}");
+    }
+    tokens
+}
+
+/// Runs `connections` closed loops for `seconds`: each loop sends `request(worker, sequence)`
+/// after the last one answered, and its latency is recorded from the moment it was sent.
+/// Returns every latency in µs and the seconds the loops ran.
+pub async fn closed_loops<F, Fut>(connections: usize, seconds: u64, request: F) -> (hdrhistogram::Histogram<u64>, f64)
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let request = Arc::new(request);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = std::time::Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|worker| {
+            let (request, stop) = (Arc::clone(&request), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut sequence = 0_u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sequence += 1;
+                    let begin = std::time::Instant::now();
+                    request(worker, sequence).await;
+                    latency.saturating_record(u64::try_from(begin.elapsed().as_micros()).unwrap_or(u64::MAX).max(1));
+                }
+                latency
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for worker in workers {
+        latency.add(worker.await.unwrap()).unwrap();
+    }
+    (latency, started.elapsed().as_secs_f64())
+}

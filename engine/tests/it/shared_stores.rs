@@ -1,0 +1,162 @@
+//! Two engine nodes on one pair of stores, as `serve` runs them side by side: thousands of
+//! holds and confirms from both at once never sell a seat twice, on every backend.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use tcore_engine::clock::{ManualClock, TokioClock};
+use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::domain::{FenceToken, OutboxKind, ReservationStatus, TransitionError};
+use tcore_engine::faults::NoFaults;
+use tcore_engine::{Engine, EngineError, EngineParts};
+
+use crate::contract;
+use crate::contract::assert_books_balance;
+use crate::hold_modes::PauseFirstHolders;
+use crate::services::Stores;
+use crate::support::{START_MS, config, queued_user, schedule};
+
+/// Engine nodes named `engine-1`, `engine-2`, ... on `stores`, sharing one clock.
+pub fn nodes(stores: &Stores, count: usize, config: &EngineConfig, clock: &ManualClock) -> Vec<Arc<Engine>> {
+    (1..=count)
+        .map(|index| {
+            Engine::new(EngineParts {
+                config: EngineConfig { node: format!("engine-{index}"), ..config.clone() },
+                clock: Arc::new(clock.clone()),
+                record: Arc::clone(&stores.record),
+                cache: Arc::clone(&stores.cache),
+                faults: Arc::new(NoFaults),
+            })
+            .unwrap_or_else(|error| panic!("test config is valid: {error}"))
+        })
+        .collect()
+}
+
+const SEATS: u64 = 20;
+const USERS: usize = 100;
+const ATTEMPTS_PER_USER: usize = 20;
+
+/// Every user tries every seat in its own order until it gets one, alternating nodes, and pays
+/// at the other node. Then the books are audited.
+async fn race_two_nodes(stores: Stores, mode: HoldMode) {
+    let clock = ManualClock::starting_at_ms(START_MS);
+    let nodes = nodes(&stores, 2, &config(mode), &clock);
+    nodes[0].add_schedule(schedule(START_MS, SEATS as u32)).await.expect("schedule");
+    let mut users = Vec::new();
+    for index in 0..USERS {
+        let node = &nodes[index % 2];
+        let user = node.create_user(format!("user-{index}")).await.expect("user");
+        node.charge_points(user.user_id, 1_000, format!("top-up-{}", user.user_id)).await.expect("points");
+        users.push(node.join_queue(1, user.user_id).await.expect("join").token);
+    }
+    clock.advance(Duration::from_secs(1));
+    nodes[1].tick_admission().await.expect("tick");
+    let tasks: Vec<_> = users
+        .into_iter()
+        .enumerate()
+        .map(|(index, token)| {
+            let nodes = nodes.clone();
+            tokio::spawn(async move {
+                // A token buys one seat: its user stops after paying.
+                let mut confirmed = 0;
+                for attempt in 0..ATTEMPTS_PER_USER {
+                    if confirmed > 0 {
+                        break;
+                    }
+                    let seat = ((index * 7 + attempt * 3) as u64 % SEATS) + 1;
+                    let (holder, payer) = (&nodes[attempt % 2], &nodes[(attempt + 1) % 2]);
+                    match holder.hold(Some(&token), 1, seat).await {
+                        Ok(reservation) => {
+                            payer.confirm(Some(&token), reservation.id, None).await.expect("confirm");
+                            confirmed += 1;
+                        }
+                        Err(EngineError::SeatTaken | EngineError::SeatLocked) => {}
+                        Err(other) => panic!("unexpected refusal: {other}"),
+                    }
+                }
+                confirmed
+            })
+        })
+        .collect();
+    let mut confirmed = 0;
+    for task in tasks {
+        confirmed += task.await.expect("task");
+    }
+    assert_eq!(confirmed, SEATS, "every seat sold once ({})", stores.backend);
+    audit(&stores).await;
+}
+
+/// At most one confirmed reservation per seat, ledgers that sum to balances, one charge per
+/// confirmation, and an outbox event for every confirmation.
+pub async fn audit(stores: &Stores) {
+    let dump = stores.record.dump().await.expect("dump");
+    let mut confirmed_per_seat: BTreeMap<u64, u32> = BTreeMap::new();
+    for reservation in dump.reservations.iter().filter(|r| r.status == ReservationStatus::Confirmed) {
+        *confirmed_per_seat.entry(reservation.seat_id).or_default() += 1;
+        let events = dump
+            .outbox
+            .iter()
+            .filter(|event| {
+                event.reservation_id == Some(reservation.id) && event.kind == OutboxKind::ReservationConfirmed
+            })
+            .count();
+        assert_eq!(events, 1, "reservation {} has its confirmation event", reservation.id);
+        let charges =
+            dump.ledger.iter().filter(|entry| entry.reservation_id == Some(reservation.id) && entry.delta < 0);
+        assert_eq!(charges.count(), 1, "reservation {} is charged once", reservation.id);
+    }
+    assert!(confirmed_per_seat.values().all(|&count| count == 1), "a seat was sold twice: {confirmed_per_seat:?}");
+    assert_books_balance(stores.record.as_ref()).await;
+}
+
+contract!(
+    async fn two_nodes_racing_atomic_holds_and_confirms_sell_each_seat_once(stores) {
+        race_two_nodes(stores, HoldMode::Atomic).await;
+    }
+);
+
+contract!(
+    async fn two_nodes_racing_fenced_lock_holds_and_confirms_sell_each_seat_once(stores) {
+        race_two_nodes(stores, HoldMode::FencedLock).await;
+    }
+);
+
+contract!(
+    async fn a_fenced_lock_holder_paused_past_its_ttl_cannot_overwrite_the_next_holder(stores) {
+        // Real time: the first holder sleeps 1.5 s at `hold.after_check` with a 200 ms lock.
+        let clock = Arc::new(TokioClock::new(START_MS));
+        let config = EngineConfig { lock_ttl_ms: 200, ..config(HoldMode::FencedLock) };
+        let faults =
+            Arc::new(PauseFirstHolders { pause: Duration::from_millis(1_500), holders: AtomicU32::new(1) });
+        let engine = Engine::new(EngineParts {
+            config,
+            clock,
+            record: Arc::clone(&stores.record),
+            cache: Arc::clone(&stores.cache),
+            faults,
+        })
+        .unwrap_or_else(|error| panic!("test config is valid: {error}"));
+        engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
+        let (_, token_a) = queued_user(&engine, "a", 1_000).await;
+        let (_, token_b) = queued_user(&engine, "b", 1_000).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        engine.tick_admission().await.expect("tick");
+        let slow_engine = Arc::clone(&engine);
+        let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let taken = engine.hold(Some(&token_b), 1, 1).await.expect("the next holder takes the seat");
+        engine.confirm(Some(&token_b), taken.id, None).await.expect("and pays");
+        let stale = slow.await.expect("task");
+        assert!(
+            matches!(stale, Err(EngineError::Rejected(TransitionError::StaleFence { .. }))),
+            "the paused holder's write is stale: {stale:?}"
+        );
+        let dump = stores.record.dump().await.expect("dump");
+        let confirmed = dump.reservations.iter().filter(|r| r.status == ReservationStatus::Confirmed).count();
+        assert_eq!(confirmed, 1);
+        let fences: Vec<FenceToken> = dump.fences.iter().map(|fence| fence.fence).collect();
+        assert_eq!(fences, vec![FenceToken(2)]);
+    }
+);

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Live smoke test: two engine nodes on redis+mariadb, a burst of concurrent holds and confirms
+# at both, then an audit of the database. Exits non-zero when the audit fails.
+#
+# Needs Redis, MariaDB (and its `mariadb` client), curl. Settings (environment):
+#   TCORE_SMOKE_MARIADB  server URL without database   (mysql://root@127.0.0.1:3306)
+#   TCORE_SMOKE_REDIS    Redis URL                      (redis://127.0.0.1:6379)
+#   TCORE_SMOKE_USERS    users in the burst             (300)
+#   TCORE_SMOKE_SEATS    seats on sale                  (200)
+#   TCORE_ENGINE_BIN     engine binary                  (built with cargo, debug profile)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+server="${TCORE_SMOKE_MARIADB:-mysql://root@127.0.0.1:3306}"
+redis_url="${TCORE_SMOKE_REDIS:-redis://127.0.0.1:6379}"
+users="${TCORE_SMOKE_USERS:-300}"
+seats="${TCORE_SMOKE_SEATS:-200}"
+run_id="$$_$(date +%s)"
+database="tcore_smoke_${run_id}"
+prefix="tcore_smoke_${run_id}:"
+secret="smoke-secret-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+ports=(18081 18082)
+
+host_port="${server#*://}"; host_port="${host_port##*@}"; host_port="${host_port%%/*}"
+user_info=root
+case "${server#*://}" in *@*) user_info="${server#*://}"; user_info="${user_info%@*}" ;; esac
+mysql_args=(-h "${host_port%:*}" -P "${host_port##*:}" -u "${user_info%%:*}")
+case "$user_info" in *:*) mysql_args+=("-p${user_info#*:}") ;; esac
+sql() { mariadb "${mysql_args[@]}" -N -B "$database" -e "$1"; }
+
+if [ -z "${TCORE_ENGINE_BIN:-}" ]; then
+    cargo build -q -p tcore-engine --bin tcore-engine
+    TCORE_ENGINE_BIN=target/debug/tcore-engine
+fi
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    mariadb "${mysql_args[@]}" -e "DROP DATABASE IF EXISTS $database" || true
+    redis-cli -u "$redis_url" --scan --pattern "${prefix}*" | xargs -r -n 500 redis-cli -u "$redis_url" DEL >/dev/null || true
+}
+trap cleanup EXIT
+
+start_node() {
+    local index="$1" demo_users="$2"
+    "$TCORE_ENGINE_BIN" serve --store redis+mariadb --listen "127.0.0.1:${ports[$index]}" --node "engine-$((index + 1))" \
+        --database-url "$server/$database" --redis-url "$redis_url" --redis-prefix "$prefix" --token-secret "$secret" \
+        --demo-seats "$seats" --demo-users "$demo_users" --demo-points 1000 \
+        --admission-rate-per-s 100000 --active-max 1000000 \
+        --rate-limit-per-ip 100000 --rate-limit-per-token 1000 --rate-limit-burst 100000 \
+        >"target/smoke-engine-$((index + 1)).log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do
+        curl -sf "http://127.0.0.1:${ports[$index]}/readyz" >/dev/null && return 0
+        kill -0 "${pids[-1]}" 2>/dev/null || break
+        sleep 0.2
+    done
+    echo "engine-$((index + 1)) did not become ready; see target/smoke-engine-$((index + 1)).log" >&2
+    return 1
+}
+
+mkdir -p target
+echo "== two nodes on redis+mariadb (database $database, key prefix $prefix)"
+start_node 0 "$users"
+start_node 1 0
+
+# One user's journey: join at one node, wait for admission, then try seats until one is held
+# (alternating nodes) and pay for it at the other node, with an idempotency key.
+journey() {
+    local user="$1" base_a base_b token reservation seat attempt
+    base_a="http://127.0.0.1:${SMOKE_PORTS%% *}"; base_b="http://127.0.0.1:${SMOKE_PORTS##* }"
+    if [ $((user % 2)) = 1 ]; then local swap="$base_a"; base_a="$base_b"; base_b="$swap"; fi
+    token=$(curl -sf -XPOST "$base_a/v1/schedules/1/queue" -H 'content-type: application/json' \
+        -H "x-forwarded-for: 10.0.$((user / 250)).$((user % 250))" -d "{\"user_id\":$user}" | sed 's/.*"token":"\([^"]*\)".*/\1/')
+    curl -sf "$base_b/v1/queue/$token?wait_s=10" >/dev/null
+    for attempt in 0 1 2 3 4 5 6 7; do
+        seat=$(( (user * 7 + attempt * 13) % SMOKE_SEATS + 1 ))
+        reservation=$(curl -s -XPOST "$base_a/v1/holds" -H "authorization: Bearer $token" \
+            -H 'content-type: application/json' -H "idempotency-key: hold-$user-$attempt" \
+            -d "{\"schedule_id\":1,\"seat_id\":$seat}" | sed -n 's/.*"reservation_id":\([0-9]*\).*/\1/p')
+        if [ -n "$reservation" ]; then
+            curl -s -XPOST "$base_b/v1/reservations/$reservation/confirm" -H "authorization: Bearer $token" \
+                -H "idempotency-key: pay-$user" -o /dev/null -w '%{http_code}\n'
+            return 0
+        fi
+        local swap="$base_a"; base_a="$base_b"; base_b="$swap"
+    done
+    echo none
+}
+export -f journey
+export SMOKE_PORTS="${ports[*]}" SMOKE_SEATS="$seats"
+
+echo "== burst: $users users, holds and confirms at both nodes"
+outcomes=$(seq 1 "$users" | xargs -P 64 -I{} bash -c 'journey {}' | sort | uniq -c)
+echo "$outcomes"
+
+# Let the outbox relays catch up.
+for _ in $(seq 1 50); do
+    [ "$(sql "SELECT COUNT(*) FROM outbox WHERE sent = FALSE")" = 0 ] && break
+    sleep 0.2
+done
+
+echo "== audit"
+failed=0
+check() {
+    local what="$1" got="$2" want="$3"
+    if [ "$got" = "$want" ]; then echo "ok    $what: $got"; else echo "FAIL  $what: $got (want $want)"; failed=1; fi
+}
+confirmed=$(sql "SELECT COUNT(*) FROM reservations WHERE status = 'CONFIRMED'")
+echo "confirmed reservations: $confirmed"
+[ "$confirmed" -gt 0 ] || { echo "FAIL  nothing was confirmed"; failed=1; }
+check "seats confirmed more than once" \
+    "$(sql "SELECT COUNT(*) FROM (SELECT seat_id FROM reservations WHERE status = 'CONFIRMED' GROUP BY seat_id HAVING COUNT(*) > 1) twice")" 0
+check "accounts whose ledger does not sum to the balance" \
+    "$(sql "SELECT COUNT(*) FROM accounts a LEFT JOIN (SELECT user_id, SUM(delta) AS total FROM ledger GROUP BY user_id) l ON l.user_id = a.id WHERE a.balance <> COALESCE(l.total, 0)")" 0
+check "confirmations without their outbox event" \
+    "$(sql "SELECT COUNT(*) FROM reservations r WHERE r.status = 'CONFIRMED' AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.reservation_id = r.id AND o.kind = 'reservation_confirmed')")" 0
+check "confirmations not charged exactly once" \
+    "$(sql "SELECT COUNT(*) FROM reservations r WHERE r.status = 'CONFIRMED' AND (SELECT COUNT(*) FROM ledger l WHERE l.reservation_id = r.id AND l.reason = 'charge') <> 1")" 0
+check "confirmations by both nodes' holds" \
+    "$(sql "SELECT COUNT(DISTINCT f.node) FROM accepted_fences f JOIN reservations r ON r.id = f.reservation_id WHERE r.status = 'CONFIRMED'")" 2
+check "outbox events not yet relayed to the stream" "$(sql "SELECT COUNT(*) FROM outbox WHERE sent = FALSE")" 0
+if [ "$failed" = 0 ]; then echo "smoke: PASS"; else echo "smoke: FAIL"; fi
+exit "$failed"
