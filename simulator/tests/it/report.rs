@@ -155,8 +155,12 @@ fn agent_actions_are_listed_and_marked_on_every_time_chart() {
     for colour in ["#178A5A", "#888888", "#9B111E"] {
         assert_eq!(occurrences(&html, &format!("stroke=\"{colour}\" stroke-width=\"2\"")), time_charts, "{colour}");
     }
-    // Without them, the section says so.
+    // A run without an agent lists none; a result without the list says so.
     let html = render(std::slice::from_ref(passing()));
+    assert!(html.contains("<p>The agent took no action.</p>"));
+    let mut older = passing().clone();
+    older.as_object_mut().expect("a run result").remove("agent_actions");
+    let html = render(std::slice::from_ref(&older));
     assert!(html.contains("The run result records no agent actions."));
 }
 
