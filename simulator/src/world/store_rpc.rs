@@ -10,8 +10,7 @@
 //! 4-byte big-endian length and a `postcard` body (the id, then the request or response), at
 //! most [`FRAME_BYTES_MAX`] bytes. One connection carries many calls at once, at most
 //! [`IN_FLIGHT_MAX`]; responses are matched to calls by id, never by order. Floats (admission
-//! rates, numbers in audit values) travel as their shortest decimal text, so they arrive
-//! bit for bit: serde_json's default float parsing does not promise that.
+//! rates, numbers in audit values) travel as their bits, so they arrive exactly.
 //!
 //! # Server
 //!
@@ -139,13 +138,13 @@ enum StoreRequest {
     Audit { limit: u32 },
     Dump,
     CachePing,
-    CreateLine { schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: WirePolicy },
+    CreateLine { schedule_id: ScheduleId, opens_at_ms: u64, order: QueueOrder, policy: AdmissionPolicy },
     Join { schedule_id: ScheduleId, user_id: UserId, now_ms: u64 },
     QueueStatus { schedule_id: ScheduleId, seq: u64, now_ms: u64 },
     Admit { schedule_id: ScheduleId, now_ms: u64 },
     MarkUsed { schedule_id: ScheduleId, seq: u64, now_ms: u64 },
     AdmissionPolicy { schedule_id: ScheduleId },
-    SetAdmissionPolicy { schedule_id: ScheduleId, policy: WirePolicy },
+    SetAdmissionPolicy { schedule_id: ScheduleId, policy: AdmissionPolicy },
     Admissions,
     AcquireLock { key: String, ttl_ms: u64, now_ms: u64 },
     ReleaseLock { key: String, fence: FenceToken },
@@ -214,7 +213,7 @@ enum StoreResponse {
     Dump(Result<RecordDump, WireError>),
     QueueStatus(Result<QueueStatus, WireError>),
     Admit(Result<AdmitReport, WireError>),
-    Policy(Result<WirePolicy, WireError>),
+    Policy(Result<AdmissionPolicy, WireError>),
     Admissions(Result<Vec<Admitted>, WireError>),
     Lock(Result<Option<LockGrant>, WireError>),
     /// The host could not run the request at all (undecodable, or its answer too large).
@@ -350,50 +349,6 @@ impl From<WireTransition> for TransitionError {
     }
 }
 
-/// An `f64` as its shortest decimal text, read back with std's correctly rounded parser:
-/// serde_json's default float parsing can land one ulp off (`11.593456789000001` comes back
-/// `11.593456789`), and a store must keep exactly the value it was sent.
-#[derive(Debug, Clone, Copy)]
-struct WireFloat(f64);
-
-impl Serialize for WireFloat {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for WireFloat {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map(Self).map_err(serde::de::Error::custom)
-    }
-}
-
-/// [`AdmissionPolicy`] as it travels, its rate exact.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct WirePolicy {
-    rate_per_s: WireFloat,
-    active_max: u32,
-    paused: bool,
-    admitted_ttl_ms: u64,
-    waiting_idle_timeout_ms: u64,
-}
-
-impl From<AdmissionPolicy> for WirePolicy {
-    fn from(policy: AdmissionPolicy) -> Self {
-        // Destructured without `..`, so a new field cannot be forgotten here.
-        let AdmissionPolicy { rate_per_s, active_max, paused, admitted_ttl_ms, waiting_idle_timeout_ms } = policy;
-        Self { rate_per_s: WireFloat(rate_per_s), active_max, paused, admitted_ttl_ms, waiting_idle_timeout_ms }
-    }
-}
-
-impl From<WirePolicy> for AdmissionPolicy {
-    fn from(policy: WirePolicy) -> Self {
-        let WirePolicy { rate_per_s, active_max, paused, admitted_ttl_ms, waiting_idle_timeout_ms } = policy;
-        Self { rate_per_s: rate_per_s.0, active_max, paused, admitted_ttl_ms, waiting_idle_timeout_ms }
-    }
-}
-
 /// [`AuditEntry`] as it travels, its JSON values with exact floats.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct WireAudit {
@@ -428,7 +383,7 @@ enum WireValue {
     Bool(bool),
     Unsigned(u64),
     Signed(i64),
-    Float(WireFloat),
+    Float(f64),
     Text(String),
     Array(Vec<WireValue>),
     Object(Vec<(String, WireValue)>),
@@ -443,7 +398,7 @@ impl From<serde_json::Value> for WireValue {
             V::Number(number) => match (number.as_u64(), number.as_i64(), number.as_f64()) {
                 (Some(unsigned), _, _) => Self::Unsigned(unsigned),
                 (None, Some(signed), _) => Self::Signed(signed),
-                (None, None, Some(float)) => Self::Float(WireFloat(float)),
+                (None, None, Some(float)) => Self::Float(float),
                 (None, None, None) => Self::Null,
             },
             V::String(text) => Self::Text(text),
@@ -460,7 +415,7 @@ impl From<WireValue> for serde_json::Value {
             WireValue::Bool(flag) => Self::Bool(flag),
             WireValue::Unsigned(unsigned) => Self::from(unsigned),
             WireValue::Signed(signed) => Self::from(signed),
-            WireValue::Float(float) => serde_json::Number::from_f64(float.0).map_or(Self::Null, Self::Number),
+            WireValue::Float(float) => serde_json::Number::from_f64(float).map_or(Self::Null, Self::Number),
             WireValue::Text(text) => Self::String(text),
             WireValue::Array(items) => Self::Array(items.into_iter().map(Self::from).collect()),
             WireValue::Object(fields) => {
@@ -522,7 +477,7 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         Q::Dump => A::Dump(wire(store.dump().await)),
         Q::CachePing => A::Unit(wire(CacheStore::ping(store).await)),
         Q::CreateLine { schedule_id, opens_at_ms, order, policy } => {
-            A::Unit(wire(store.create_line(schedule_id, opens_at_ms, order, policy.into()).await))
+            A::Unit(wire(store.create_line(schedule_id, opens_at_ms, order, policy).await))
         }
         Q::Join { schedule_id, user_id, now_ms } => {
             A::QueueStatus(wire(store.join(schedule_id, user_id, now_ms).await))
@@ -532,11 +487,9 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         }
         Q::Admit { schedule_id, now_ms } => A::Admit(wire(store.admit(schedule_id, now_ms).await)),
         Q::MarkUsed { schedule_id, seq, now_ms } => A::Unit(wire(store.mark_used(schedule_id, seq, now_ms).await)),
-        Q::AdmissionPolicy { schedule_id } => {
-            A::Policy(wire(store.admission_policy(schedule_id).await).map(WirePolicy::from))
-        }
+        Q::AdmissionPolicy { schedule_id } => A::Policy(wire(store.admission_policy(schedule_id).await)),
         Q::SetAdmissionPolicy { schedule_id, policy } => {
-            A::Policy(wire(store.set_admission_policy(schedule_id, policy.into()).await).map(WirePolicy::from))
+            A::Policy(wire(store.set_admission_policy(schedule_id, policy).await))
         }
         Q::Admissions => A::Admissions(wire(store.admissions().await)),
         Q::AcquireLock { key, ttl_ms, now_ms } => A::Lock(wire(store.acquire_lock(key, ttl_ms, now_ms).await)),
@@ -1609,7 +1562,6 @@ macro_rules! impl_store_traits {
                 order: QueueOrder,
                 policy: AdmissionPolicy,
             ) -> Result<(), StoreError> {
-                let policy = policy.into();
                 answer!(self, StoreRequest::CreateLine { schedule_id, opens_at_ms, order, policy }, Unit)
             }
 
@@ -1640,7 +1592,7 @@ macro_rules! impl_store_traits {
             }
 
             async fn admission_policy(&self, schedule_id: ScheduleId) -> Result<AdmissionPolicy, StoreError> {
-                answer!(self, StoreRequest::AdmissionPolicy { schedule_id }, Policy => AdmissionPolicy::from)
+                answer!(self, StoreRequest::AdmissionPolicy { schedule_id }, Policy)
             }
 
             async fn set_admission_policy(
@@ -1648,8 +1600,7 @@ macro_rules! impl_store_traits {
                 schedule_id: ScheduleId,
                 policy: AdmissionPolicy,
             ) -> Result<AdmissionPolicy, StoreError> {
-                let policy = policy.into();
-                answer!(self, StoreRequest::SetAdmissionPolicy { schedule_id, policy }, Policy => AdmissionPolicy::from)
+                answer!(self, StoreRequest::SetAdmissionPolicy { schedule_id, policy }, Policy)
             }
 
             async fn admissions(&self) -> Result<Vec<Admitted>, StoreError> {
