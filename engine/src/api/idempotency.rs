@@ -40,8 +40,7 @@ pub(super) async fn layer(State(state): State<AppState>, request: Request, next:
     };
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, REQUEST_BODY_MAX).await else {
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
-            .into_response();
+        return ApiError::body_too_large().into_response();
     };
     let fingerprint = fingerprint(&parts, &body);
     let engine = &state.engine;

@@ -82,8 +82,25 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .fallback(not_found)
         .layer(middleware::from_fn(finish_writes))
+        .layer(middleware::from_fn(read_whole_request))
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .with_state(state)
+}
+
+/// Nothing answers a request before its whole body is in (at most [`REQUEST_BODY_MAX`]).
+///
+/// An answer sent while the client is still sending (a refusal of the guards, a bad path, an
+/// unknown route) makes HTTP/2 reset the stream, and h2 remembers a stream it reset for one
+/// second of wall-clock time (not configurable through hyper's server builder): a DATA frame
+/// that arrives later is ignored while the stream is remembered and answered with one more
+/// reset once it is forgotten. The traffic then depends on how fast the host runs, which a
+/// simulated run could not replay; read first, and no stream is left half received.
+async fn read_whole_request(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, REQUEST_BODY_MAX).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Err(_) => ApiError::body_too_large().into_response(),
+    }
 }
 
 /// A mutating request, once started, runs to its end even if its client goes away (an HTTP/2

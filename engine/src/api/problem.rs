@@ -54,6 +54,12 @@ impl ApiError {
             format!("something went wrong (request id {request_id})"),
         )
     }
+
+    /// The 413 of a body over [`REQUEST_BODY_MAX`](super::REQUEST_BODY_MAX), or one that
+    /// could not be read to its end.
+    pub fn body_too_large() -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "the request body is too large")
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -18,6 +18,8 @@ pub const ENGINE_PORT: u16 = 8080;
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a ping may go unanswered before the connection is given up.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Streams a connection remembers having cancelled (requests that timed out).
+const RESET_STREAMS_REMEMBERED_MAX: usize = 10_000;
 
 /// turmoil's TCP listener as an `axum` listener, so the engine's router runs unchanged.
 pub struct SimListener(pub turmoil::net::TcpListener);
@@ -171,6 +173,11 @@ impl HttpClient {
             .header_table_size(0)
             .keep_alive_interval(KEEP_ALIVE_INTERVAL)
             .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            // h2 forgets a stream it cancelled after a while of wall-clock time, and answers a
+            // frame for a forgotten stream with one more reset: the traffic would depend on how
+            // fast the host runs. Remembered for good (up to a maximum), it does not.
+            .reset_stream_duration(Duration::MAX)
+            .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED_MAX)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|_| HttpFailure::ConnectionLost)?;
