@@ -391,6 +391,48 @@ async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
     assert!(metrics.contains("reason=\"ip_blocked\"} 1"), "{metrics}");
 }
 
+/// A request body that arrives when the test sends it.
+struct LateBody(Option<tokio::sync::oneshot::Receiver<Bytes>>);
+
+impl hyper::body::Body for LateBody {
+    type Data = Bytes;
+    type Error = tokio::sync::oneshot::error::RecvError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let Some(receiver) = self.0.as_mut() else { return std::task::Poll::Ready(None) };
+        let bytes = std::task::ready!(std::pin::Pin::new(receiver).poll(context));
+        self.0 = None;
+        std::task::Poll::Ready(Some(bytes.map(hyper::body::Frame::data)))
+    }
+}
+
+/// An answer sent while the body is still on its way would make HTTP/2 reset the stream, and
+/// what happens to the rest of the body would then depend on wall-clock time.
+#[tokio::test]
+async fn a_blocked_client_is_refused_only_once_its_whole_request_is_in() {
+    let api = Api::new().await;
+    let blocked =
+        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
+    assert_eq!(blocked.status, StatusCode::OK);
+    let (send_body, body) = tokio::sync::oneshot::channel();
+    let request = Request::post("/v1/schedules/1/queue")
+        .header("x-forwarded-for", "198.51.100.9")
+        .header("content-type", "application/json")
+        .body(Body::new(LateBody(Some(body))))
+        .expect("request");
+    let answer = tokio::spawn(api.router.clone().oneshot(request));
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!answer.is_finished(), "answered before the body was in");
+    send_body.send(Bytes::from_static(br#"{"user_id":1}"#)).expect("the router waits for the body");
+    let response = answer.await.expect("no panic").expect("infallible");
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
 #[tokio::test]
 async fn admin_needs_the_token_401_without_403_wrong() {
     let api = Api::new().await;
