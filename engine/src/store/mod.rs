@@ -21,7 +21,7 @@ mod memory;
 mod redis;
 mod relay;
 
-pub use mariadb::{MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
+pub use mariadb::{HoldBatchConfig, HoldBatchStats, MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
 pub use memory::{MemoryStore, MemoryStoreConfig};
 pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
 pub use relay::{OutboxRelay, OutboxRelayConfig};
