@@ -511,6 +511,25 @@ contract!(
 );
 
 contract!(
+    async fn a_lock_is_renewed_only_by_its_live_holder(stores) {
+        let cache = stores.cache.as_ref();
+        let key = || "seat:1:2".to_owned();
+        let first = cache.acquire_lock(key(), 100, T0).await.expect("store").expect("free");
+        let renewed = cache.renew_lock(key(), first.fence, 100, T0 + 80).await.expect("store").expect("live holder");
+        assert_eq!((renewed.fence, renewed.expires_at_ms), (first.fence, T0 + 180));
+        assert_eq!(cache.acquire_lock(key(), 100, T0 + 150).await.expect("store"), None, "renewed past its first TTL");
+        assert_eq!(cache.renew_lock(key(), FenceToken(first.fence.0 + 1), 100, T0 + 150).await.expect("store"), None);
+        assert_eq!(cache.renew_lock(key(), first.fence, 100, T0 + 180).await.expect("store"), None, "ran out");
+        let second = cache.acquire_lock(key(), 100, T0 + 180).await.expect("store").expect("ran out");
+        assert!(second.fence > first.fence);
+        assert_eq!(cache.renew_lock(key(), first.fence, 100, T0 + 190).await.expect("store"), None, "taken over");
+        cache.release_lock(key(), second.fence).await.expect("release");
+        assert_eq!(cache.renew_lock(key(), second.fence, 100, T0 + 200).await.expect("store"), None, "released");
+        assert_eq!(cache.renew_lock("seat:never".into(), second.fence, 100, T0).await.expect("store"), None);
+    }
+);
+
+contract!(
     async fn two_thousand_concurrent_holds_from_a_hundred_tasks_grant_one_per_seat(stores) {
         const SEATS: u64 = 50;
         let record = Arc::clone(&stores.record);
