@@ -1,7 +1,7 @@
 //! What the agent sees at one decision: the admin snapshots of every node it reached,
 //! merged into one compact view of the cluster.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -55,7 +55,12 @@ pub struct Observation {
     pub queues: Vec<QueueView>,
     pub hold_ttl_s: Option<u64>,
     pub rate_limits: Option<RateLimits>,
+    /// IPs blocked on at least one node that answered.
     pub blocked: Vec<IpAddr>,
+    /// Of those, the ones some node that answered does not block: it restarted, or it was
+    /// cut off when the block was sent.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked_partly: Vec<IpAddr>,
 }
 
 impl Observation {
@@ -91,7 +96,11 @@ impl Observation {
             view.waiting = view.waiting.max(queue.waiting);
             view.active = view.active.max(queue.active);
         }
-        let blocked: BTreeSet<IpAddr> = snapshots.iter().flat_map(|s| &s.blocks).map(|block| block.ip).collect();
+        let mut blocked: BTreeMap<IpAddr, usize> = BTreeMap::new();
+        for block in snapshots.iter().flat_map(|s| &s.blocks) {
+            *blocked.entry(block.ip).or_default() += 1;
+        }
+        let blocked_partly = blocked.iter().filter(|(_, nodes)| **nodes < snapshots.len()).map(|(ip, _)| *ip).collect();
         Observation {
             at_ms,
             nodes: snapshots.iter().map(|s| s.node.clone()).collect(),
@@ -112,7 +121,8 @@ impl Observation {
             queues: queues.into_values().collect(),
             hold_ttl_s: snapshots.iter().map(|s| s.hold_ttl_s).min(),
             rate_limits: snapshots.first().map(|s| s.rate_limits),
-            blocked: blocked.into_iter().collect(),
+            blocked: blocked.into_keys().collect(),
+            blocked_partly,
         }
     }
 
@@ -167,5 +177,6 @@ pub(crate) fn calm() -> Observation {
         hold_ttl_s: Some(300),
         rate_limits: Some(RateLimits { per_ip_per_s: 20, per_token_per_s: 10, burst: 40 }),
         blocked: Vec::new(),
+        blocked_partly: Vec::new(),
     }
 }

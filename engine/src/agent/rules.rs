@@ -6,7 +6,8 @@
 //!   after a cut: raise admission by `admission_raise_factor`, step by step, back to where it
 //!   was before the first cut. Between the two bands nothing changes, so the rates do not flap.
 //! - An IP at `ip_factor` times the median IP's rate (and at least `ip_rate_min_per_s`) on
-//!   `ip_strikes` observations in a row: block it for `block_ttl_s`.
+//!   `ip_strikes` observations in a row: block it for `block_ttl_s`, again if some node that
+//!   answered lacks the block (it restarted, or was cut off when the block was sent).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -153,11 +154,15 @@ impl RulesPolicy {
         let mut strikes = BTreeMap::new();
         for talker in seen.talkers.iter().filter(|talker| talker.requests_per_s >= threshold) {
             let count = self.ip_strikes.get(&talker.ip).copied().unwrap_or(0) + 1;
-            if count >= config.ip_strikes && !seen.blocked.contains(&talker.ip) {
+            let partly = seen.blocked_partly.contains(&talker.ip);
+            if count >= config.ip_strikes && (partly || !seen.blocked.contains(&talker.ip)) {
                 calls.push(ToolCall::BlockIp { ip: talker.ip, ttl_s: config.block_ttl_s });
                 reasons.push(format!(
-                    "{} at {:.0} requests/s (threshold {threshold:.0}, median IP {:.1}); blocked",
-                    talker.ip, talker.requests_per_s, seen.ip_median_requests_per_s
+                    "{} at {:.0} requests/s (threshold {threshold:.0}, median IP {:.1}); blocked{}",
+                    talker.ip,
+                    talker.requests_per_s,
+                    seen.ip_median_requests_per_s,
+                    if partly { " on every node (some had no block)" } else { "" }
                 ));
             }
             strikes.insert(talker.ip, count);
@@ -285,6 +290,12 @@ mod tests {
         assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockIp { ip: bot, ttl_s: 120 }]);
         seen.blocked.push(bot);
         assert_eq!(decide(&mut policy, &seen), Vec::new(), "already blocked");
+        seen.blocked_partly.push(bot);
+        assert_eq!(
+            decide(&mut policy, &seen),
+            vec![ToolCall::BlockIp { ip: bot, ttl_s: 120 }],
+            "blocked again where a node lacks the block"
+        );
         // A strike, a normal observation, a strike: not twice in a row.
         let mut policy = RulesPolicy::new(RulesConfig::default());
         let mut busy = calm();

@@ -104,6 +104,30 @@ async fn an_unreachable_node_is_recorded_and_nothing_is_applied() {
     assert!(decision.actions.is_empty());
 }
 
+#[tokio::test]
+async fn a_node_that_lacks_a_block_the_others_have_gets_it_again() {
+    // engine-2 restarted (or was cut off when the block was sent): only engine-1 blocks the bot.
+    let (first, first_url) = served("engine-1").await;
+    let (second, second_url) = served("engine-2").await;
+    first.block("admin", BOT.parse().expect("ip"), 60).await.expect("block");
+    let transport =
+        HttpTransport::new(vec![first_url, second_url], ADMIN_TOKEN.into(), ACTOR.into(), Duration::from_secs(5));
+    let mut agent = Agent::new(
+        transport,
+        RulesPolicy::new(RulesConfig::default()),
+        Arc::new(ManualClock::starting_at_ms(START_MS)),
+        AgentOptions::default(),
+    );
+    assert_eq!(outcomes(&agent.decide_once().await), vec![], "the first strike only");
+    let decision = agent.decide_once().await;
+    assert_eq!(outcomes(&decision), vec![("block_ip", ActionOutcome::Applied)], "{decision:?}");
+    for engine in [&first, &second] {
+        let blocks = engine.snapshot().await.expect("snapshot").blocks;
+        assert_eq!(blocks.iter().map(|block| block.ip.to_string()).collect::<Vec<_>>(), vec![BOT]);
+    }
+    assert_eq!(outcomes(&agent.decide_once().await), vec![], "blocked everywhere now");
+}
+
 /// A scripted OpenAI-compatible server: answers each chat completion with the next script
 /// entry (after its delay), and keeps the requests it got.
 #[derive(Clone, Default)]
