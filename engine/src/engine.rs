@@ -334,10 +334,17 @@ impl Engine {
     }
 
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.
+    ///
+    /// The line is read once at the start, which also proves the holder is still there. A long
+    /// poll reads it again only when the head of the line has passed this place (the token was
+    /// admitted, skipped, or moved by the shuffle at the opening); when it is woken because the
+    /// schedule sold out before the head reached it, or when `wait` ends, it answers from what
+    /// it read and what this node saw of the head since, without another store call.
     pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
         let claim = self.signer.verify(token)?;
+        let mut read_at_ms = self.now_ms();
         let mut status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
         if status.status != TokenStatus::Waiting || wait.is_zero() || self.position(status, claim.schedule_id).sold_out
         {
             return Ok(self.position(status, claim.schedule_id));
@@ -348,16 +355,25 @@ impl Engine {
             let mut registration = signal.register(status.order_index);
             // `biased`: tokio otherwise polls branches in random order, which a simulated
             // run could not replay.
-            tokio::select! {
+            let woken = tokio::select! {
                 biased;
-                () = registration.woken() => {}
-                () = tokio::time::sleep_until(deadline) => break,
-            }
+                () = registration.woken() => true,
+                () = tokio::time::sleep_until(deadline) => false,
+            };
             drop(registration);
             let order_index = status.order_index;
-            status = self
-                .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
-                .await?;
+            let reached = signal.head() > order_index;
+            if !reached {
+                // The deadline, or a sale that ended before the head came here: still waiting.
+                let moved_on = status.moved_on(signal.head(), self.now_ms().saturating_sub(read_at_ms));
+                let position = self.position(moved_on, claim.schedule_id);
+                if !woken || position.sold_out {
+                    return Ok(position);
+                }
+            }
+            read_at_ms = self.now_ms();
+            status =
+                self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
             let reached_but_waiting = status.order_index == order_index && signal.head() > order_index;
             if status.status != TokenStatus::Waiting
                 || reached_but_waiting
@@ -366,9 +382,6 @@ impl Engine {
                 return Ok(self.position(status, claim.schedule_id));
             }
         }
-        let status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
-        Ok(self.position(status, claim.schedule_id))
     }
 
     fn line_signal(&self, schedule_id: ScheduleId) -> Arc<LineSignal> {
