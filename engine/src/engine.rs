@@ -79,6 +79,8 @@ pub struct Joined {
     pub token: String,
     pub position: u64,
     pub eta_s: u64,
+    /// Every seat of the schedule is sold (as of the last sweep): waiting is pointless.
+    pub sold_out: bool,
 }
 
 /// The answer to a queue status call.
@@ -292,12 +294,16 @@ impl Engine {
         Ok(summaries)
     }
 
-    fn position(&self, status: QueueStatus, schedule_id: ScheduleId) -> QueuePosition {
-        let sold_out = self
-            .on_sale
+    /// Whether every seat of the schedule is sold, as of the last sweep.
+    fn sold_out(&self, schedule_id: ScheduleId) -> bool {
+        self.on_sale
             .lock()
             .get(&schedule_id)
-            .is_some_and(|sale| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total);
+            .is_some_and(|sale| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total)
+    }
+
+    fn position(&self, status: QueueStatus, schedule_id: ScheduleId) -> QueuePosition {
+        let sold_out = self.sold_out(schedule_id);
         QueuePosition { status: status.status, position: status.position, eta_s: status.eta_s, sold_out }
     }
 
@@ -330,7 +336,7 @@ impl Engine {
         self.timed("account", self.record.account(user_id)).await?;
         let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
         let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
-        Ok(Joined { token, position: status.position, eta_s: status.eta_s })
+        Ok(Joined { token, position: status.position, eta_s: status.eta_s, sold_out: self.sold_out(schedule_id) })
     }
 
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.

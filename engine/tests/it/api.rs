@@ -525,4 +525,8 @@ async fn waiting_users_learn_when_every_seat_is_sold() {
     let after = api.get(&format!("/v1/queue/{waiting}?wait_s=30")).send().await.json();
     assert_eq!(after["status"], "WAITING");
     assert_eq!(after["sold_out"], true, "a long poll answers at once when nothing is left");
+    let carol = api.post("/v1/users").json(json!({ "name": "carol" })).send().await.json();
+    let joined = api.post("/v1/schedules/1/queue").json(json!({ "user_id": carol["id"] })).send().await;
+    assert_eq!(joined.status, StatusCode::CREATED);
+    assert_eq!(joined.json()["sold_out"], true, "a join after the sale says so too");
 }
