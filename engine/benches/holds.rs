@@ -6,8 +6,9 @@
 //! Every request is `POST /v1/holds` on a random seat by a random admitted user, without an
 //! Idempotency-Key: the first attempts take free seats (a database transaction each on
 //! redis+mariadb), and as the map fills most meet a taken seat (refused by the seat gate in
-//! Redis). Round 1 includes the filling; later rounds are the steady state of a spike on a
-//! mostly taken map.
+//! Redis). Round 1 includes the filling, and reports how fast the first half of the seats
+//! was granted (the database's share of the work); later rounds are the steady state of a
+//! spike on a mostly taken map.
 //!
 //! Run: `cargo bench -p tcore-engine --bench holds` (`just bench-holds`). Environment:
 //! `BENCH_SECONDS` per round (5), `BENCH_ROUNDS` (3), `BENCH_CONNECTIONS` (64), `BENCH_SEATS`
@@ -40,6 +41,8 @@ struct Tally {
     other_client_errors: AtomicU64,
     server_errors: AtomicU64,
     failures: AtomicU64,
+    /// When (µs after the round began) half the seats were granted, if they were.
+    half_filled_at_us: AtomicU64,
 }
 
 fn main() {
@@ -63,6 +66,7 @@ fn main() {
         for round in 1..=rounds {
             report(
                 &format!("memory, 1 node, round {round}"),
+                seats,
                 &drive(&[memory_addr], &tokens, connections, seats, seconds).await,
             );
         }
@@ -85,7 +89,7 @@ fn main() {
         let tokens = admitted_tokens(first, USERS).await;
         for round in 1..=rounds {
             let figures = drive(&[first, second], &tokens, connections, seats, seconds).await;
-            report(&format!("redis+mariadb, 2 nodes, round {round}"), &figures);
+            report(&format!("redis+mariadb, 2 nodes, round {round}"), seats, &figures);
         }
         drop((node_1, node_2));
 
@@ -121,8 +125,17 @@ struct Figures {
     tally: Arc<Tally>,
 }
 
-fn report(name: &str, figures: &Figures) {
+fn report(name: &str, seats: u64, figures: &Figures) {
     let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let half_filled_at_us = count(&figures.tally.half_filled_at_us);
+    if half_filled_at_us > 0 {
+        println!(
+            "{name:>32}: first half of the seats ({}) granted in {:.2} s, {:.0} granted holds/s",
+            seats / 2,
+            half_filled_at_us as f64 / 1e6,
+            (seats / 2) as f64 / (half_filled_at_us as f64 / 1e6)
+        );
+    }
     println!(
         "{name:>32}: {:>8.0} hold attempts/s  p50 {:>6} us  p99 {:>6} us  (granted {}, seat taken {}, other 4xx {}, 5xx {}, transport failures {})",
         figures.attempts_per_s,
@@ -142,6 +155,7 @@ async fn drive(nodes: &[SocketAddr], tokens: &[String], connections: usize, seat
     let tally = Arc::new(Tally::default());
     let (nodes, tokens) = (nodes.to_vec(), Arc::new(tokens.to_vec()));
     let loop_tally = Arc::clone(&tally);
+    let started = std::time::Instant::now();
     let (latency, elapsed_s) = closed_loops(connections, seconds, move |worker, sequence| {
         let (client, tally, tokens) = (client.clone(), Arc::clone(&loop_tally), Arc::clone(&tokens));
         let node = nodes[worker % nodes.len()];
@@ -157,7 +171,10 @@ async fn drive(nodes: &[SocketAddr], tokens: &[String], connections: usize, seat
                 Ok(_) => &tally.server_errors,
                 Err(()) => &tally.failures,
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            let before = counter.fetch_add(1, Ordering::Relaxed);
+            if std::ptr::eq(counter, &tally.granted) && before + 1 == seats / 2 {
+                tally.half_filled_at_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
         }
     })
     .await;

@@ -84,6 +84,9 @@ pub struct EngineConfig {
     pub queue_order: QueueOrder,
     pub admission: AdmissionPolicy,
     pub rate_limits: RateLimits,
+    /// Whether the rate-limit counters live in the cache store, shared by every node on it,
+    /// instead of in this node alone.
+    pub rate_limits_shared: bool,
     /// The key queue tokens are signed with; nodes sharing a store must share it.
     pub token_secret: Vec<u8>,
     /// The bearer token of the admin API; without one the admin API is not served.
@@ -111,6 +114,7 @@ impl Default for EngineConfig {
             queue_order: QueueOrder::Fifo,
             admission: AdmissionPolicy::default(),
             rate_limits: RateLimits::default(),
+            rate_limits_shared: false,
             token_secret: b"tcore-development-secret".to_vec(),
             admin_token: None,
             trust_forwarded_for: false,

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -17,12 +18,12 @@ use utoipa::ToSchema;
 use crate::clock::Clock;
 use crate::config::{ConfigError, EngineConfig, HoldMode, RateLimits, RuntimeSettings, bounds, check_bound};
 use crate::domain::{
-    Account, AdmissionPolicy, Concert, IdempotencyDecision, QueueStatus, Reservation, ReservationId, ReservationStatus,
-    Schedule, ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, StoredResponse, TokenStatus,
-    TransitionError, UserId, WriteGuard,
+    Account, AdmissionPolicy, Concert, IdempotencyDecision, QueueStatus, RateLimit, Reservation, ReservationId,
+    ReservationStatus, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, StoredResponse,
+    TokenStatus, TransitionError, UserId, WriteGuard,
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
-use crate::guards::{Block, Guards};
+use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
 use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
 use crate::tokens::{QueueClaim, TokenError, TokenSigner};
@@ -161,6 +162,10 @@ pub struct Engine {
     /// What is on sale, as of the last sweep: admission ticks and sold-out answers read it
     /// instead of scanning every seat.
     on_sale: Mutex<BTreeMap<ScheduleId, ScheduleSummary>>,
+    /// Until when (monotonic µs) a fault point stops this node. A pause stands for the whole
+    /// process stopping (a long garbage collection, a VM stall): lock watchdogs renew nothing
+    /// meanwhile, so a holder paused past its lock's TTL loses the lock as it would there.
+    paused_until_us: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +188,7 @@ impl Engine {
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
             on_sale: Mutex::new(BTreeMap::new()),
+            paused_until_us: AtomicU64::new(0),
             guards,
             config: parts.config,
             clock: parts.clock,
@@ -228,9 +234,41 @@ impl Engine {
         Ok(result?)
     }
 
+    /// Admits or turns away a public request from `ip` carrying `token`: the blocklist, then
+    /// the rate limits, this node's own or, with `rate_limits_shared`, the counters every
+    /// node keeps in the cache store. A cache store that cannot answer lets the request
+    /// through (the booking calls behind it need that store anyway and answer 503).
+    pub async fn admit_request(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
+        if !self.config.rate_limits_shared {
+            return self.guards.check(ip, token);
+        }
+        self.guards.check_blocked(ip)?;
+        let limits = self.guards.limits();
+        let per_ip = RateLimit { per_s: limits.per_ip_per_s, burst: limits.burst };
+        self.take_shared_rate(LimitScope::Ip, format!("ip:{ip}"), per_ip).await?;
+        if let Some(token) = token {
+            let per_token = RateLimit { per_s: limits.per_token_per_s, burst: limits.burst };
+            self.take_shared_rate(LimitScope::Token, format!("token:{token}"), per_token).await?;
+        }
+        Ok(())
+    }
+
+    async fn take_shared_rate(&self, scope: LimitScope, key: String, limit: RateLimit) -> Result<(), Rejection> {
+        match self.timed("take_rate", self.cache.take_rate(key, limit, self.now_ms())).await {
+            Ok(None) => Ok(()),
+            Ok(Some(wait_ms)) => Err(rate_limited(scope, Duration::from_millis(wait_ms))),
+            Err(error) => {
+                tracing::warn!(%error, "shared rate limit unavailable; the request passes");
+                Ok(())
+            }
+        }
+    }
+
     async fn fault_point(&self, point: FaultPoint, context: FaultContext) {
         if let Some(pause) = self.faults.pause_at(point, &context) {
             tracing::warn!(point = point.name(), pause_ms = pause.as_millis() as u64, "fault point: pausing");
+            let until_us = self.clock.monotonic_us().saturating_add(pause.as_micros() as u64);
+            self.paused_until_us.fetch_max(until_us, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
         }
     }
@@ -472,8 +510,8 @@ impl Engine {
             seat_id: Some(seat_id),
             lock_expires_at_ms: Some(grant.expires_at_ms),
         };
-        self.fault_point(FaultPoint::HoldAfterLock, context(self.now_ms())).await;
         let written = async {
+            self.fault_point(FaultPoint::HoldAfterLock, context(self.now_ms())).await;
             let write_guard = guard(grant.fence);
             let read_fence = match write_guard {
                 WriteGuard::Fenced(fence) => Some(fence),
@@ -485,12 +523,37 @@ impl Engine {
             }
             self.fault_point(FaultPoint::HoldAfterCheck, context(self.now_ms())).await;
             self.timed("write_hold", self.record.write_hold(request, write_guard, self.now_ms())).await
-        }
-        .await;
+        };
+        let written = tokio::select! {
+            biased;
+            written = written => written,
+            never = self.lock_watchdog(&key, grant.fence) => match never {},
+        };
         if let Err(error) = self.timed("release_lock", self.cache.release_lock(key, grant.fence)).await {
             tracing::warn!(%error, "lock release failed; it ends with its TTL");
         }
         written
+    }
+
+    /// Keeps the lock on `key` while its holder works: renews it every third of its TTL, so a
+    /// slow store call does not lose it. Renews nothing while the node is paused, and gives up
+    /// for good once the lock is lost. Never completes: the holder's work ends it.
+    async fn lock_watchdog(&self, key: &str, fence: crate::domain::FenceToken) -> std::convert::Infallible {
+        let ttl_ms = self.config.lock_ttl_ms;
+        let period = Duration::from_millis((ttl_ms / 3).max(1));
+        loop {
+            tokio::time::sleep(period).await;
+            if self.paused_until_us.load(Ordering::Relaxed) > self.clock.monotonic_us() {
+                continue;
+            }
+            match self.timed("renew_lock", self.cache.renew_lock(key.to_owned(), fence, ttl_ms, self.now_ms())).await {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(error) => tracing::warn!(%error, "lock renewal failed; trying again"),
+            }
+        }
+        tracing::warn!(key, "lock lost before its holder finished; the holder's write carries the fence");
+        std::future::pending().await
     }
 
     async fn owned_reservation(

@@ -68,14 +68,10 @@ impl Guards {
         Self { clock, limits: RwLock::new((limits, per_ip, per_token)), blocks: Mutex::new(BTreeMap::new()) }
     }
 
-    /// Admits or turns away a request from `ip` carrying `token` (if any).
+    /// Admits or turns away a request from `ip` carrying `token` (if any), by the blocklist
+    /// and this node's own rate limits.
     pub fn check(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
-        let now_ms = self.clock.now_ms();
-        if let Some(&until_ms) = self.blocks.lock().get(&ip)
-            && until_ms > now_ms
-        {
-            return Err(Rejection::Blocked { until_ms });
-        }
+        self.check_blocked(ip)?;
         let (per_ip, per_token) = {
             let guard = self.limits.read();
             (Arc::clone(&guard.1), Arc::clone(&guard.2))
@@ -88,6 +84,15 @@ impl Guards {
                 .map_err(|not_until| rate_limited(LimitScope::Token, not_until.wait_time_from(now)))?;
         }
         Ok(())
+    }
+
+    /// Turns away a request from a blocked `ip`.
+    pub fn check_blocked(&self, ip: IpAddr) -> Result<(), Rejection> {
+        let now_ms = self.clock.now_ms();
+        match self.blocks.lock().get(&ip) {
+            Some(&until_ms) if until_ms > now_ms => Err(Rejection::Blocked { until_ms }),
+            _ => Ok(()),
+        }
     }
 
     /// The limits in force.
@@ -152,7 +157,7 @@ fn limiters(limits: RateLimits, clock: &Arc<dyn Clock>) -> (Arc<KeyedLimiter<IpA
     )
 }
 
-fn rate_limited(scope: LimitScope, wait: Duration) -> Rejection {
+pub(crate) fn rate_limited(scope: LimitScope, wait: Duration) -> Rejection {
     Rejection::RateLimited { scope, retry_after_s: wait.as_secs() + u64::from(wait.subsec_nanos() > 0) }
 }
 

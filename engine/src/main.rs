@@ -167,6 +167,10 @@ struct ServeArgs {
     /// Burst allowed above the rate limits.
     #[arg(long, env = "TCORE_RATE_LIMIT_BURST", default_value_t = 100)]
     rate_limit_burst: u32,
+    /// Keep the rate-limit counters in the cache store (Redis with `--store redis+mariadb`),
+    /// so the limits hold across every node sharing it, at one more store call per request.
+    #[arg(long, env = "TCORE_SHARED_RATE_LIMITS")]
+    shared_rate_limits: bool,
     /// Secret that signs queue tokens (at least 16 bytes); nodes sharing a store must share
     /// it. Default: a random secret for this process.
     #[arg(long, env = "TCORE_TOKEN_SECRET", hide_env_values = true)]
@@ -212,6 +216,7 @@ impl ServeArgs {
                 per_token_per_s: self.rate_limit_per_token,
                 burst: self.rate_limit_burst,
             },
+            rate_limits_shared: self.shared_rate_limits,
             token_secret,
             admin_token: self.admin_token.clone(),
             trust_forwarded_for: self.trust_forwarded_for,

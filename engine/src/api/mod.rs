@@ -149,7 +149,7 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
 /// Blocklist and rate limits, before any public handler runs.
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let ip = request.extensions().get::<ClientIp>().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |client| client.0);
-    if let Err(rejection) = state.engine.guards().check(ip, bearer(request.headers())) {
+    if let Err(rejection) = state.engine.admit_request(ip, bearer(request.headers())).await {
         let error = ApiError::from(rejection);
         state.engine.telemetry().record_rejection(error.code);
         return error.into_response();

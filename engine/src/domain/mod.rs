@@ -8,11 +8,13 @@
 mod catalog;
 mod points;
 mod queue;
+mod rate;
 mod reservation;
 
 pub use catalog::{Concert, Schedule, ScheduleSummary, Seat, SeatStatus, SeatView, Section};
 pub use points::{Account, LedgerEntry, LedgerReason};
 pub use queue::{AdmissionPolicy, Admitted, QueueEntry, QueueOrder, QueueStatus, TokenStatus, WaitingLine};
+pub use rate::RateLimit;
 pub use reservation::{FenceToken, Reservation, ReservationStatus, SeatSlot, WriteGuard};
 
 use serde::{Deserialize, Serialize};

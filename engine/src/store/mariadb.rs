@@ -40,6 +40,8 @@ pub struct MariaDbStoreConfig {
     pub deadlock_retries_max: u32,
     /// The most audit entries kept; older ones are deleted.
     pub audit_entries_max: u64,
+    /// How holds asked for at the same time are written together.
+    pub hold_batch: HoldBatchConfig,
 }
 
 impl Default for MariaDbStoreConfig {
@@ -50,6 +52,7 @@ impl Default for MariaDbStoreConfig {
             call_timeout: Duration::from_secs(5),
             deadlock_retries_max: 5,
             audit_entries_max: 10_000,
+            hold_batch: HoldBatchConfig::default(),
         }
     }
 }
@@ -61,6 +64,7 @@ pub struct MariaDbStore {
     config: MariaDbStoreConfig,
     gate: Option<SeatGate>,
     idempotency_cache: Option<IdempotencyCache>,
+    batcher: holds::HoldBatcher,
 }
 
 /// Why a transaction failed: a domain answer, or the database.
@@ -148,7 +152,7 @@ impl MariaDbStore {
             .max_connections(config.connections_max)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, config, gate: None, idempotency_cache: None })
+        Ok(Self { pool, config, gate: None, idempotency_cache: None, batcher: holds::HoldBatcher::default() })
     }
 
     /// Puts a seat gate in front of the atomic hold, so that attempts on a seat someone holds
@@ -162,6 +166,16 @@ impl MariaDbStore {
     pub fn with_idempotency_cache(mut self, cache: IdempotencyCache) -> Self {
         self.idempotency_cache = Some(cache);
         self
+    }
+
+    /// What the hold writers did so far: batches committed, holds in them, batches rolled back.
+    pub fn hold_batch_stats(&self) -> HoldBatchStats {
+        self.batcher.stats()
+    }
+
+    /// The same store, writing holds one transaction each (what the hold writers use).
+    fn without_batcher(&self) -> Self {
+        Self { batcher: holds::HoldBatcher::default(), ..self.clone() }
     }
 
     /// Applies the schema's migrations that are not applied yet.
@@ -225,6 +239,9 @@ macro_rules! seat_columns {
          hold_expires_at_ms, fence_last"
     };
 }
+
+mod holds;
+pub use holds::{HoldBatchConfig, HoldBatchStats};
 
 /// A seat's status in SQL, as [`SeatSlot::status`] says; the one parameter is `now_ms`.
 macro_rules! seat_status_sql {
@@ -1083,10 +1100,10 @@ impl RecordStore for MariaDbStore {
 
     async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError> {
         let Some(gate) = &self.gate else {
-            return self.call(|| self.insert_hold(&request, None, now_ms)).await;
+            return self.batcher.hold(self, request, None, now_ms).await;
         };
         let pass = gate.take(&request, now_ms).await?.ok_or(TransitionError::SeatUnavailable)?;
-        let held = self.call(|| self.insert_hold(&request, None, now_ms)).await;
+        let held = self.batcher.hold(self, request, None, now_ms).await;
         let gate_kept = match &held {
             Ok(reservation) => gate.bind(&pass, reservation.id).await,
             Err(_) => gate.release(&pass).await,
@@ -1103,7 +1120,7 @@ impl RecordStore for MariaDbStore {
         guard: WriteGuard,
         now_ms: u64,
     ) -> Result<Reservation, StoreError> {
-        self.call(|| self.insert_hold(&request, Some(guard), now_ms)).await
+        self.batcher.hold(self, request, Some(guard), now_ms).await
     }
 
     async fn confirm(

@@ -18,9 +18,9 @@ use super::{
 use crate::clock::Clock;
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
-    OutboxKind, QueueOrder, QueueStatus, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId,
-    ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine, WriteGuard,
-    idempotency_decision,
+    OutboxKind, QueueOrder, QueueStatus, RateLimit, Reservation, ReservationId, ReservationStatus, Schedule,
+    ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine,
+    WriteGuard, idempotency_decision,
 };
 
 /// Sizes, seed and clock of the embedded store.
@@ -79,8 +79,14 @@ struct Cache {
     lines: BTreeMap<ScheduleId, WaitingLine>,
     admissions: Vec<Admitted>,
     locks: HashMap<String, LockState>,
+    /// Theoretical arrival time (µs) of each shared rate-limit key.
+    rates: BTreeMap<String, u64>,
     rng: StdRng,
 }
+
+/// The most rate-limit keys kept; beyond it, keys whose bursts are full again are forgotten
+/// (forgetting them changes no answer).
+const RATE_KEYS_MAX: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct LockState {
@@ -101,6 +107,7 @@ impl MemoryStore {
             lines: BTreeMap::new(),
             admissions: Vec::new(),
             locks: HashMap::new(),
+            rates: BTreeMap::new(),
             rng: StdRng::seed_from_u64(config.seed),
         };
         Self { config, records: Mutex::new(records), cache: Mutex::new(cache) }
@@ -645,6 +652,25 @@ impl CacheStore for MemoryStore {
         Ok(Some(grant))
     }
 
+    async fn renew_lock(
+        &self,
+        key: String,
+        fence: FenceToken,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<LockGrant>, StoreError> {
+        let now_ms = self.cache_now_ms(now_ms);
+        let mut cache = self.cache.lock();
+        let Some(holder) = cache.locks.get_mut(&key).and_then(|lock| lock.holder.as_mut()) else {
+            return Ok(None);
+        };
+        if holder.fence != fence || holder.expires_at_ms <= now_ms {
+            return Ok(None);
+        }
+        holder.expires_at_ms = now_ms.saturating_add(ttl_ms);
+        Ok(Some(*holder))
+    }
+
     async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError> {
         let mut cache = self.cache.lock();
         if let Some(lock) = cache.locks.get_mut(&key)
@@ -653,6 +679,21 @@ impl CacheStore for MemoryStore {
             lock.holder = None;
         }
         Ok(())
+    }
+
+    async fn take_rate(&self, key: String, limit: RateLimit, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let now_us = self.cache_now_ms(now_ms).saturating_mul(1_000);
+        let mut cache = self.cache.lock();
+        if cache.rates.len() >= RATE_KEYS_MAX && !cache.rates.contains_key(&key) {
+            cache.rates.retain(|_, tat_us| *tat_us > now_us);
+        }
+        match limit.take(cache.rates.get(&key).copied(), now_us) {
+            Ok(tat_us) => {
+                cache.rates.insert(key, tat_us);
+                Ok(None)
+            }
+            Err(wait_us) => Ok(Some(wait_us.div_ceil(1_000))),
+        }
     }
 }
 

@@ -21,7 +21,7 @@ mod memory;
 mod redis;
 mod relay;
 
-pub use mariadb::{MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
+pub use mariadb::{HoldBatchConfig, HoldBatchStats, MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
 pub use memory::{MemoryStore, MemoryStoreConfig};
 pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
 pub use relay::{OutboxRelay, OutboxRelayConfig};
@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
-    QueueStatus, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatStatus,
-    SeatView, StoredResponse, TransitionError, UserId, WriteGuard,
+    QueueStatus, RateLimit, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot,
+    SeatStatus, SeatView, StoredResponse, TransitionError, UserId, WriteGuard,
 };
 
 /// Why a store call did not do what was asked.
@@ -263,6 +263,19 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug {
     async fn admissions(&self) -> Result<Vec<Admitted>, StoreError>;
     /// Takes the lock on `key` if it is free or its holder's time ran out.
     async fn acquire_lock(&self, key: String, ttl_ms: u64, now_ms: u64) -> Result<Option<LockGrant>, StoreError>;
+    /// Extends the lock on `key` to `ttl_ms` from now if `fence` still holds it and its time has
+    /// not run out; `None` when the holder lost it (a lock that ran out is never revived, even
+    /// if no one took it since). The fence stays.
+    async fn renew_lock(
+        &self,
+        key: String,
+        fence: FenceToken,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<LockGrant>, StoreError>;
     /// Releases the lock if `fence` still holds it.
     async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError>;
+    /// One request against the shared rate limit `key` at `now_ms`: `None` when it passes,
+    /// else the milliseconds until one would (a refused request changes nothing).
+    async fn take_rate(&self, key: String, limit: RateLimit, now_ms: u64) -> Result<Option<u64>, StoreError>;
 }

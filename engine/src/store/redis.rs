@@ -21,8 +21,8 @@ use redis::{FromRedisValue, Script};
 
 use super::{AdmitReport, CacheStore, HoldRequest, LockGrant, StoreError};
 use crate::domain::{
-    AdmissionPolicy, Admitted, FenceToken, OutboxEvent, QueueOrder, QueueStatus, ReservationId, ScheduleId, SeatId,
-    StoredResponse, TokenStatus, TransitionError, UserId,
+    AdmissionPolicy, Admitted, FenceToken, OutboxEvent, QueueOrder, QueueStatus, RateLimit, ReservationId, ScheduleId,
+    SeatId, StoredResponse, TokenStatus, TransitionError, UserId,
 };
 
 /// Where the Redis store keeps its keys, how long a call may take, and its seed.
@@ -78,7 +78,9 @@ struct Scripts {
     mark_used: Script,
     set_policy: Script,
     acquire_lock: Script,
+    renew_lock: Script,
     release_lock: Script,
+    take_rate: Script,
     gate_take: Script,
     gate_bind: Script,
     gate_release: Script,
@@ -265,6 +267,30 @@ redis.call('HSET', KEYS[1], 'fence_last', string.format('%d', fence), 'holder_fe
 return {fence, expires}
 "#;
 
+/// `ARGV`: fence, TTL, now. Extends the lock only for its live holder.
+const RENEW_LOCK_LUA: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'holder_fence', 'expires_at')
+local now = tonumber(ARGV[3])
+if h[1] ~= ARGV[1] or tonumber(h[2]) <= now then return false end
+local expires = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'expires_at', string.format('%d', expires))
+return {tonumber(ARGV[1]), expires}
+"#;
+
+/// `ARGV`: now (µs), interval (µs), burst. The GCRA of `RateLimit::take`: -1 when the
+/// request passes, else the µs to wait.
+const TAKE_RATE_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allowed_from = new_tat - interval * tonumber(ARGV[3])
+if allowed_from > now then return allowed_from - now end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+return -1
+"#;
+
 const RELEASE_LOCK_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 'holder_fence') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'holder_fence', 'expires_at')
@@ -317,7 +343,9 @@ impl Scripts {
             mark_used: line(MARK_USED_LUA),
             set_policy: line(SET_POLICY_LUA),
             acquire_lock: Script::new(ACQUIRE_LOCK_LUA),
+            renew_lock: Script::new(RENEW_LOCK_LUA),
             release_lock: Script::new(RELEASE_LOCK_LUA),
+            take_rate: Script::new(TAKE_RATE_LUA),
             gate_take: Script::new(GATE_TAKE_LUA),
             gate_bind: Script::new(GATE_BIND_LUA),
             gate_release: Script::new(GATE_RELEASE_LUA),
@@ -591,10 +619,30 @@ impl CacheStore for RedisStore {
         Ok(grant.map(|(fence, expires_at_ms)| LockGrant { fence: FenceToken(fence), expires_at_ms }))
     }
 
+    async fn renew_lock(
+        &self,
+        key: String,
+        fence: FenceToken,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Option<LockGrant>, StoreError> {
+        let mut invocation = self.scripts.renew_lock.key(format!("{}lock:{key}", self.config.prefix));
+        invocation.arg(fence.0).arg(ttl_ms).arg(now_ms);
+        let grant: Option<(u64, u64)> = self.run(invocation).await?;
+        Ok(grant.map(|(fence, expires_at_ms)| LockGrant { fence: FenceToken(fence), expires_at_ms }))
+    }
+
     async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError> {
         let mut invocation = self.scripts.release_lock.key(format!("{}lock:{key}", self.config.prefix));
         invocation.arg(fence.0);
         self.run::<u8>(invocation).await.map(|_| ())
+    }
+
+    async fn take_rate(&self, key: String, limit: RateLimit, now_ms: u64) -> Result<Option<u64>, StoreError> {
+        let mut invocation = self.scripts.take_rate.key(format!("{}rate:{key}", self.config.prefix));
+        invocation.arg(now_ms.saturating_mul(1_000)).arg(limit.interval_us()).arg(limit.burst.max(1));
+        let wait_us: i64 = self.run(invocation).await?;
+        Ok(u64::try_from(wait_us).ok().map(|wait_us| wait_us.div_ceil(1_000)))
     }
 }
 

@@ -511,6 +511,25 @@ contract!(
 );
 
 contract!(
+    async fn a_lock_is_renewed_only_by_its_live_holder(stores) {
+        let cache = stores.cache.as_ref();
+        let key = || "seat:1:2".to_owned();
+        let first = cache.acquire_lock(key(), 100, T0).await.expect("store").expect("free");
+        let renewed = cache.renew_lock(key(), first.fence, 100, T0 + 80).await.expect("store").expect("live holder");
+        assert_eq!((renewed.fence, renewed.expires_at_ms), (first.fence, T0 + 180));
+        assert_eq!(cache.acquire_lock(key(), 100, T0 + 150).await.expect("store"), None, "renewed past its first TTL");
+        assert_eq!(cache.renew_lock(key(), FenceToken(first.fence.0 + 1), 100, T0 + 150).await.expect("store"), None);
+        assert_eq!(cache.renew_lock(key(), first.fence, 100, T0 + 180).await.expect("store"), None, "ran out");
+        let second = cache.acquire_lock(key(), 100, T0 + 180).await.expect("store").expect("ran out");
+        assert!(second.fence > first.fence);
+        assert_eq!(cache.renew_lock(key(), first.fence, 100, T0 + 190).await.expect("store"), None, "taken over");
+        cache.release_lock(key(), second.fence).await.expect("release");
+        assert_eq!(cache.renew_lock(key(), second.fence, 100, T0 + 200).await.expect("store"), None, "released");
+        assert_eq!(cache.renew_lock("seat:never".into(), second.fence, 100, T0).await.expect("store"), None);
+    }
+);
+
+contract!(
     async fn two_thousand_concurrent_holds_from_a_hundred_tasks_grant_one_per_seat(stores) {
         const SEATS: u64 = 50;
         let record = Arc::clone(&stores.record);
@@ -549,6 +568,60 @@ contract!(
         held.sort_unstable();
         assert_eq!(held, seats, "every seat held once, no reservation beside");
         assert!(dump.fences.iter().all(|fence| fence.fence == FenceToken(1)));
+    }
+);
+
+contract!(
+    async fn holds_sent_together_are_answered_each_as_if_alone(stores) {
+        let record = Arc::clone(&stores.record);
+        record.put_schedule(schedule(4, 0)).await.expect("schedule");
+        let seats = seat_ids(record.as_ref()).await;
+        let (ada, bob) = (user(record.as_ref(), "ada", 0).await, user(record.as_ref(), "bob", 0).await);
+        let lapsed = record.try_hold(HoldRequest { hold_ttl_ms: 10, ..hold(seats[0], ada) }, T0).await.expect("hold");
+        let (record_ref, at_ms) = (record.as_ref(), T0 + 100);
+        let answers = tokio::join!(
+            record_ref.try_hold(hold(seats[0], bob), at_ms),
+            record_ref.try_hold(hold(seats[1], ada), at_ms),
+            record_ref.try_hold(hold(seats[1], bob), at_ms),
+            record_ref.try_hold(hold(seats[2], 999_999), at_ms),
+            record_ref.try_hold(hold(999_999, ada), at_ms),
+            record_ref.try_hold(hold(seats[3], bob), at_ms),
+        );
+        let over_lapsed = answers.0.expect("a lapsed hold's seat is free");
+        assert_eq!((over_lapsed.seat_id, over_lapsed.user_id, over_lapsed.fence), (seats[0], bob, FenceToken(2)));
+        let first = answers.1.expect("free seat");
+        assert_eq!((first.seat_id, first.user_id), (seats[1], ada));
+        assert_eq!(answers.2.expect_err("same seat"), rejected(TransitionError::SeatUnavailable));
+        assert!(matches!(answers.3, Err(StoreError::NotFound { entity: "user", id: 999_999 })), "{:?}", answers.3);
+        assert!(matches!(answers.4, Err(StoreError::NotFound { entity: "seat", id: 999_999 })), "{:?}", answers.4);
+        let last = answers.5.expect("free seat");
+        assert_eq!((last.seat_id, last.user_id, last.fence), (seats[3], bob, FenceToken(1)));
+        let ids = [over_lapsed.id, first.id, last.id];
+        assert!(ids.iter().all(|&id| id != lapsed.id) && ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2]);
+
+        let dump = record.dump().await.expect("dump");
+        let status = |id: u64| dump.reservations.iter().find(|reservation| reservation.id == id).map(|r| r.status);
+        assert_eq!(status(lapsed.id), Some(ReservationStatus::Expired));
+        for reservation in [&over_lapsed, &first, &last] {
+            let stored = dump.reservations.iter().find(|stored| stored.id == reservation.id).expect("stored");
+            assert_eq!(stored, reservation, "the answer is what the store keeps");
+        }
+        assert_eq!(dump.reservations.len(), 4, "nothing written for the refused holds");
+        let held_events = dump.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationHeld).count();
+        assert_eq!(held_events, 4);
+        let fences: Vec<(u64, FenceToken, u64)> =
+            dump.fences.iter().map(|fence| (fence.seat_id, fence.fence, fence.reservation_id)).collect();
+        assert!(fences.contains(&(seats[0], FenceToken(2), over_lapsed.id)));
+        assert!(fences.contains(&(seats[3], FenceToken(1), last.id)));
+        assert_eq!(fences.len(), 4);
+        let map = record.seat_map(1, SeatFilter::default(), at_ms).await.expect("seat map");
+        let held: Vec<bool> = map.iter().map(|seat| seat.status == SeatStatus::Held).collect();
+        assert_eq!(held, [true, true, false, true]);
+        if let Some(mariadb) = &stores.mariadb {
+            let stats = mariadb.hold_batch_stats();
+            assert_eq!(stats.rolled_back, 0, "every batch committed as written: {stats:?}");
+            assert!(stats.holds >= 5, "the first hold and those the seat gate let through: {stats:?}");
+        }
     }
 );
 

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use tcore_engine::clock::{ManualClock, TokioClock};
-use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{FenceToken, OutboxKind, ReservationStatus, TransitionError};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::{Engine, EngineError, EngineParts};
@@ -158,5 +158,41 @@ contract!(
         assert_eq!(confirmed, 1);
         let fences: Vec<FenceToken> = dump.fences.iter().map(|fence| fence.fence).collect();
         assert_eq!(fences, vec![FenceToken(2)]);
+    }
+);
+
+/// `GET /v1/schedules` from one IP, alternating between the nodes' routers; the statuses.
+async fn alternate_schedule_reads(routers: &[axum::Router], count: usize) -> Vec<u16> {
+    use tower::ServiceExt;
+    let mut statuses = Vec::new();
+    for index in 0..count {
+        let request = axum::http::Request::get("/v1/schedules")
+            .header("x-forwarded-for", "198.51.100.7")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let response = routers[index % routers.len()].clone().oneshot(request).await.expect("infallible");
+        statuses.push(response.status().as_u16());
+    }
+    statuses
+}
+
+contract!(
+    async fn shared_rate_limits_hold_across_nodes_and_own_limits_do_not(stores) {
+        let clock = ManualClock::starting_at_ms(START_MS);
+        let limits = RateLimits { per_ip_per_s: 2, per_token_per_s: 100, burst: 4 };
+        let own = EngineConfig { rate_limits: limits, trust_forwarded_for: true, ..config(HoldMode::Atomic) };
+        let routers = |config: &EngineConfig| -> Vec<axum::Router> {
+            nodes(&stores, 2, config, &clock).into_iter().map(tcore_engine::app).collect()
+        };
+
+        let apart = alternate_schedule_reads(&routers(&own), 10).await;
+        assert_eq!(apart.iter().filter(|&&status| status == 200).count(), 8, "a burst per node: {apart:?}");
+
+        let shared = EngineConfig { rate_limits_shared: true, ..own.clone() };
+        let together = routers(&shared);
+        let statuses = alternate_schedule_reads(&together, 6).await;
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "one burst for both nodes");
+        clock.advance(Duration::from_millis(500));
+        assert_eq!(alternate_schedule_reads(&together, 2).await, [200, 429], "one refill at 2 a second");
     }
 );

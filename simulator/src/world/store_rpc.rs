@@ -71,8 +71,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tcore_engine::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, OutboxEvent, QueueOrder, QueueStatus,
-    Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView,
-    StoredResponse, TokenStatus, TransitionError, UserId, WriteGuard,
+    RateLimit, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot,
+    SeatView, StoredResponse, TokenStatus, TransitionError, UserId, WriteGuard,
 };
 use tcore_engine::store::{
     AdmitReport, AuditEntry, CacheStore, HoldRequest, LockGrant, MemoryStore, MemoryStoreConfig, RecordDump,
@@ -147,7 +147,9 @@ enum StoreRequest {
     SetAdmissionPolicy { schedule_id: ScheduleId, policy: AdmissionPolicy },
     Admissions,
     AcquireLock { key: String, ttl_ms: u64, now_ms: u64 },
+    RenewLock { key: String, fence: FenceToken, ttl_ms: u64, now_ms: u64 },
     ReleaseLock { key: String, fence: FenceToken },
+    TakeRate { key: String, per_s: u32, burst: u32, now_ms: u64 },
 }
 
 impl StoreRequest {
@@ -191,7 +193,9 @@ impl StoreRequest {
             | Q::MarkUsed { .. }
             | Q::SetAdmissionPolicy { .. }
             | Q::AcquireLock { .. }
-            | Q::ReleaseLock { .. } => true,
+            | Q::RenewLock { .. }
+            | Q::ReleaseLock { .. }
+            | Q::TakeRate { .. } => true,
         }
     }
 }
@@ -216,6 +220,7 @@ enum StoreResponse {
     Policy(Result<AdmissionPolicy, WireError>),
     Admissions(Result<Vec<Admitted>, WireError>),
     Lock(Result<Option<LockGrant>, WireError>),
+    Wait(Result<Option<u64>, WireError>),
     /// The host could not run the request at all (undecodable, or its answer too large).
     Refused(WireError),
 }
@@ -240,6 +245,7 @@ impl StoreResponse {
             Self::Policy(_) => "policy",
             Self::Admissions(_) => "admissions",
             Self::Lock(_) => "lock",
+            Self::Wait(_) => "wait",
             Self::Refused(_) => "refused",
         }
     }
@@ -493,6 +499,12 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         }
         Q::Admissions => A::Admissions(wire(store.admissions().await)),
         Q::AcquireLock { key, ttl_ms, now_ms } => A::Lock(wire(store.acquire_lock(key, ttl_ms, now_ms).await)),
+        Q::RenewLock { key, fence, ttl_ms, now_ms } => {
+            A::Lock(wire(store.renew_lock(key, fence, ttl_ms, now_ms).await))
+        }
+        Q::TakeRate { key, per_s, burst, now_ms } => {
+            A::Wait(wire(store.take_rate(key, RateLimit { per_s, burst }, now_ms).await))
+        }
         Q::ReleaseLock { key, fence } => A::Unit(wire(store.release_lock(key, fence).await)),
     }
 }
@@ -1616,8 +1628,23 @@ macro_rules! impl_store_traits {
                 answer!(self, StoreRequest::AcquireLock { key, ttl_ms, now_ms }, Lock)
             }
 
+            async fn renew_lock(
+                &self,
+                key: String,
+                fence: FenceToken,
+                ttl_ms: u64,
+                now_ms: u64,
+            ) -> Result<Option<LockGrant>, StoreError> {
+                answer!(self, StoreRequest::RenewLock { key, fence, ttl_ms, now_ms }, Lock)
+            }
+
             async fn release_lock(&self, key: String, fence: FenceToken) -> Result<(), StoreError> {
                 answer!(self, StoreRequest::ReleaseLock { key, fence }, Unit)
+            }
+
+            async fn take_rate(&self, key: String, limit: RateLimit, now_ms: u64) -> Result<Option<u64>, StoreError> {
+                let RateLimit { per_s, burst } = limit;
+                answer!(self, StoreRequest::TakeRate { key, per_s, burst, now_ms }, Wait)
             }
         }
     };
