@@ -80,6 +80,8 @@ pub struct Joined {
     pub token: String,
     pub position: u64,
     pub eta_s: u64,
+    /// Every seat of the schedule is sold (as of the last sweep): waiting is pointless.
+    pub sold_out: bool,
 }
 
 /// The answer to a queue status call.
@@ -330,12 +332,16 @@ impl Engine {
         Ok(summaries)
     }
 
-    fn position(&self, status: QueueStatus, schedule_id: ScheduleId) -> QueuePosition {
-        let sold_out = self
-            .on_sale
+    /// Whether every seat of the schedule is sold, as of the last sweep.
+    fn sold_out(&self, schedule_id: ScheduleId) -> bool {
+        self.on_sale
             .lock()
             .get(&schedule_id)
-            .is_some_and(|sale| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total);
+            .is_some_and(|sale| sale.seats_total > 0 && sale.seats_sold >= sale.seats_total)
+    }
+
+    fn position(&self, status: QueueStatus, schedule_id: ScheduleId) -> QueuePosition {
+        let sold_out = self.sold_out(schedule_id);
         QueuePosition { status: status.status, position: status.position, eta_s: status.eta_s, sold_out }
     }
 
@@ -368,14 +374,21 @@ impl Engine {
         self.timed("account", self.record.account(user_id)).await?;
         let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
         let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
-        Ok(Joined { token, position: status.position, eta_s: status.eta_s })
+        Ok(Joined { token, position: status.position, eta_s: status.eta_s, sold_out: self.sold_out(schedule_id) })
     }
 
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.
+    ///
+    /// The line is read once at the start, which also proves the holder is still there. A long
+    /// poll reads it again only when the head of the line has passed this place (the token was
+    /// admitted, skipped, or moved by the shuffle at the opening); when it is woken because the
+    /// schedule sold out before the head reached it, or when `wait` ends, it answers from what
+    /// it read and what this node saw of the head since, without another store call.
     pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
         let claim = self.signer.verify(token)?;
+        let mut read_at_ms = self.now_ms();
         let mut status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
         if status.status != TokenStatus::Waiting || wait.is_zero() || self.position(status, claim.schedule_id).sold_out
         {
             return Ok(self.position(status, claim.schedule_id));
@@ -386,16 +399,25 @@ impl Engine {
             let mut registration = signal.register(status.order_index);
             // `biased`: tokio otherwise polls branches in random order, which a simulated
             // run could not replay.
-            tokio::select! {
+            let woken = tokio::select! {
                 biased;
-                () = registration.woken() => {}
-                () = tokio::time::sleep_until(deadline) => break,
-            }
+                () = registration.woken() => true,
+                () = tokio::time::sleep_until(deadline) => false,
+            };
             drop(registration);
             let order_index = status.order_index;
-            status = self
-                .timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms()))
-                .await?;
+            let reached = signal.head() > order_index;
+            if !reached {
+                // The deadline, or a sale that ended before the head came here: still waiting.
+                let moved_on = status.moved_on(signal.head(), self.now_ms().saturating_sub(read_at_ms));
+                let position = self.position(moved_on, claim.schedule_id);
+                if !woken || position.sold_out {
+                    return Ok(position);
+                }
+            }
+            read_at_ms = self.now_ms();
+            status =
+                self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
             let reached_but_waiting = status.order_index == order_index && signal.head() > order_index;
             if status.status != TokenStatus::Waiting
                 || reached_but_waiting
@@ -404,9 +426,6 @@ impl Engine {
                 return Ok(self.position(status, claim.schedule_id));
             }
         }
-        let status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
-        Ok(self.position(status, claim.schedule_id))
     }
 
     fn line_signal(&self, schedule_id: ScheduleId) -> Arc<LineSignal> {

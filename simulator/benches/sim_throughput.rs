@@ -19,6 +19,10 @@ use tcore_sim::scenario::Scenario;
 use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
 use tcore_sim::world::{self};
 
+/// The allocator `tcore` runs on, so both worlds are measured as `tcore run` runs them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());

@@ -80,6 +80,26 @@ pub struct QueueStatus {
     pub expires_at_ms: Option<u64>,
 }
 
+impl QueueStatus {
+    /// This waiting status `elapsed_ms` after it was read, once the head of the line has moved
+    /// to `head_order_index` (still short of this place): the place moves up by as many as the
+    /// head passed, and the wait shrinks with the place, or with the time passed when that is
+    /// less (before the opening the head does not move). Lets a long poll that nothing woke
+    /// answer without reading the line again.
+    pub fn moved_on(self, head_order_index: u64, elapsed_ms: u64) -> QueueStatus {
+        if self.status != TokenStatus::Waiting || self.position == 0 {
+            return self;
+        }
+        let head_at_read = (self.order_index + 1).saturating_sub(self.position);
+        let head = head_order_index.clamp(head_at_read, self.order_index);
+        let position = self.order_index - head + 1;
+        let by_place = (u128::from(self.eta_s) * u128::from(position)).div_ceil(u128::from(self.position));
+        let by_time = self.eta_s.saturating_sub(elapsed_ms / 1000);
+        let eta_s = u64::try_from(by_place).unwrap_or(u64::MAX).min(by_time).max(1);
+        QueueStatus { position, eta_s, ..self }
+    }
+}
+
 /// A record of one admission, for the history and the checker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admitted {
@@ -343,6 +363,31 @@ mod tests {
             line.join(user, user);
         }
         line
+    }
+
+    #[test]
+    fn a_waiting_status_moves_on_with_the_head_and_the_time() {
+        let read = QueueStatus {
+            seq: 7,
+            user_id: 7,
+            status: TokenStatus::Waiting,
+            position: 100,
+            eta_s: 50,
+            order_index: 149,
+            expires_at_ms: None,
+        };
+        let check = |head, elapsed_ms, expected: (u64, u64)| {
+            let moved = read.moved_on(head, elapsed_ms);
+            assert_eq!((moved.position, moved.eta_s), expected, "head {head}, {elapsed_ms} ms");
+        };
+        check(50, 0, (100, 50));
+        check(100, 25_000, (50, 25));
+        check(100, 10_000, (50, 25));
+        check(50, 30_000, (100, 20));
+        check(10, 0, (100, 50));
+        check(500, 0, (1, 1));
+        let admitted = QueueStatus { status: TokenStatus::Admitted, position: 0, eta_s: 0, ..read };
+        assert_eq!(admitted.moved_on(500, 1_000), admitted);
     }
 
     #[test]

@@ -354,6 +354,29 @@ async fn a_long_poll_answers_when_the_token_is_admitted() {
     assert_eq!(reply.json()["status"], "ADMITTED");
 }
 
+/// How many times this node has read a token's place in line from the cache store.
+async fn queue_status_reads(api: &Api) -> u64 {
+    let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("tcore_store_call_duration_seconds_count") && line.contains("op=\"queue_status\"")
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0, |count| count.parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn a_long_poll_nothing_woke_answers_from_its_first_read() {
+    let api = Api::new().await;
+    api.user_in_line("ada", 0).await;
+    let (_, token) = api.user_in_line("bob", 0).await;
+    let reads_before = queue_status_reads(&api).await;
+    let reply = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    assert_eq!((reply["status"].as_str(), reply["position"].as_u64()), (Some("WAITING"), Some(2)));
+    assert_eq!(queue_status_reads(&api).await - reads_before, 1, "no second read at the deadline");
+}
+
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
     let api = Api::new().await;
@@ -544,4 +567,8 @@ async fn waiting_users_learn_when_every_seat_is_sold() {
     let after = api.get(&format!("/v1/queue/{waiting}?wait_s=30")).send().await.json();
     assert_eq!(after["status"], "WAITING");
     assert_eq!(after["sold_out"], true, "a long poll answers at once when nothing is left");
+    let carol = api.post("/v1/users").json(json!({ "name": "carol" })).send().await.json();
+    let joined = api.post("/v1/schedules/1/queue").json(json!({ "user_id": carol["id"] })).send().await;
+    assert_eq!(joined.status, StatusCode::CREATED);
+    assert_eq!(joined.json()["sold_out"], true, "a join after the sale says so too");
 }

@@ -1,7 +1,7 @@
 //! Virtual users and bots on the client hosts.
 //!
 //! A user joins the line, waits with long polls until admitted (or until their patience runs
-//! out), asks for the available seats of a section, holds one, pays with an idempotency key,
+//! out, or the join or a long poll says the schedule is sold out), asks for the available seats of a section, holds one, pays with an idempotency key,
 //! retries with the same key when the outcome is unknown, and sometimes cancels. Every call is
 //! recorded in the history with its simulated times. Bots hammer the queue and the seat map
 //! from a few addresses, open loop.
@@ -104,7 +104,12 @@ impl ClientContext {
     async fn run_journey(&self, user: &mut VirtualUser) -> &'static str {
         let deadline_us = sim_now_us() + (self.users.patience_s * 1e6) as u64;
         let (schedule_id, sections) = self.pick_schedule(user);
-        let Some(token) = self.join(user, schedule_id).await else { return "join-failed" };
+        let Some(joined) = self.join(user, schedule_id).await else { return "join-failed" };
+        if joined.sold_out {
+            // The join already says that nothing is left: no long poll to learn it again.
+            return "sold-out-while-waiting";
+        }
+        let token = joined.token;
         match self.wait_for_admission(user, &token, deadline_us).await {
             Waited::Admitted => {}
             Waited::SoldOut => return "sold-out-while-waiting",
@@ -138,14 +143,17 @@ impl ClientContext {
         tokio::time::sleep(Duration::from_micros((wait_ms * 1000.0) as u64)).await;
     }
 
-    async fn join(&self, user: &mut VirtualUser, schedule_id: u64) -> Option<String> {
+    async fn join(&self, user: &mut VirtualUser, schedule_id: u64) -> Option<Joined> {
         for _ in 0..=self.users.retries_max {
             let body = format!("{{\"user_id\":{}}}", user.user_id);
             let path = format!("/v1/schedules/{schedule_id}/queue");
             // No Idempotency-Key: joining is idempotent by user (a user keeps their place), so
             // a retried join needs none, and the key's two store round trips would be waste.
             match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, None, Some(body)).await {
-                Answer::Ok(value) => return value["token"].as_str().map(str::to_owned),
+                Answer::Ok(value) => {
+                    let sold_out = value["sold_out"] == Value::Bool(true);
+                    return value["token"].as_str().map(|token| Joined { token: token.to_owned(), sold_out });
+                }
                 Answer::Refused { status, .. } if !retryable(status) => return None,
                 _ => self.backoff(user).await,
             }
@@ -394,6 +402,12 @@ impl ClientContext {
             tokio::time::sleep(interval).await;
         }
     }
+}
+
+/// A place in line, as the join answered it.
+struct Joined {
+    token: String,
+    sold_out: bool,
 }
 
 enum Waited {
