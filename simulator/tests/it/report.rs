@@ -239,7 +239,8 @@ fn visit(chromium: &Path, page: &Path, dir: &Path) -> Visit {
             "--hide-scrollbars",
             "--enable-logging=stderr",
             "--v=0",
-            "--window-size=1400,2400",
+            // Tall enough for every counterexample of the failing run and the charts below them.
+            "--window-size=1400,8000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("--log-net-log={}", net_log.display()))
