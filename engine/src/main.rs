@@ -11,8 +11,8 @@ use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::store::{
-    CacheStore, MariaDbStore, MariaDbStoreConfig, MemoryStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig,
-    RecordStore, RedisStore, RedisStoreConfig,
+    CacheStore, HOLD_BATCH_MAX_DEFAULT, HOLD_BATCH_WRITERS_DEFAULT, HoldBatchConfig, MariaDbStore, MariaDbStoreConfig,
+    MemoryStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore, RedisStore, RedisStoreConfig,
 };
 use tcore_engine::{Engine, EngineParts};
 use tracing_subscriber::EnvFilter;
@@ -167,6 +167,12 @@ struct ServeArgs {
     /// Burst allowed above the rate limits.
     #[arg(long, env = "TCORE_RATE_LIMIT_BURST", default_value_t = 100)]
     rate_limit_burst: u32,
+    /// Transactions writing holds to MariaDB at the same time, per node.
+    #[arg(long, env = "TCORE_HOLD_BATCH_WRITERS", default_value_t = HOLD_BATCH_WRITERS_DEFAULT, value_parser = clap::value_parser!(u16).range(1..=64))]
+    hold_batch_writers: u16,
+    /// The most holds one MariaDB transaction writes (1 writes each hold alone).
+    #[arg(long, env = "TCORE_HOLD_BATCH_MAX", default_value_t = HOLD_BATCH_MAX_DEFAULT, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    hold_batch_max: u16,
     /// Keep the rate-limit counters in the cache store (Redis with `--store redis+mariadb`),
     /// so the limits hold across every node sharing it, at one more store call per request.
     #[arg(long, env = "TCORE_SHARED_RATE_LIMITS")]
@@ -187,6 +193,16 @@ enum QueueOrderArg {
 }
 
 impl ServeArgs {
+    fn mariadb_config(&self) -> MariaDbStoreConfig {
+        MariaDbStoreConfig {
+            hold_batch: HoldBatchConfig {
+                workers: usize::from(self.hold_batch_writers),
+                holds_max: usize::from(self.hold_batch_max),
+            },
+            ..MariaDbStoreConfig::default()
+        }
+    }
+
     fn engine_config(&self) -> EngineConfig {
         let token_secret = match &self.token_secret {
             Some(secret) => secret.as_bytes().to_vec(),
@@ -233,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(*args).await,
         Command::Agent(args) => agent(args).await,
-        Command::Migrate(args) => migrate(&args.database_url).await.map(|_| ()),
+        Command::Migrate(args) => migrate(&args.database_url, MariaDbStoreConfig::default()).await.map(|_| ()),
     }
 }
 
@@ -246,10 +262,10 @@ fn option_error(option: &str, error: tcore_engine::store::StoreError) -> anyhow:
 }
 
 /// Creates the database if it is missing and applies pending migrations.
-async fn migrate(database_url: &str) -> anyhow::Result<MariaDbStore> {
+async fn migrate(database_url: &str, config: MariaDbStoreConfig) -> anyhow::Result<MariaDbStore> {
     use sqlx::migrate::MigrateDatabase;
-    let store = MariaDbStore::connect_lazy(database_url, MariaDbStoreConfig::default())
-        .map_err(|error| option_error("--database-url", error))?;
+    let store =
+        MariaDbStore::connect_lazy(database_url, config).map_err(|error| option_error("--database-url", error))?;
     let exists = sqlx::MySql::database_exists(database_url).await.context("--database-url: cannot reach MariaDB")?;
     if !exists {
         sqlx::MySql::create_database(database_url).await.context("--database-url: cannot create the database")?;
@@ -285,7 +301,7 @@ async fn stores(args: &ServeArgs) -> anyhow::Result<Stores> {
             )
             .map_err(|error| option_error("--redis-url", error))?;
             let record: Arc<dyn RecordStore> = Arc::new(
-                migrate(&args.database_url)
+                migrate(&args.database_url, args.mariadb_config())
                     .await?
                     .with_seat_gate(redis.seat_gate())
                     .with_idempotency_cache(redis.idempotency_cache()),

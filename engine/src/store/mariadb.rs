@@ -241,7 +241,7 @@ macro_rules! seat_columns {
 }
 
 mod holds;
-pub use holds::{HoldBatchConfig, HoldBatchStats};
+pub use holds::{HOLD_BATCH_MAX_DEFAULT, HOLD_BATCH_WRITERS_DEFAULT, HoldBatchConfig, HoldBatchStats};
 
 /// A seat's status in SQL, as [`SeatSlot::status`] says; the one parameter is `now_ms`.
 macro_rules! seat_status_sql {

@@ -21,7 +21,10 @@ mod memory;
 mod redis;
 mod relay;
 
-pub use mariadb::{HoldBatchConfig, HoldBatchStats, MIGRATOR, MariaDbStore, MariaDbStoreConfig, outbox_kind_name};
+pub use mariadb::{
+    HOLD_BATCH_MAX_DEFAULT, HOLD_BATCH_WRITERS_DEFAULT, HoldBatchConfig, HoldBatchStats, MIGRATOR, MariaDbStore,
+    MariaDbStoreConfig, outbox_kind_name,
+};
 pub use memory::{MemoryStore, MemoryStoreConfig};
 pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
 pub use relay::{OutboxRelay, OutboxRelayConfig};

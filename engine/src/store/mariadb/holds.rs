@@ -27,6 +27,11 @@ use super::{Failure, MariaDbStore, Tx, code, error_number, expire_reservation, o
 use crate::domain::{OutboxKind, Reservation, ReservationId, SeatId, SeatSlot, WriteGuard};
 use crate::store::{HoldRequest, StoreError};
 
+/// Hold writers per store unless configured.
+pub const HOLD_BATCH_WRITERS_DEFAULT: u16 = 4;
+/// Holds per transaction at most unless configured.
+pub const HOLD_BATCH_MAX_DEFAULT: u16 = 128;
+
 /// How holds are grouped into transactions.
 #[derive(Debug, Clone, Copy)]
 pub struct HoldBatchConfig {
@@ -38,7 +43,7 @@ pub struct HoldBatchConfig {
 
 impl Default for HoldBatchConfig {
     fn default() -> Self {
-        Self { workers: 4, holds_max: 128 }
+        Self { workers: usize::from(HOLD_BATCH_WRITERS_DEFAULT), holds_max: usize::from(HOLD_BATCH_MAX_DEFAULT) }
     }
 }
 
