@@ -164,6 +164,7 @@ async fn drive(nodes: &[SocketAddr], tokens: &[String], connections: usize, seat
         let body = format!("{{\"schedule_id\":1,\"seat_id\":{}}}", rng.random_range(1..=seats));
         async move {
             let result = send(&client, "POST", format!("http://{node}/v1/holds"), Some(&token), None, Some(body)).await;
+            let granted = matches!(result, Ok((201, _)));
             let counter = match result {
                 Ok((201, _)) => &tally.granted,
                 Ok((409, _)) => &tally.taken,
@@ -172,7 +173,7 @@ async fn drive(nodes: &[SocketAddr], tokens: &[String], connections: usize, seat
                 Err(()) => &tally.failures,
             };
             let before = counter.fetch_add(1, Ordering::Relaxed);
-            if std::ptr::eq(counter, &tally.granted) && before + 1 == seats / 2 {
+            if granted && before + 1 == seats / 2 {
                 tally.half_filled_at_us.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
         }

@@ -84,8 +84,8 @@ struct Cache {
     rng: StdRng,
 }
 
-/// The most rate-limit keys kept; beyond it, keys whose bursts are full again are forgotten
-/// (forgetting them changes no answer).
+/// Rate-limit keys kept before those whose bursts are full again are forgotten (forgetting
+/// them changes no answer); only keys still inside their burst window stay beyond it.
 const RATE_KEYS_MAX: usize = 100_000;
 
 #[derive(Debug, Default)]

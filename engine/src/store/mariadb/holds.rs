@@ -326,35 +326,41 @@ async fn insert_reservations(tx: &mut Tx, granted: &mut [Granted]) -> Result<(),
     Ok(())
 }
 
-/// Points each granted seat at its new reservation, in one statement.
+/// A seat column a hold writes: its value from the reservation and the seat's newest fence.
+type SeatColumn = fn(&Reservation, u64) -> u64;
+
+/// Points each granted seat at its new reservation, in one statement. The seats are distinct:
+/// the insert before it refuses two active reservations of one seat, which rolls the batch back.
 async fn update_seats(tx: &mut Tx, granted: &[Granted], slots: &BTreeMap<SeatId, SeatSlot>) -> Result<(), sqlx::Error> {
-    // A seat granted twice in one batch (an unfenced write over a hold of the same batch)
-    // takes its last grant, as two single holds in a row would leave it.
-    let mut last: BTreeMap<SeatId, &Reservation> = BTreeMap::new();
+    let mut rows = Vec::with_capacity(granted.len());
     for Granted { reservation, .. } in granted {
-        last.insert(reservation.seat_id, reservation);
+        let slot = slots
+            .get(&reservation.seat_id)
+            .ok_or_else(|| sqlx::Error::Protocol("a granted seat of the batch was not locked".into()))?;
+        rows.push((reservation, slot.fence_last.0));
     }
-    let mut query = QueryBuilder::<MySql>::new("UPDATE seats SET sold = FALSE, holder_reservation_id = CASE id");
-    for (seat_id, reservation) in &last {
-        query.push(" WHEN ").push_bind(*seat_id).push(" THEN ").push_bind(reservation.id);
+    let columns: [(&str, SeatColumn); 4] = [
+        ("holder_reservation_id", |reservation, _| reservation.id),
+        ("holder_fence", |reservation, _| reservation.fence.0),
+        ("hold_expires_at_ms", |reservation, _| reservation.expires_at_ms),
+        ("fence_last", |_, fence_last| fence_last),
+    ];
+    let mut query = QueryBuilder::<MySql>::new("UPDATE seats SET sold = FALSE");
+    for (column, value) in columns {
+        query.push(", ").push(column).push(" = CASE id");
+        for &(reservation, fence_last) in &rows {
+            query
+                .push(" WHEN ")
+                .push_bind(reservation.seat_id)
+                .push(" THEN ")
+                .push_bind(value(reservation, fence_last));
+        }
+        query.push(" END");
     }
-    query.push(" END, holder_fence = CASE id");
-    for (seat_id, reservation) in &last {
-        query.push(" WHEN ").push_bind(*seat_id).push(" THEN ").push_bind(reservation.fence.0);
-    }
-    query.push(" END, hold_expires_at_ms = CASE id");
-    for (seat_id, reservation) in &last {
-        query.push(" WHEN ").push_bind(*seat_id).push(" THEN ").push_bind(reservation.expires_at_ms);
-    }
-    query.push(" END, fence_last = CASE id");
-    for seat_id in last.keys() {
-        let fence_last = slots.get(seat_id).map_or(0, |slot| slot.fence_last.0);
-        query.push(" WHEN ").push_bind(*seat_id).push(" THEN ").push_bind(fence_last);
-    }
-    query.push(" END WHERE id IN (");
+    query.push(" WHERE id IN (");
     let mut list = query.separated(", ");
-    for seat_id in last.keys() {
-        list.push_bind(*seat_id);
+    for (reservation, _) in &rows {
+        list.push_bind(reservation.seat_id);
     }
     query.push(")");
     query.build().execute(&mut **tx).await?;
