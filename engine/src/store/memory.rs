@@ -57,6 +57,9 @@ pub struct MemoryStore {
 struct Records {
     schedules: BTreeMap<ScheduleId, Schedule>,
     seats: BTreeMap<ScheduleId, BTreeMap<SeatId, SeatSlot>>,
+    /// The seats of each schedule that are not sold, so that a seat map asking for available
+    /// or held seats does not walk past every sold one. Kept in step by [`Records::change_slot`].
+    unsold: BTreeMap<ScheduleId, BTreeSet<SeatId>>,
     seat_schedule: HashMap<SeatId, ScheduleId>,
     next_seat_id: SeatId,
     accounts: BTreeMap<UserId, Account>,
@@ -122,6 +125,30 @@ impl Records {
             .ok_or(StoreError::NotFound { entity: "seat", id: seat_id })
     }
 
+    /// Changes one seat's slot and keeps the index of unsold seats in step with it: every
+    /// change that can sell or free a seat goes through here.
+    fn change_slot<T>(
+        &mut self,
+        schedule_id: ScheduleId,
+        seat_id: SeatId,
+        change: impl FnOnce(&mut SeatSlot) -> T,
+    ) -> Result<T, StoreError> {
+        let slot = self
+            .seats
+            .get_mut(&schedule_id)
+            .and_then(|seats| seats.get_mut(&seat_id))
+            .ok_or(StoreError::NotFound { entity: "seat", id: seat_id })?;
+        let changed = change(slot);
+        let sold = slot.sold;
+        let unsold = self.unsold.entry(schedule_id).or_default();
+        if sold {
+            unsold.remove(&seat_id);
+        } else {
+            unsold.insert(seat_id);
+        }
+        Ok(changed)
+    }
+
     fn account_mut(&mut self, user_id: UserId) -> Result<&mut Account, StoreError> {
         self.accounts.get_mut(&user_id).ok_or(StoreError::NotFound { entity: "user", id: user_id })
     }
@@ -151,9 +178,7 @@ impl Records {
         let (schedule_id, seat_id, user_id, expires_at_ms) =
             (reservation.schedule_id, reservation.seat_id, reservation.user_id, reservation.expires_at_ms);
         self.held_by_expiry.remove(&(expires_at_ms, reservation_id));
-        if let Ok(slot) = self.slot_mut(schedule_id, seat_id) {
-            slot.release(reservation_id);
-        }
+        let _ = self.change_slot(schedule_id, seat_id, |slot| slot.release(reservation_id));
         self.emit(OutboxKind::ReservationExpired, Some(reservation_id), user_id, now_ms);
     }
 
@@ -167,13 +192,15 @@ impl Records {
             return Err(StoreError::NotFound { entity: "user", id: request.user_id });
         }
         let reservation_id = self.next_reservation_id;
-        let slot = self.slot_mut(request.schedule_id, request.seat_id)?;
-        let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
-        let fence = match guard {
-            None => slot.try_hold(reservation_id, request.hold_ttl_ms, now_ms)?,
-            Some(guard) => slot.write_hold(reservation_id, guard, request.hold_ttl_ms, now_ms)?,
-        };
-        let seat = slot.seat;
+        let (previous, fence, seat) = self.change_slot(request.schedule_id, request.seat_id, |slot| {
+            let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
+            let fence = match guard {
+                None => slot.try_hold(reservation_id, request.hold_ttl_ms, now_ms),
+                Some(guard) => slot.write_hold(reservation_id, guard, request.hold_ttl_ms, now_ms),
+            };
+            (previous, fence, slot.seat)
+        })?;
+        let fence = fence?;
         if let Some(previous) = previous {
             self.expire_reservation(previous, now_ms);
         }
@@ -212,7 +239,7 @@ impl Records {
         let charge =
             self.account_mut(user_id)?.debit(reservation.price_points, reservation_id, idempotency_key, now_ms)?;
         self.ledger.push(charge);
-        self.slot_mut(reservation.schedule_id, reservation.seat_id)?.mark_sold();
+        self.change_slot(reservation.schedule_id, reservation.seat_id, SeatSlot::mark_sold)?;
         self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
         let stored = self
             .reservations
@@ -239,7 +266,7 @@ impl Records {
         let refund = stored.cancel(now_ms)?;
         let cancelled = stored.clone();
         self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
-        self.slot_mut(reservation.schedule_id, reservation.seat_id)?.release(reservation_id);
+        self.change_slot(reservation.schedule_id, reservation.seat_id, |slot| slot.release(reservation_id))?;
         if refund > 0 {
             let entry = self.account_mut(user_id)?.refund(refund, reservation_id, now_ms);
             self.ledger.push(entry);
@@ -283,6 +310,7 @@ impl RecordStore for MemoryStore {
         for seat in &seats {
             records.seat_schedule.insert(seat.id, schedule.id);
         }
+        records.unsold.insert(schedule.id, seats.iter().map(|seat| seat.id).collect());
         let slots = seats.into_iter().map(|seat| (seat.id, SeatSlot::new(seat))).collect();
         records.seats.insert(schedule.id, slots);
         records.schedules.insert(schedule.id, schedule);
@@ -295,14 +323,16 @@ impl RecordStore for MemoryStore {
             .schedules
             .values()
             .map(|schedule| {
-                let (mut available, mut sold) = (0, 0);
-                for slot in records.seats.get(&schedule.id).into_iter().flat_map(BTreeMap::values) {
-                    match slot.status(now_ms) {
-                        SeatStatus::Available => available += 1,
-                        SeatStatus::Sold => sold += 1,
-                        SeatStatus::Held => {}
-                    }
-                }
+                // A sold seat is never in `unsold`, so only the unsold ones need a look.
+                let slots = records.seats.get(&schedule.id);
+                let unsold = records.unsold.get(&schedule.id);
+                let sold = (slots.map_or(0, BTreeMap::len) - unsold.map_or(0, BTreeSet::len)) as u64;
+                let available = unsold
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|seat_id| slots.and_then(|slots| slots.get(seat_id)))
+                    .filter(|slot| slot.status(now_ms) == SeatStatus::Available)
+                    .count() as u64;
                 ScheduleSummary {
                     id: schedule.id,
                     concert: schedule.concert.name.clone(),
@@ -346,9 +376,15 @@ impl RecordStore for MemoryStore {
             }
         };
         let limit = filter.limit.map_or(usize::MAX, |limit| usize::try_from(limit).unwrap_or(usize::MAX));
-        Ok(seats
-            .range(section_range)
-            .map(|(_, slot)| (slot, slot.status(now_ms)))
+        // Available and held seats are among the unsold ones: walk only those.
+        let slots: Box<dyn Iterator<Item = &SeatSlot>> = match (filter.status, records.unsold.get(&schedule_id)) {
+            (Some(SeatStatus::Available | SeatStatus::Held), Some(unsold)) => {
+                Box::new(unsold.range(section_range).filter_map(|seat_id| seats.get(seat_id)))
+            }
+            _ => Box::new(seats.range(section_range).map(|(_, slot)| slot)),
+        };
+        Ok(slots
+            .map(|slot| (slot, slot.status(now_ms)))
             .filter(|(_, status)| filter.status.is_none_or(|wanted| wanted == *status))
             .take(limit)
             .map(|(slot, status)| SeatView {
@@ -757,6 +793,48 @@ mod tests {
         assert!(page.iter().all(|seat| seat.section == "B"));
         let unknown = SeatFilter { section: Some("Z".into()), ..SeatFilter::default() };
         assert!(store.seat_map(1, unknown, 10).await.expect("seat map").is_empty());
+    }
+
+    /// The seat map by status and the schedule's counts agree with every seat's own status
+    /// through holds, a sale, a cancellation and an expiry.
+    #[tokio::test]
+    async fn seat_maps_by_status_follow_sales_cancellations_and_expiries() {
+        use crate::domain::{Concert, Schedule, Section};
+        let store = &MemoryStore::new(MemoryStoreConfig::default());
+        let section = Section { name: "A".into(), price_points: 10, seats_count: 4 };
+        let schedule =
+            Schedule { id: 1, concert: Concert { id: 1, name: "x".into() }, opens_at_ms: 0, sections: vec![section] };
+        store.put_schedule(schedule).await.expect("schedule");
+        let user = store.create_user("ada".into(), 100, 0).await.expect("user");
+        let hold = |seat_id, now_ms| {
+            let request =
+                HoldRequest { schedule_id: 1, seat_id, user_id: user.user_id, hold_ttl_ms: 1_000, node: "n".into() };
+            store.try_hold(request, now_ms)
+        };
+        let ids = |status, now_ms| async move {
+            let filter = SeatFilter { section: None, status: Some(status), limit: None };
+            store.seat_map(1, filter, now_ms).await.expect("seat map").iter().map(|seat| seat.id).collect::<Vec<_>>()
+        };
+        let counts = |now_ms| async move {
+            let summary = store.schedules(now_ms).await.expect("schedules").remove(0);
+            (summary.seats_available, summary.seats_sold)
+        };
+        let sold = hold(1, 0).await.expect("hold");
+        store.confirm(sold.id, user.user_id, None, 10).await.expect("confirm");
+        let cancelled = hold(2, 0).await.expect("hold");
+        store.confirm(cancelled.id, user.user_id, None, 10).await.expect("confirm");
+        store.cancel(cancelled.id, user.user_id, 20).await.expect("cancel");
+        hold(3, 0).await.expect("hold");
+        assert_eq!(ids(SeatStatus::Available, 30).await, vec![2, 4]);
+        assert_eq!(ids(SeatStatus::Held, 30).await, vec![3]);
+        assert_eq!(ids(SeatStatus::Sold, 30).await, vec![1]);
+        assert_eq!(counts(30).await, (2, 1));
+        // Past its expiry a hold counts as available before any sweep, and after one.
+        assert_eq!(ids(SeatStatus::Available, 1_000).await, vec![2, 3, 4]);
+        assert_eq!(counts(1_000).await, (3, 1));
+        store.expire_holds(1_000, 10).await.expect("sweep");
+        assert_eq!(ids(SeatStatus::Available, 1_000).await, vec![2, 3, 4]);
+        assert!(ids(SeatStatus::Held, 1_000).await.is_empty());
     }
 
     #[tokio::test]
