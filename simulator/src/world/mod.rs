@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod net;
 pub mod node;
+mod reply;
 pub mod store_rpc;
 pub mod users;
 

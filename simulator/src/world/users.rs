@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use serde_json::Value;
 
 use super::net::{HttpClient, HttpFailure, HttpRequest};
 use super::node::sim_now_us;
+use super::reply::Reply;
 use crate::history::{Digest, HistoryRecorder, OkResponse, OpKind, Outcome, ReportedStatus, UnknownReason};
 use crate::scenario::{Bot, BotTarget, SeatChoice, Users};
 
@@ -67,7 +67,7 @@ impl UserOutcomes {
 
 /// The answer to one recorded call.
 enum Answer {
-    Ok(Value),
+    Ok(Reply),
     Refused { status: u16, code: String },
     Unknown,
 }
@@ -150,9 +150,9 @@ impl ClientContext {
             // No Idempotency-Key: joining is idempotent by user (a user keeps their place), so
             // a retried join needs none, and the key's two store round trips would be waste.
             match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, None, Some(body)).await {
-                Answer::Ok(value) => {
-                    let sold_out = value["sold_out"] == Value::Bool(true);
-                    return value["token"].as_str().map(|token| Joined { token: token.to_owned(), sold_out });
+                Answer::Ok(reply) => {
+                    let sold_out = reply.sold_out;
+                    return reply.token.map(|token| Joined { token, sold_out });
                 }
                 Answer::Refused { status, .. } if !retryable(status) => return None,
                 _ => self.backoff(user).await,
@@ -174,9 +174,9 @@ impl ClientContext {
                 .call_with_timeout(user, kind, "GET", path, None, None, None, Duration::from_secs(wait_s + 5))
                 .await
             {
-                Answer::Ok(value) => match value["status"].as_str() {
+                Answer::Ok(reply) => match reply.status.as_deref() {
                     Some("ADMITTED") => return Waited::Admitted,
-                    Some("WAITING") if value["sold_out"] == Value::Bool(true) => return Waited::SoldOut,
+                    Some("WAITING") if reply.sold_out => return Waited::SoldOut,
                     Some("WAITING") => {}
                     _ => return Waited::GaveUp,
                 },
@@ -203,10 +203,7 @@ impl ClientContext {
             );
             let seats =
                 match self.call(user, OpKind::SeatMap { schedule_id }, "GET", path, Some(token), None, None).await {
-                    Answer::Ok(value) => value["seats"]
-                        .as_array()
-                        .map(|seats| seats.iter().filter_map(|seat| seat["id"].as_u64()).collect::<Vec<u64>>())
-                        .unwrap_or_default(),
+                    Answer::Ok(reply) => reply.seat_ids,
                     Answer::Refused { status, .. } if !retryable(status) => return None,
                     _ => {
                         attempts += 1;
@@ -269,8 +266,8 @@ impl ClientContext {
             let body = format!("{{\"schedule_id\":{schedule_id},\"seat_id\":{seat_id}}}");
             let kind = OpKind::Hold { schedule_id, seat_id };
             match self.call(user, kind, "POST", "/v1/holds".into(), Some(token), Some(key.clone()), Some(body)).await {
-                Answer::Ok(value) => {
-                    return value["reservation_id"].as_u64().map_or(HoldOutcome::GiveUp, HoldOutcome::Held);
+                Answer::Ok(reply) => {
+                    return reply.reservation_id.map_or(HoldOutcome::GiveUp, HoldOutcome::Held);
                 }
                 Answer::Refused { code, .. }
                     if code == "seat_taken" || code == "seat_locked" || code == "stale_fence" =>
@@ -347,13 +344,12 @@ impl ClientContext {
         };
         let result = self.http.send(&node, request, timeout).await;
         let (outcome, answer) = match result {
-            Ok(reply) if (200..300).contains(&reply.status) => {
-                let value: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-                (Outcome::Ok(ok_response(reply.status, &reply.body, &value)), Answer::Ok(value))
+            Ok(http) if (200..300).contains(&http.status) => {
+                let reply = Reply::parse(&http.body);
+                (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(reply))
             }
             Ok(reply) => {
-                let value: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
-                let code = value["code"].as_str().unwrap_or("unknown").to_owned();
+                let code = Reply::parse(&reply.body).code.unwrap_or_else(|| "unknown".to_owned());
                 let digest = (key.is_some() && stored_for_replay(reply.status, &code)).then(|| Digest::of(&reply.body));
                 let outcome = Outcome::Fail { http_status: reply.status, code: code.clone(), digest };
                 (outcome, Answer::Refused { status: reply.status, code })
@@ -453,8 +449,8 @@ fn stored_for_replay(status: u16, code: &str) -> bool {
         && !matches!(code, "ip_blocked" | "idempotency_in_progress" | "idempotency_key_reused")
 }
 
-fn ok_response(http_status: u16, body: &[u8], value: &Value) -> OkResponse {
-    let status = value["status"].as_str().and_then(|status| match status {
+fn ok_response(http_status: u16, body: &[u8], reply: &Reply) -> OkResponse {
+    let status = reply.status.as_deref().and_then(|status| match status {
         "HELD" => Some(ReportedStatus::Held),
         "CONFIRMED" => Some(ReportedStatus::Confirmed),
         "EXPIRED" => Some(ReportedStatus::Expired),
@@ -467,13 +463,11 @@ fn ok_response(http_status: u16, body: &[u8], value: &Value) -> OkResponse {
     OkResponse {
         http_status,
         digest: Digest::of(body),
-        reservation_id: value["reservation_id"]
-            .as_u64()
-            .or_else(|| value["status"].is_string().then(|| value["id"].as_u64()).flatten()),
-        fence: value["fence"].as_u64(),
+        reservation_id: reply.reservation_id.or_else(|| reply.status.as_ref().and(reply.id)),
+        fence: reply.fence,
         status,
-        user_id: value["user_id"].as_u64(),
-        points: value["points"].as_u64(),
-        token: value["token"].as_str().map(str::to_owned),
+        user_id: reply.user_id,
+        points: reply.points,
+        token: reply.token.clone(),
     }
 }
