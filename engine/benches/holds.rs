@@ -5,8 +5,9 @@
 //!
 //! Every request is `POST /v1/holds` on a random seat by a random admitted user, without an
 //! Idempotency-Key: the first attempts take free seats (a database transaction each on
-//! redis+mariadb), and as the map fills most meet a taken seat (refused by the seat gate in
-//! Redis). Round 1 includes the filling, and reports how fast the first half of the seats
+//! redis+mariadb), and as the map fills most meet a taken seat (refused by the node's seat
+//! hints, or by the seat gate in Redis for a seat the node has not seen closed lately; the
+//! nodes read `TCORE_SEAT_HINT_MS` from the environment, `0` to measure without hints). Round 1 includes the filling, and reports how fast the first half of the seats
 //! was granted (the database's share of the work); later rounds are the steady state of a
 //! spike on a mostly taken map.
 //!

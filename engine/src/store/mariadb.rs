@@ -1133,7 +1133,7 @@ impl RecordStore for MariaDbStore {
         let confirmed =
             self.call(|| self.confirm_once(reservation_id, user_id, idempotency_key.as_deref(), now_ms)).await?;
         if let Some(gate) = &self.gate
-            && let Err(error) = gate.sold(confirmed.schedule_id, confirmed.seat_id, confirmed.id).await
+            && let Err(error) = gate.sold(confirmed.schedule_id, confirmed.seat_id, confirmed.id, now_ms).await
         {
             tracing::warn!(%error, "seat gate not marked sold; the record store still refuses the seat");
         }

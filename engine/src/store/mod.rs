@@ -20,6 +20,7 @@ mod mariadb;
 mod memory;
 mod redis;
 mod relay;
+mod seat_hints;
 
 pub use mariadb::{
     HOLD_BATCH_MAX_DEFAULT, HOLD_BATCH_WRITERS_DEFAULT, HoldBatchConfig, HoldBatchStats, MIGRATOR, MariaDbStore,
@@ -28,6 +29,7 @@ pub use mariadb::{
 pub use memory::{MemoryStore, MemoryStoreConfig};
 pub use redis::{GatePass, IdempotencyCache, RedisStore, RedisStoreConfig, SeatGate};
 pub use relay::{OutboxRelay, OutboxRelayConfig};
+pub use seat_hints::SeatHints;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script};
 
+use super::seat_hints::SeatHints;
 use super::{AdmitReport, CacheStore, HoldRequest, LockGrant, StoreError};
 use crate::domain::{
     AdmissionPolicy, Admitted, FenceToken, OutboxEvent, QueueOrder, QueueStatus, RateLimit, ReservationId, ScheduleId,
@@ -144,11 +145,16 @@ redis.call('ZADD', base .. ':waiting', order_index, seq)
 return describe_at(seq, now)
 "#;
 
+/// Only a waiting token's last sighting matters (admission skips those idle too long), so only
+/// a waiting token is touched: the status of an admitted one, asked for on every booking call,
+/// writes nothing.
 const QUEUE_STATUS_LUA: &str = r#"
 local seq, now = ARGV[1], tonumber(ARGV[2])
 if redis.call('EXISTS', base) == 0 then return fail('noline') end
-if seq == '0' or redis.call('EXISTS', entry_key(seq)) == 0 then return fail('notoken') end
-touch(seq, now)
+if seq == '0' then return fail('notoken') end
+local e = redis.call('HMGET', entry_key(seq), 'status', 'last_seen')
+if not e[1] then return fail('notoken') end
+if e[1] == 'WAITING' and now > tonumber(e[2]) then redis.call('HSET', entry_key(seq), 'last_seen', int(now)) end
 return describe_at(seq, now)
 "#;
 
@@ -299,14 +305,16 @@ return 0
 "#;
 
 /// `ARGV`: now, hold expiry, token. Closes the gate unless a live hold or a sale closed it.
+/// Returns 0 when this attempt closed the gate, -1 when a sale closes it, else the expiry of
+/// the live hold that closes it.
 const GATE_TAKE_LUA: &str = r#"
 local g = redis.call('HMGET', KEYS[1], 'sold', 'expires_at')
-if g[1] == '1' then return 0 end
-if g[2] and tonumber(g[2]) > tonumber(ARGV[1]) then return 0 end
+if g[1] == '1' then return -1 end
+if g[2] and tonumber(g[2]) > tonumber(ARGV[1]) then return tonumber(g[2]) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'token', ARGV[3], 'expires_at', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+return 0
 "#;
 
 /// `ARGV`: token, reservation id.
@@ -489,7 +497,7 @@ impl RedisStore {
 
     /// The seat gate on this server.
     pub fn seat_gate(&self) -> SeatGate {
-        SeatGate { redis: self.clone() }
+        SeatGate { redis: self.clone(), hints: None }
     }
 
     /// The cache of completed idempotency records on this server.
@@ -668,9 +676,14 @@ fn policy_from(fields: &[Option<String>]) -> Option<Result<AdmissionPolicy, Stor
 /// reaches the database. The record store stays the judge: a gate left open (lost, expired
 /// early) only lets an attempt through to be refused there; a gate left closed by a hold that
 /// did not happen is opened again at once, or at the latest when that hold would have expired.
+///
+/// With [`SeatGate::with_hints`], each node also keeps what it learned of closed seats for a
+/// short while ([`SeatHints`]) and refuses attempts on them without a call: on a map mostly
+/// taken, most attempts then cost no Redis round trip here.
 #[derive(Debug, Clone)]
 pub struct SeatGate {
     redis: RedisStore,
+    hints: Option<Arc<SeatHints>>,
 }
 
 /// A closed gate, to be bound to the hold's reservation or opened again.
@@ -678,6 +691,10 @@ pub struct SeatGate {
 pub struct GatePass {
     key: String,
     token: String,
+    schedule_id: ScheduleId,
+    seat_id: SeatId,
+    closed_at_ms: u64,
+    hold_ends_ms: u64,
 }
 
 impl SeatGate {
@@ -686,25 +703,53 @@ impl SeatGate {
         self.redis.scripts.gate_take.get_hash()
     }
 
+    /// The same gate, refusing without a call the seats this node learned were closed, for at
+    /// most `lifetime` after it learned it (never past the closing hold's expiry). A zero
+    /// `lifetime` keeps no hints.
+    pub fn with_hints(mut self, lifetime: Duration) -> Self {
+        self.hints = (!lifetime.is_zero()).then(|| Arc::new(SeatHints::new(lifetime)));
+        self
+    }
+
     /// Closes the seat's gate for this hold; `None` if a live hold or a sale already closed it.
     pub async fn take(&self, request: &HoldRequest, now_ms: u64) -> Result<Option<GatePass>, StoreError> {
+        let (schedule_id, seat_id) = (request.schedule_id, request.seat_id);
+        if let Some(hints) = &self.hints
+            && hints.is_closed(schedule_id, seat_id, now_ms)
+        {
+            return Ok(None);
+        }
         let number = self.redis.gate_tokens.fetch_add(1, Ordering::Relaxed);
         let pass = GatePass {
-            key: self.redis.gate_key(request.schedule_id, request.seat_id),
+            key: self.redis.gate_key(schedule_id, seat_id),
             token: format!("{}:{number}", self.redis.config.instance),
+            schedule_id,
+            seat_id,
+            closed_at_ms: now_ms,
+            hold_ends_ms: now_ms.saturating_add(request.hold_ttl_ms),
         };
         let mut invocation = self.redis.scripts.gate_take.key(&pass.key);
         invocation
             .arg(now_ms)
-            .arg(now_ms.saturating_add(request.hold_ttl_ms))
+            .arg(pass.hold_ends_ms)
             .arg(&pass.token)
             .arg(request.hold_ttl_ms.saturating_add(GATE_KEY_TTL_MS));
-        let taken: u8 = self.redis.run(invocation).await?;
-        Ok((taken == 1).then_some(pass))
+        let closed_by: i64 = self.redis.run(invocation).await?;
+        if closed_by == 0 {
+            return Ok(Some(pass));
+        }
+        if let Some(hints) = &self.hints {
+            let hold_ends_ms = u64::try_from(closed_by).ok();
+            hints.closed(schedule_id, seat_id, now_ms, hold_ends_ms);
+        }
+        Ok(None)
     }
 
     /// The hold was written as `reservation_id`.
     pub async fn bind(&self, pass: &GatePass, reservation_id: ReservationId) -> Result<(), StoreError> {
+        if let Some(hints) = &self.hints {
+            hints.closed(pass.schedule_id, pass.seat_id, pass.closed_at_ms, Some(pass.hold_ends_ms));
+        }
         let mut invocation = self.redis.scripts.gate_bind.key(&pass.key);
         invocation.arg(&pass.token).arg(reservation_id);
         self.redis.run::<u8>(invocation).await.map(|_| ())
@@ -717,13 +762,17 @@ impl SeatGate {
         self.redis.run::<u8>(invocation).await.map(|_| ())
     }
 
-    /// The hold `reservation_id` was paid for: the gate stays closed.
+    /// The hold `reservation_id` was paid for at `now_ms`: the gate stays closed.
     pub async fn sold(
         &self,
         schedule_id: ScheduleId,
         seat_id: SeatId,
         reservation_id: ReservationId,
+        now_ms: u64,
     ) -> Result<(), StoreError> {
+        if let Some(hints) = &self.hints {
+            hints.closed(schedule_id, seat_id, now_ms, None);
+        }
         let mut invocation = self.redis.scripts.gate_sold.key(self.redis.gate_key(schedule_id, seat_id));
         invocation.arg(reservation_id);
         self.redis.run::<u8>(invocation).await.map(|_| ())
@@ -736,9 +785,17 @@ impl SeatGate {
         seat_id: SeatId,
         reservation_id: ReservationId,
     ) -> Result<(), StoreError> {
+        if let Some(hints) = &self.hints {
+            hints.opened(schedule_id, seat_id);
+        }
         let mut invocation = self.redis.scripts.gate_release.key(self.redis.gate_key(schedule_id, seat_id));
         invocation.arg("reservation").arg(reservation_id);
         self.redis.run::<u8>(invocation).await.map(|_| ())
+    }
+
+    /// How many seats this node holds hints for (0 without hints).
+    pub fn hints_kept(&self) -> usize {
+        self.hints.as_ref().map_or(0, |hints| hints.len())
     }
 }
 

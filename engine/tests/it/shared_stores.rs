@@ -10,6 +10,7 @@ use tcore_engine::clock::{ManualClock, TokioClock};
 use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{FenceToken, OutboxKind, ReservationStatus, TransitionError};
 use tcore_engine::faults::NoFaults;
+use tcore_engine::store::{HoldRequest, RecordStore, SeatFilter, StoreError};
 use tcore_engine::{Engine, EngineError, EngineParts};
 
 use crate::contract;
@@ -196,3 +197,49 @@ contract!(
         assert_eq!(alternate_schedule_reads(&together, 2).await, [200, 429], "one refill at 2 a second");
     }
 );
+
+/// Seat hints: a node refuses, without asking Redis, a seat it saw closed, for at most the
+/// hint's lifetime and never past the end of the hold that closed it; a seat opened at the node
+/// itself is forgotten there at once. The database judges every attempt that gets past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seat_hints_refuse_only_what_a_node_saw_closed_and_never_past_the_hold() {
+    let Some(stores) = Stores::redis_mariadb().await else { return };
+    let (redis, mariadb) = (stores.redis.clone().expect("redis"), stores.mariadb.clone().expect("mariadb"));
+    let lifetime_ms = 10_000;
+    let gate_a = redis.seat_gate().with_hints(Duration::from_millis(lifetime_ms));
+    let gate_b = redis.seat_gate().with_hints(Duration::from_millis(lifetime_ms));
+    let (node_a, node_b) = (mariadb.clone().with_seat_gate(gate_a.clone()), mariadb.with_seat_gate(gate_b.clone()));
+    node_a.put_schedule(schedule(START_MS, 3)).await.expect("schedule");
+    let seats: Vec<u64> =
+        node_a.seat_map(1, SeatFilter::default(), START_MS).await.expect("seats").iter().map(|seat| seat.id).collect();
+    let ada = node_a.create_user("ada".into(), 500, START_MS).await.expect("ada").user_id;
+    let bob = node_a.create_user("bob".into(), 500, START_MS).await.expect("bob").user_id;
+    let hold =
+        |user_id, seat_id, hold_ttl_ms| HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms, node: "n".into() };
+    let refused =
+        |result: Result<_, StoreError>| matches!(result, Err(StoreError::Rejected(TransitionError::SeatUnavailable)));
+
+    // Ada holds the first seat at A; Bob is refused at B by the shared gate, and B learns it.
+    let t0 = START_MS;
+    let first = node_a.try_hold(hold(ada, seats[0], 60_000), t0).await.expect("ada holds");
+    assert!(refused(node_b.try_hold(hold(bob, seats[0], 60_000), t0 + 1).await));
+    assert_eq!(gate_b.hints_kept(), 1);
+    // Ada lets it go at A. B, which saw it closed, refuses it for the hint's lifetime...
+    node_a.cancel(first.id, ada, t0 + 2).await.expect("cancel");
+    assert!(refused(node_b.try_hold(hold(bob, seats[0], 60_000), t0 + 3).await), "B's hint still stands");
+    // ... and no longer.
+    let bobs = node_b.try_hold(hold(bob, seats[0], 60_000), t0 + 1 + lifetime_ms).await.expect("bob holds at B");
+    assert_eq!(bobs.seat_id, seats[0]);
+
+    // A seat opened at A is forgotten at A at once.
+    let second = node_a.try_hold(hold(ada, seats[1], 60_000), t0 + 20_000).await.expect("ada holds");
+    node_a.cancel(second.id, ada, t0 + 20_001).await.expect("cancel");
+    node_a.try_hold(hold(ada, seats[1], 60_000), t0 + 20_002).await.expect("ada holds it again at A");
+
+    // A hint never outlives the hold it saw: a 5 s hold frees the seat after 5 s at B.
+    node_a.try_hold(hold(ada, seats[2], 5_000), t0 + 30_000).await.expect("ada holds for 5 s");
+    assert!(refused(node_b.try_hold(hold(bob, seats[2], 60_000), t0 + 30_001).await));
+    assert!(refused(node_b.try_hold(hold(bob, seats[2], 60_000), t0 + 34_999).await));
+    let after = node_b.try_hold(hold(bob, seats[2], 60_000), t0 + 35_000).await.expect("the hold lapsed");
+    assert_eq!(after.user_id, bob);
+}

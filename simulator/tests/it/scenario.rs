@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use tcore_engine::server::HTTP2_STREAMS_MAX;
 use tcore_sim::scenario::{ArrivalCurve, Fault, HoldMode, Scenario, ScenarioError, SloOp};
 
 /// The scenarios the repository ships, by path under `scenarios/`.
@@ -142,7 +143,7 @@ fn ci_scenarios_are_small_versions_of_the_full_ones() {
 }
 
 #[test]
-fn the_benchmark_input_is_concert_open_at_ten_times_the_size() {
+fn the_benchmark_inputs_are_concert_open_with_ten_times_the_crowd() {
     let (open, million) = (load_shipped("concert-open.toml"), load_shipped("bench/million-open.toml"));
     assert_eq!((open.users_total(), million.users_total()), (100_000, 1_000_000));
     let seats = |scenario: &Scenario| -> u32 {
@@ -150,6 +151,13 @@ fn the_benchmark_input_is_concert_open_at_ten_times_the_size() {
     };
     assert_eq!((seats(&open), seats(&million)), (20_000, 200_000));
     assert!(million.faults.is_empty() && !million.is_unsafe());
+    let spike = load_shipped("bench/million-spike.toml");
+    assert_eq!((spike.users_total(), seats(&spike)), (1_000_000, 20_000));
+    assert_eq!(spike.engine.admission.rate_per_s, open.engine.admission.rate_per_s);
+    assert!(spike.faults.is_empty() && !spike.is_unsafe());
+    // Every waiting fan holds one long poll: the client hosts' connections must carry them all.
+    let streams = u64::from(spike.clients) * u64::from(spike.engine.nodes) * u64::from(HTTP2_STREAMS_MAX);
+    assert!(streams >= spike.users_total(), "{streams} streams for {} fans", spike.users_total());
 }
 
 #[test]
