@@ -65,9 +65,10 @@ impl UserOutcomes {
     }
 }
 
-/// The answer to one recorded call.
+/// The answer to one recorded call. A reply is boxed: an answer is kept while a user backs
+/// off, so its size is part of every waiting user's journey.
 enum Answer {
-    Ok(Reply),
+    Ok(Box<Reply>),
     Refused { status: u16, code: String },
     Unknown,
 }
@@ -346,7 +347,7 @@ impl ClientContext {
         let (outcome, answer) = match result {
             Ok(http) if (200..300).contains(&http.status) => {
                 let reply = Reply::parse(&http.body);
-                (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(reply))
+                (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(Box::new(reply)))
             }
             Ok(reply) => {
                 let code = Reply::parse(&reply.body).code.unwrap_or_else(|| "unknown".to_owned());
