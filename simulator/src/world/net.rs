@@ -128,7 +128,12 @@ impl HttpClient {
     }
 
     async fn send_unbounded(&self, node: &str, request: HttpRequest) -> Result<HttpReply, HttpFailure> {
-        let mut sender = self.connection(node).await?;
+        // Connecting is rare and its future large: boxed, so that every request in flight (a
+        // waiting user's long poll above all) does not carry its size.
+        let mut sender = match self.open_connection(node) {
+            Some(sender) => sender,
+            None => Box::pin(self.connection(node)).await?,
+        };
         let mut builder = hyper::Request::builder()
             .method(request.method)
             .uri(format!("http://{node}{}", request.path))
@@ -152,6 +157,11 @@ impl HttpClient {
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.map_err(|_| HttpFailure::ConnectionLost)?.to_bytes();
         Ok(HttpReply { status, body })
+    }
+
+    /// The open connection to `node`, if there is one.
+    fn open_connection(&self, node: &str) -> Option<SendRequest<Full<Bytes>>> {
+        self.nodes.borrow().get(node).and_then(|slot| slot.open())
     }
 
     async fn connection(&self, node: &str) -> Result<SendRequest<Full<Bytes>>, HttpFailure> {
