@@ -81,7 +81,6 @@ pub fn app(engine: Arc<Engine>) -> Router {
     router
         .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .fallback(not_found)
-        .layer(middleware::from_fn(finish_writes))
         .layer(middleware::from_fn(read_whole_request))
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .with_state(state)
@@ -95,18 +94,17 @@ pub fn app(engine: Arc<Engine>) -> Router {
 /// that arrives later is ignored while the stream is remembered and answered with one more
 /// reset once it is forgotten. The traffic then depends on how fast the host runs, which a
 /// simulated run could not replay; read first, and no stream is left half received.
+///
+/// Then a mutating request, once started, runs to its end even if its client goes away (an
+/// HTTP/2 stream reset, a closed connection): a payment half done is never abandoned between
+/// two store calls, and its idempotency record is completed for the client's retry. Both are
+/// one layer: every request in flight (a long poll above all) carries each layer's future.
 async fn read_whole_request(request: Request, next: Next) -> Response {
     let (parts, body) = request.into_parts();
-    match axum::body::to_bytes(body, REQUEST_BODY_MAX).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
-        Err(_) => ApiError::body_too_large().into_response(),
-    }
-}
-
-/// A mutating request, once started, runs to its end even if its client goes away (an HTTP/2
-/// stream reset, a closed connection): a payment half done is never abandoned between two
-/// store calls, and its idempotency record is completed for the client's retry.
-async fn finish_writes(request: Request, next: Next) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, REQUEST_BODY_MAX).await else {
+        return ApiError::body_too_large().into_response();
+    };
+    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
     if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(request).await;
     }
