@@ -17,7 +17,7 @@ use tcore_engine::store::{
 };
 use tcore_engine::{Engine, EngineError, EngineParts};
 
-use crate::support::{START_MS, config, engine_with, queued_user, schedule};
+use crate::support::{START_MS, config, engine_with, two_admitted_for_one_seat};
 
 /// Pauses the first `holders` holds that reach `hold.after_check` (lock taken, seat seen
 /// available).
@@ -49,11 +49,7 @@ async fn race(mode: HoldMode, paused_holders: u32) -> Race {
     let faults = Arc::new(PauseFirstHolders { pause: Duration::from_secs(3), holders: AtomicU32::new(paused_holders) });
     let test = engine_with(config(mode), clock, faults);
     let engine = Arc::clone(&test.engine);
-    engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
-    let (_, token_a) = queued_user(&engine, "a", 1_000).await;
-    let (_, token_b) = queued_user(&engine, "b", 1_000).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    engine.tick_admission().await.expect("tick");
+    let (token_a, token_b) = two_admitted_for_one_seat(&engine, Duration::from_secs(1)).await;
 
     let slow_engine = Arc::clone(&engine);
     let slow = tokio::spawn(async move {
@@ -251,11 +247,7 @@ async fn the_lock_watchdog_keeps_a_slow_holders_lock() {
         faults: Arc::new(NoFaults),
     })
     .expect("config");
-    engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
-    let (_, token_a) = queued_user(&engine, "a", 1_000).await;
-    let (_, token_b) = queued_user(&engine, "b", 1_000).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    engine.tick_admission().await.expect("tick");
+    let (token_a, token_b) = two_admitted_for_one_seat(&engine, Duration::from_secs(1)).await;
 
     let slow_engine = Arc::clone(&engine);
     let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });

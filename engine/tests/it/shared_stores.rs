@@ -17,7 +17,7 @@ use crate::contract;
 use crate::contract::assert_books_balance;
 use crate::hold_modes::PauseFirstHolders;
 use crate::services::Stores;
-use crate::support::{START_MS, config, queued_user, schedule};
+use crate::support::{START_MS, config, schedule, two_admitted_for_one_seat};
 
 /// Engine nodes named `engine-1`, `engine-2`, ... on `stores`, sharing one clock.
 pub fn nodes(stores: &Stores, count: usize, config: &EngineConfig, clock: &ManualClock) -> Vec<Arc<Engine>> {
@@ -139,11 +139,7 @@ contract!(
             faults,
         })
         .unwrap_or_else(|error| panic!("test config is valid: {error}"));
-        engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
-        let (_, token_a) = queued_user(&engine, "a", 1_000).await;
-        let (_, token_b) = queued_user(&engine, "b", 1_000).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        engine.tick_admission().await.expect("tick");
+        let (token_a, token_b) = two_admitted_for_one_seat(&engine, Duration::from_millis(20)).await;
         let slow_engine = Arc::clone(&engine);
         let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });
         tokio::time::sleep(Duration::from_millis(400)).await;

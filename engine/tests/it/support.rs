@@ -63,3 +63,14 @@ pub async fn queued_user(engine: &Engine, name: &str, points: u64) -> (u64, Stri
     let joined = engine.join_queue(1, user.user_id).await.expect("join");
     (user.user_id, joined.token)
 }
+
+/// Schedule 1 with one seat, and users "a" and "b" with 1,000 points each, joined and then
+/// admitted `wait` later (tokio time); returns their tokens.
+pub async fn two_admitted_for_one_seat(engine: &Engine, wait: std::time::Duration) -> (String, String) {
+    engine.add_schedule(schedule(START_MS, 1)).await.expect("schedule");
+    let (_, token_a) = queued_user(engine, "a", 1_000).await;
+    let (_, token_b) = queued_user(engine, "b", 1_000).await;
+    tokio::time::sleep(wait).await;
+    engine.tick_admission().await.expect("tick");
+    (token_a, token_b)
+}
