@@ -1,8 +1,9 @@
 //! The simulator's throughput: simulated HTTP requests per wall second for a scenario, and the
-//! same world replayed against a bare axum handler in the same run: the same hosts, network
-//! and simulated duration, every recorded request sent at the moment the scenario sent it,
-//! answered with a constant body. The ratio is the figure that matters: what the engine, its
-//! stores and the users' logic cost on top of turmoil's own round trips.
+//! same world replayed against a bare axum handler in the same run: the same hosts (store hosts
+//! and the agent's host too, listening and idle), network and simulated duration, every
+//! recorded request sent at the moment the scenario sent it, answered with a constant body.
+//! The ratio is the figure that matters: what the engine, its stores and the users' logic cost
+//! on top of turmoil's own round trips.
 //!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
 //! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`).
@@ -15,9 +16,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use tcore_sim::scenario::Scenario;
+use tcore_sim::scenario::{self, AgentPolicy, Scenario};
 use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
-use tcore_sim::world::{self};
+use tcore_sim::world::{self, STORE_PORT};
 
 /// The allocator `tcore` runs on, so both worlds are measured as `tcore run` runs them.
 #[global_allocator]
@@ -51,9 +52,12 @@ fn main() {
     println!("ratio: engine world / bare handler = {:.1} % (target >= 50 %)", 100.0 * world_rate / bare_rate);
 }
 
-/// The same hosts and network, every node answering a constant body: each recorded request
-/// is sent from its user's client host at its recorded time, and the world runs until the
-/// recorded run ended. Returns the simulated seconds it took.
+/// The same hosts, registered in the same order, and the same network, every node answering a
+/// constant body: each recorded request is sent from its user's client host at its recorded
+/// time, and the world runs until the recorded run ended. The store hosts (and the agent's host,
+/// where the scenario has one) listen and stay idle: turmoil runs every host each step, so
+/// leaving them out would make the reference cheaper than the world it stands for. Returns the
+/// simulated seconds it took.
 fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u64)], end_us: u64) -> f64 {
     let latency = &scenario.network.latency_ms;
     let mut sim = turmoil::Builder::new()
@@ -64,11 +68,28 @@ fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u6
         .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
         .tcp_capacity(1 << 16)
         .build();
+    // The engine world registers its store hosts by name order, then the nodes, the agent and
+    // the clients; turmoil hands out addresses in that order.
+    let mut stores = [scenario::STORE_CACHE_HOST, scenario::STORE_RECORD_HOST];
+    stores.sort_unstable();
+    for store in stores {
+        sim.host(store, || async {
+            let _listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), STORE_PORT)).await?;
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+    }
     for node in 1..=nodes {
         sim.host(format!("engine-{node}").as_str(), || async {
             let router = Router::new().fallback(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" });
             let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
             tcore_engine::server::serve_router(SimListener(listener), router, std::future::pending()).await?;
+            Ok(())
+        });
+    }
+    if scenario.agent.policy != AgentPolicy::None {
+        sim.host(scenario::AGENT_HOST, || async {
+            std::future::pending::<()>().await;
             Ok(())
         });
     }
