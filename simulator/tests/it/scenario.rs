@@ -156,8 +156,15 @@ fn the_benchmark_inputs_are_concert_open_with_ten_times_the_crowd() {
     assert_eq!(spike.engine.admission.rate_per_s, open.engine.admission.rate_per_s);
     assert!(spike.faults.is_empty() && !spike.is_unsafe());
     // Every waiting fan holds one long poll: the client hosts' connections must carry them all.
-    let streams = u64::from(spike.clients) * u64::from(spike.engine.nodes) * u64::from(HTTP2_STREAMS_MAX);
-    assert!(streams >= spike.users_total(), "{streams} streams for {} fans", spike.users_total());
+    for scenario in [&million, &spike] {
+        let streams = u64::from(scenario.clients) * u64::from(scenario.engine.nodes) * u64::from(HTTP2_STREAMS_MAX);
+        assert!(
+            streams >= scenario.users_total(),
+            "{}: {streams} streams for {} fans",
+            scenario.name,
+            scenario.users_total()
+        );
+    }
 }
 
 #[test]
