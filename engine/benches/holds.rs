@@ -7,9 +7,10 @@
 //! Idempotency-Key: the first attempts take free seats (a database transaction each on
 //! redis+mariadb), and as the map fills most meet a taken seat (refused by the node's seat
 //! hints, or by the seat gate in Redis for a seat the node has not seen closed lately; the
-//! nodes read `TCORE_SEAT_HINT_MS` from the environment, `0` to measure without hints). Round 1 includes the filling, and reports how fast the first half of the seats
-//! was granted (the database's share of the work); later rounds are the steady state of a
-//! spike on a mostly taken map.
+//! nodes read `TCORE_SEAT_HINT_MS` from the environment, `0` to measure without hints).
+//! Round 1 includes the filling, and reports how fast the first half of the seats was granted
+//! (the database's share of the work); later rounds are the steady state of a spike on a
+//! mostly taken map.
 //!
 //! Run: `cargo bench -p tcore-engine --bench holds` (`just bench-holds`). Environment:
 //! `BENCH_SECONDS` per round (5), `BENCH_ROUNDS` (3), `BENCH_CONNECTIONS` (64), `BENCH_SEATS`

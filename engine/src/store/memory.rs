@@ -133,11 +133,7 @@ impl Records {
         seat_id: SeatId,
         change: impl FnOnce(&mut SeatSlot) -> T,
     ) -> Result<T, StoreError> {
-        let slot = self
-            .seats
-            .get_mut(&schedule_id)
-            .and_then(|seats| seats.get_mut(&seat_id))
-            .ok_or(StoreError::NotFound { entity: "seat", id: seat_id })?;
+        let slot = self.slot_mut(schedule_id, seat_id)?;
         let changed = change(slot);
         let sold = slot.sold;
         let unsold = self.unsold.entry(schedule_id).or_default();
