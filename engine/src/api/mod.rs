@@ -5,19 +5,18 @@
 //! [`Engine`] calls and [`EngineError`](crate::engine::EngineError)s into problem responses.
 
 mod admin;
+mod gateway;
 mod idempotency;
 mod problem;
 mod public;
 
 pub use problem::{ApiError, Problem};
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::extract::{FromRequest, FromRequestParts, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -36,14 +35,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    fn next_request_id(&self) -> String {
-        format!("{}-{}", self.engine.config().node, self.request_ids.fetch_add(1, Ordering::Relaxed) + 1)
+    /// Numbers the node's measured requests from 1, for the request ids in its logs.
+    fn next_request_number(&self) -> u64 {
+        self.request_ids.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
-
-/// The client's IP as the guards see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp(pub IpAddr);
 
 /// A JSON body whose rejections are problem responses.
 #[derive(Debug, FromRequest)]
@@ -68,7 +64,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
     let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)) };
-    let public = public::routes(state.clone()).route_layer(middleware::from_fn_with_state(state.clone(), guard));
+    let public = public::routes(state.clone());
     let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -79,101 +75,14 @@ pub fn app(engine: Arc<Engine>) -> Router {
         router = router.nest("/admin/v1", admin::routes(state.clone()));
     }
     router
-        .route_layer(middleware::from_fn_with_state(state.clone(), observe))
         .fallback(not_found)
-        .layer(middleware::from_fn(read_whole_request))
+        .layer(gateway::GatewayLayer::new(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .with_state(state)
 }
 
-/// Nothing answers a request before its whole body is in (at most [`REQUEST_BODY_MAX`]).
-///
-/// An answer sent while the client is still sending (a refusal of the guards, a bad path, an
-/// unknown route) makes HTTP/2 reset the stream, and h2 remembers a stream it reset for one
-/// second of wall-clock time (not configurable through hyper's server builder): a DATA frame
-/// that arrives later is ignored while the stream is remembered and answered with one more
-/// reset once it is forgotten. The traffic then depends on how fast the host runs, which a
-/// simulated run could not replay; read first, and no stream is left half received.
-///
-/// Then a mutating request, once started, runs to its end even if its client goes away (an
-/// HTTP/2 stream reset, a closed connection): a payment half done is never abandoned between
-/// two store calls, and its idempotency record is completed for the client's retry. Both are
-/// one layer: every request in flight (a long poll above all) carries each layer's future.
-async fn read_whole_request(request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, REQUEST_BODY_MAX).await else {
-        return ApiError::body_too_large().into_response();
-    };
-    let request = Request::from_parts(parts, axum::body::Body::from(bytes));
-    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return next.run(request).await;
-    }
-    match tokio::spawn(next.run(request)).await {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::error!(%error, "request task failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed").into_response()
-        }
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
-}
-
-fn client_ip(state: &AppState, request: &Request) -> IpAddr {
-    if state.engine.config().trust_forwarded_for {
-        let forwarded = request
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(',').next())
-            .and_then(|first| first.trim().parse().ok());
-        if let Some(ip) = forwarded {
-            return ip;
-        }
-    }
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-}
-
-/// Measures every routed request on the engine's clock, and names its client.
-async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let clock = Arc::clone(state.engine.clock());
-    let start_us = clock.monotonic_us();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let ip = client_ip(&state, &request);
-    request.extensions_mut().insert(ClientIp(ip));
-    let request_id = state.next_request_id();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    if status >= 500 && status != 503 {
-        tracing::error!(%request_id, route, status, "request failed");
-    }
-    let latency_us = clock.monotonic_us().saturating_sub(start_us);
-    state.engine.telemetry().record_request(&route, status, latency_us, ip, clock.now_ms());
-    response
-}
-
-/// Blocklist and rate limits, before any public handler runs.
-async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let ip = request.extensions().get::<ClientIp>().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |client| client.0);
-    if let Err(rejection) = state.engine.admit_request(ip, bearer(request.headers())).await {
-        let error = ApiError::from(rejection);
-        state.engine.telemetry().record_rejection(error.code);
-        return error.into_response();
-    }
-    let response = next.run(request).await;
-    if let Some(code) = response.extensions().get::<RejectionCode>() {
-        state.engine.telemetry().record_rejection(code.0);
-    }
-    response
 }
 
 /// Marks a response with the stable code of the refusal it carries, for the metrics.

@@ -414,6 +414,49 @@ async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
     assert!(metrics.contains("reason=\"ip_blocked\"} 1"), "{metrics}");
 }
 
+/// Every public route passes the guards (found through the OpenAPI document, so a route added
+/// later is covered too); the operations and admin routes do not, so operators can still reach
+/// a node from an address that is blocked; a refusal is measured under its route.
+#[tokio::test]
+async fn the_guards_cover_every_public_route_and_no_other() {
+    let api = Api::new().await;
+    let blocked =
+        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
+    assert_eq!(blocked.status, StatusCode::OK);
+    let openapi = api.get("/openapi.json").send().await.json();
+    let paths = openapi["paths"].as_object().expect("paths");
+    let mut public = 0;
+    for (template, operations) in paths {
+        let uri = template.replace("{id}", "1").replace("{token}", "t").replace("{ip}", "192.0.2.1");
+        for method in operations.as_object().expect("operations").keys() {
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let reply = if template.starts_with("/admin/") {
+                api.admin(method.clone(), &uri)
+            } else {
+                api.call(method.clone(), &uri)
+            }
+            .with_forwarded_ip("198.51.100.9")
+            .send()
+            .await;
+            if template.starts_with("/v1/") {
+                public += 1;
+                check_problem(&reply, StatusCode::FORBIDDEN, "ip_blocked");
+            } else {
+                assert_ne!(reply.status, StatusCode::FORBIDDEN, "{method} {template} is not guarded");
+            }
+        }
+    }
+    assert!(public >= 10, "{public} public operations documented");
+    for uri in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(api.get(uri).with_forwarded_ip("198.51.100.9").send().await.status, StatusCode::OK, "{uri}");
+    }
+    let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    assert!(
+        metrics.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"403\"} 1"),
+        "{metrics}"
+    );
+}
+
 /// A request body that arrives when the test sends it.
 struct LateBody(Option<tokio::sync::oneshot::Receiver<Bytes>>);
 
