@@ -15,8 +15,9 @@
 //! # Server
 //!
 //! [`serve_store`] accepts connections from anything that implements [`Accept`] (turmoil's and
-//! tokio's listeners do), and runs each request in its own task, so a slow one does not hold up
-//! the others. A host keeps at most [`CONNECTIONS_MAX`] connections and closes the least
+//! tokio's listeners do). It answers a request on the connection's task when it finishes at its
+//! first poll (most do), and runs one that has to wait (a slow store, a failover) in its own
+//! task, so a slow one does not hold up the others. A host keeps at most [`CONNECTIONS_MAX`] connections and closes the least
 //! recently active one to make room: a connection a partition left half-dead (turmoil drops
 //! segments silently, so such a connection stalls instead of failing) cannot pin resources
 //! forever.
@@ -65,6 +66,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -1070,12 +1072,18 @@ where
             Ok(RequestFrame { id, request }) => {
                 let control = control.clone();
                 let responses = responses.clone();
-                tokio::spawn(async move {
+                let mut answering = Box::pin(async move {
                     let response = control.handle_remote(request).await;
                     if let Some(frame) = encode_response(id, response) {
                         let _ = responses.send((frame, permit));
                     }
                 });
+                // Most requests finish at their first poll (no slow-store delay, the state
+                // free): answered here, without a task of their own. One that waits goes on in
+                // its own task, so it holds up no other request.
+                if answered_at_once(answering.as_mut()).await.is_pending() {
+                    tokio::spawn(answering);
+                }
             }
             Err(error) => {
                 let Ok(FrameId { id }) = postcard::from_bytes::<FrameId>(&body) else {
@@ -1089,6 +1097,15 @@ where
             }
         }
     }
+}
+
+/// Polls `future` once, in the calling task.
+async fn answered_at_once(future: Pin<&mut (dyn Future<Output = ()> + Send)>) -> Poll<()> {
+    let mut future = Some(future);
+    std::future::poll_fn(move |context| {
+        Poll::Ready(future.take().map_or(Poll::Ready(()), |future| future.poll(context)))
+    })
+    .await
 }
 
 /// Encodes a response; one that cannot be sent is replaced by an `Unavailable` error.

@@ -257,6 +257,32 @@ async fn a_call_held_past_its_timeout_is_unavailable_and_the_next_works() {
     assert_eq!(account.name, "late", "the timed-out call ran after all: its outcome was unknown, not failed");
 }
 
+/// Most requests are answered at once on the connection's own task; one that has to wait (here
+/// a slow store) goes on in a task of its own, and the requests behind it are not held up.
+#[tokio::test(start_paused = true)]
+async fn a_slow_request_holds_up_no_other_on_its_connection() {
+    let harness = in_memory(host_config(JournalClock::Tokio), RemoteStoreConfig::default());
+    RecordStore::ping(&harness.store).await.expect("a fast store answers");
+    let store = Arc::new(harness.store);
+    harness.control.set_extra_latency(Duration::from_secs(1));
+    let started = tokio::time::Instant::now();
+    let slow = tokio::spawn({
+        let store = store.clone();
+        async move { store.create_user("slow".into(), 0, 0).await }
+    });
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    harness.control.set_extra_latency(Duration::ZERO);
+    RecordStore::ping(&*store).await.expect("the next request is answered");
+    assert_eq!(started.elapsed(), Duration::ZERO, "not held up behind the slow one");
+    assert!(!slow.is_finished(), "the slow request is still waiting");
+    let account = slow.await.expect("no panic").expect("the slow request is answered too");
+    assert_eq!(account.name, "slow");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(harness.connections.load(Ordering::Relaxed), 1, "both went over one connection");
+}
+
 #[tokio::test(start_paused = true)]
 async fn failover_loses_the_writes_of_the_last_window_and_keeps_older_ones() {
     let harness = in_memory(host_config(JournalClock::Tokio), RemoteStoreConfig::default());
