@@ -21,7 +21,9 @@
 //! - every request to a route is measured on the engine's clock, under its route's template;
 //!   an unknown path (the fallback) is not, so a scan of random paths cannot grow the metrics;
 //! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklist and the rate
-//!   limits before its handler runs; operations and admin routes do not.
+//!   limits before its handler runs; operations and admin routes do not;
+//! - every public `POST` (every mutating public route) with an `Idempotency-Key` goes through
+//!   [`idempotency::run`], after the guards.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,6 +38,7 @@ use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
+use super::idempotency::{self, IDEMPOTENCY_KEY};
 use super::{ApiError, AppState, REQUEST_BODY_MAX, RejectionCode, bearer};
 
 /// Every public route's template starts with this; no other route's does.
@@ -139,7 +142,7 @@ where
     response
 }
 
-/// Blocklist and rate limits, before any public handler runs.
+/// Blocklist and rate limits, before any public handler runs; then idempotency for a `POST`.
 async fn guard<S>(state: &AppState, ip: IpAddr, mut inner: S, request: Request) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
@@ -149,14 +152,19 @@ where
         state.engine.telemetry().record_rejection(error.code);
         return error.into_response();
     }
-    let response = answer(inner.call(request).await);
+    let response = if request.method() == Method::POST && request.headers().contains_key(IDEMPOTENCY_KEY) {
+        // Boxed: the largest future here, and only a mutating request carries it.
+        Box::pin(idempotency::run(state.clone(), request, inner)).await
+    } else {
+        answer(inner.call(request).await)
+    };
     if let Some(code) = response.extensions().get::<RejectionCode>() {
         state.engine.telemetry().record_rejection(code.0);
     }
     response
 }
 
-fn answer(result: Result<Response, Infallible>) -> Response {
+pub(super) fn answer(result: Result<Response, Infallible>) -> Response {
     match result {
         Ok(response) => response,
         Err(never) => match never {},

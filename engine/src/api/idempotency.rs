@@ -5,13 +5,16 @@
 //! **Invariant:** a response is stored only when the outcome is final (not a 5xx, 429 or
 //! 503), so a retry after a failure runs the request again instead of replaying the failure.
 
+use std::convert::Infallible;
+
 use axum::body::{Body, to_bytes};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use tower::Service;
 
+use super::gateway::answer;
 use super::{ApiError, AppState, REQUEST_BODY_MAX};
 use crate::domain::{IdempotencyDecision, StoredResponse};
 
@@ -22,10 +25,15 @@ pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 /// The largest response stored for replay.
 pub const STORED_RESPONSE_MAX: usize = 256 * 1024;
 
-/// The middleware.
-pub(super) async fn layer(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Runs a request that carries an `Idempotency-Key` (any other goes straight to `inner`):
+/// the gateway calls it for every public `POST` (every mutating public route), after the
+/// guards.
+pub(super) async fn run<S>(state: AppState, request: Request, mut inner: S) -> Response
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
     let Some(key) = request.headers().get(IDEMPOTENCY_KEY).cloned() else {
-        return next.run(request).await;
+        return answer(inner.call(request).await);
     };
     let key = match key.to_str() {
         Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX => key.to_owned(),
@@ -65,7 +73,7 @@ pub(super) async fn layer(State(state): State<AppState>, request: Request, next:
         )
         .into_response(),
         IdempotencyDecision::Proceed => {
-            let response = next.run(Request::from_parts(parts, Body::from(body))).await;
+            let response = answer(inner.call(Request::from_parts(parts, Body::from(body))).await);
             let status = response.status();
             let (response_parts, response_body) = response.into_parts();
             let Ok(bytes) = to_bytes(response_body, STORED_RESPONSE_MAX).await else {

@@ -64,7 +64,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
     let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)) };
-    let public = public::routes(state.clone());
+    let public = public::routes();
     let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -6,33 +6,31 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::idempotency::{self, IDEMPOTENCY_KEY};
+use super::idempotency::IDEMPOTENCY_KEY;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
 use crate::config::bounds;
 use crate::domain::{Account, Reservation, ReservationStatus, ScheduleSummary, SeatStatus, SeatView};
 use crate::engine::{Joined, QueuePosition};
 use crate::store::SeatFilter;
 
-pub(super) fn routes(state: AppState) -> Router<AppState> {
-    let idempotent = || middleware::from_fn_with_state(state.clone(), idempotency::layer);
+pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/schedules", get(list_schedules))
-        .route("/v1/users", post(create_user).layer(idempotent()))
+        .route("/v1/users", post(create_user))
         .route("/v1/users/{id}", get(get_user))
-        .route("/v1/users/{id}/points", post(charge_points).layer(idempotent()))
-        .route("/v1/schedules/{id}/queue", post(join_queue).layer(idempotent()))
+        .route("/v1/users/{id}/points", post(charge_points))
+        .route("/v1/schedules/{id}/queue", post(join_queue))
         .route("/v1/queue/{token}", get(queue_status))
         .route("/v1/schedules/{id}/seats", get(seat_map))
-        .route("/v1/holds", post(hold).layer(idempotent()))
+        .route("/v1/holds", post(hold))
         .route("/v1/reservations/{id}", get(get_reservation))
-        .route("/v1/reservations/{id}/confirm", post(confirm).layer(idempotent()))
-        .route("/v1/reservations/{id}/cancel", post(cancel).layer(idempotent()))
+        .route("/v1/reservations/{id}/confirm", post(confirm))
+        .route("/v1/reservations/{id}/cancel", post(cancel))
 }
 
 /// A user and their balance.

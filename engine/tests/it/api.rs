@@ -245,6 +245,29 @@ async fn idempotent_replay_returns_identical_bytes_and_other_body_is_422() {
     assert_eq!(ledger.balance, 900, "charged once");
 }
 
+/// Every public `POST` (found through the OpenAPI document) honours `Idempotency-Key`: the same
+/// key with another request is refused, so a route added later cannot forget it.
+#[tokio::test]
+async fn every_public_post_honours_the_idempotency_key() {
+    let api = Api::new().await;
+    let openapi = api.get("/openapi.json").send().await.json();
+    let mut posts = 0;
+    for (template, operations) in openapi["paths"].as_object().expect("paths") {
+        if !template.starts_with("/v1/") || operations.get("post").is_none() {
+            continue;
+        }
+        posts += 1;
+        let uri = template.replace("{id}", "1");
+        let key = format!("key-{posts}");
+        let first = api.post(&uri).key(&key).json(json!({ "probe": 1 })).send().await;
+        let replay = api.post(&uri).key(&key).json(json!({ "probe": 1 })).send().await;
+        assert_eq!(replay.bytes, first.bytes, "POST {template}: same key, same request, same bytes");
+        let other = api.post(&uri).key(&key).json(json!({ "probe": 2 })).send().await;
+        check_problem(&other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    }
+    assert!(posts >= 6, "{posts} public POST routes documented");
+}
+
 #[tokio::test]
 async fn a_refusal_is_replayed_too_but_a_key_on_a_new_request_runs_it() {
     let api = Api::new().await;
