@@ -78,6 +78,9 @@ pub struct Telemetry {
 #[derive(Debug, Default)]
 struct Window {
     buckets: VecDeque<Bucket>,
+    /// Histograms of buckets that left the window, emptied, for the next ones: a bucket a
+    /// second would otherwise allocate (and the OS zero) a histogram per route each second.
+    spare: Vec<Hdr<u64>>,
 }
 
 #[derive(Debug)]
@@ -104,13 +107,13 @@ fn hdr() -> Hdr<u64> {
 }
 
 impl Bucket {
-    fn new(second: u64) -> Self {
+    fn new(second: u64, store_latency: Hdr<u64>) -> Self {
         Self {
             second,
             routes: BTreeMap::new(),
             ips: HashMap::new(),
             ips_overflow: 0,
-            store_latency: hdr(),
+            store_latency,
             confirmations: 0,
             holds: 0,
         }
@@ -119,16 +122,31 @@ impl Bucket {
 
 impl Window {
     fn bucket(&mut self, now_ms: u64) -> &mut Bucket {
+        self.bucket_and_spare(now_ms).0
+    }
+
+    /// The bucket of `now_ms`'s second, and the spare histograms.
+    fn bucket_and_spare(&mut self, now_ms: u64) -> (&mut Bucket, &mut Vec<Hdr<u64>>) {
         let second = now_ms / 1000;
         if self.buckets.back().is_none_or(|bucket| bucket.second < second) {
-            self.buckets.push_back(Bucket::new(second));
+            let store_latency = spare_or_new(&mut self.spare);
+            self.buckets.push_back(Bucket::new(second, store_latency));
         }
         while self.buckets.len() as u64 > WINDOW_S + 1 {
-            self.buckets.pop_front();
+            let Some(gone) = self.buckets.pop_front() else { break };
+            let histograms = std::iter::once(gone.store_latency).chain(gone.routes.into_values().map(|r| r.latency));
+            for mut histogram in histograms {
+                histogram.reset();
+                self.spare.push(histogram);
+            }
         }
         let index = self.buckets.len() - 1;
-        &mut self.buckets[index]
+        (&mut self.buckets[index], &mut self.spare)
     }
+}
+
+fn spare_or_new(spare: &mut Vec<Hdr<u64>>) -> Hdr<u64> {
+    spare.pop().unwrap_or_else(hdr)
 }
 
 /// A route's figures over the window.
@@ -236,13 +254,12 @@ impl Telemetry {
         self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).observe(latency_us as f64 / 1e6);
         let verdict = Verdict::of_status(status);
         let mut window = self.window.lock();
-        let bucket = window.bucket(now_ms);
-        let route_window = bucket.routes.entry(route.to_owned()).or_insert_with(|| RouteWindow {
-            requests: 0,
-            errors: 0,
-            rejections: 0,
-            latency: hdr(),
-        });
+        let (bucket, spare) = window.bucket_and_spare(now_ms);
+        if !bucket.routes.contains_key(route) {
+            let latency = spare_or_new(spare);
+            bucket.routes.insert(route.to_owned(), RouteWindow { requests: 0, errors: 0, rejections: 0, latency });
+        }
+        let Some(route_window) = bucket.routes.get_mut(route) else { return };
         route_window.requests += 1;
         route_window.errors += u64::from(verdict == Verdict::Failed);
         route_window.rejections += u64::from(verdict == Verdict::Rejected);
@@ -401,6 +418,30 @@ mod tests {
         assert_eq!(traffic.top_talkers[0].ip, A);
         assert_eq!(traffic.top_talkers[0].requests_per_s, 9.0);
         assert!(traffic.latency_us_p99 >= 8_900, "p99 sees the slow failures: {}", traffic.latency_us_p99);
+    }
+
+    /// The histograms of seconds that left the window are used again, empty: nothing of an
+    /// old second shows in a new one.
+    #[test]
+    fn a_second_that_left_the_window_leaves_nothing_behind() {
+        let telemetry = Telemetry::new("engine-1");
+        for i in 0..50 {
+            telemetry.record_request("/v1/holds", 503, 900_000, B, 1_000 + i);
+            telemetry.record_store_call("try_hold", 700_000, 1_000 + i);
+        }
+        let late_s = 2 + WINDOW_S * 3;
+        for second in 2..=late_s {
+            telemetry.record_request("/v1/holds", 201, 1_000, A, second * 1_000);
+            telemetry.record_store_call("try_hold", 500, second * 1_000);
+        }
+        let traffic = telemetry.traffic((late_s + 1) * 1_000);
+        assert_eq!(traffic.requests_per_s, 1.0);
+        assert_eq!(traffic.error_rate, 0.0);
+        assert!(traffic.latency_us_p99 < 2_000, "{}", traffic.latency_us_p99);
+        assert!(traffic.store_latency_us_p99 < 1_000, "{}", traffic.store_latency_us_p99);
+        assert_eq!(traffic.routes.len(), 1);
+        assert!(traffic.routes[0].latency_us_p99 < 2_000, "{:?}", traffic.routes[0]);
+        assert_eq!(traffic.top_talkers.len(), 1, "{:?}", traffic.top_talkers);
     }
 
     #[test]
