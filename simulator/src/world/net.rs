@@ -108,6 +108,34 @@ fn per_user(value: String) -> Result<hyper::header::HeaderValue, HttpFailure> {
     Ok(value)
 }
 
+/// A request ready to send: the HTTP/2 request, boxed (see [`HttpClient::send_built`]).
+#[derive(Debug)]
+pub struct BuiltRequest(Box<hyper::Request<Full<Bytes>>>);
+
+impl HttpRequest {
+    /// The HTTP/2 request to send to `node`.
+    pub fn build(self, node: &str) -> Result<BuiltRequest, HttpFailure> {
+        let mut builder = hyper::Request::builder()
+            .method(self.method)
+            .uri(format!("http://{node}{}", self.path))
+            .header("x-forwarded-for", per_user(self.forwarded_for)?);
+        if let Some(token) = self.bearer {
+            builder = builder.header("authorization", per_user(format!("Bearer {token}"))?);
+        }
+        if let Some(key) = self.idempotency_key {
+            builder = builder.header("idempotency-key", per_user(key)?);
+        }
+        let body = match self.body {
+            Some(body) => {
+                builder = builder.header("content-type", "application/json");
+                Full::new(Bytes::from(body))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        builder.body(body).map(|request| BuiltRequest(Box::new(request))).map_err(|_| HttpFailure::ConnectionLost)
+    }
+}
+
 /// Runs the connections' own tasks on the client host's local task set.
 #[derive(Debug, Clone, Copy)]
 struct LocalExecutor;
@@ -120,40 +148,40 @@ impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExecutor {
 
 impl HttpClient {
     /// Sends `request` to `node`, waiting at most `timeout` for the whole answer.
-    pub async fn send(&self, node: &str, request: HttpRequest, timeout: Duration) -> Result<HttpReply, HttpFailure> {
-        match tokio::time::timeout(timeout, self.send_unbounded(node, request)).await {
+    pub fn send<'a>(
+        &'a self,
+        node: &'a str,
+        request: HttpRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<HttpReply, HttpFailure>> + 'a {
+        self.send_built(node, request.build(node), timeout)
+    }
+
+    /// Sends a request built with [`HttpRequest::build`]: each request in flight (a waiting
+    /// user's long poll above all) carries this future, and an async function keeps room for
+    /// its arguments for as long as it runs; a built request is one box.
+    pub async fn send_built(
+        &self,
+        node: &str,
+        request: Result<BuiltRequest, HttpFailure>,
+        timeout: Duration,
+    ) -> Result<HttpReply, HttpFailure> {
+        let BuiltRequest(request) = request?;
+        match tokio::time::timeout(timeout, self.exchange(node, request)).await {
             Ok(result) => result,
             Err(_) => Err(HttpFailure::Timeout),
         }
     }
 
-    async fn send_unbounded(&self, node: &str, request: HttpRequest) -> Result<HttpReply, HttpFailure> {
+    async fn exchange(&self, node: &str, request: Box<hyper::Request<Full<Bytes>>>) -> Result<HttpReply, HttpFailure> {
         // Connecting is rare and its future large: boxed, so that every request in flight (a
         // waiting user's long poll above all) does not carry its size.
         let mut sender = match self.open_connection(node) {
             Some(sender) => sender,
             None => Box::pin(self.connection(node)).await?,
         };
-        let mut builder = hyper::Request::builder()
-            .method(request.method)
-            .uri(format!("http://{node}{}", request.path))
-            .header("x-forwarded-for", per_user(request.forwarded_for)?);
-        if let Some(token) = request.bearer {
-            builder = builder.header("authorization", per_user(format!("Bearer {token}"))?);
-        }
-        if let Some(key) = request.idempotency_key {
-            builder = builder.header("idempotency-key", per_user(key)?);
-        }
-        let body = match request.body {
-            Some(body) => {
-                builder = builder.header("content-type", "application/json");
-                Full::new(Bytes::from(body))
-            }
-            None => Full::new(Bytes::new()),
-        };
-        let request = builder.body(body).map_err(|_| HttpFailure::ConnectionLost)?;
         sender.ready().await.map_err(|_| HttpFailure::ConnectionLost)?;
-        let response = sender.send_request(request).await.map_err(|_| HttpFailure::ConnectionLost)?;
+        let response = sender.send_request(*request).await.map_err(|_| HttpFailure::ConnectionLost)?;
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.map_err(|_| HttpFailure::ConnectionLost)?.to_bytes();
         Ok(HttpReply { status, body })

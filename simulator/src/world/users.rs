@@ -304,6 +304,8 @@ impl ClientContext {
         PayOutcome::Unknown
     }
 
+    /// [`Self::call_with_timeout`] with the scenario's request timeout. Not an `async fn`: that
+    /// would be one more level, with room for every argument, in every user's future.
     #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
@@ -322,52 +324,57 @@ impl ClientContext {
     /// Sends one request to the user's current node, records it, and moves the user to the
     /// next node when the answer is unknown or the node is unavailable.
     #[allow(clippy::too_many_arguments)]
-    async fn call_with_timeout(
-        &self,
-        user: &mut VirtualUser,
+    fn call_with_timeout<'a>(
+        &'a self,
+        user: &'a mut VirtualUser,
         kind: OpKind,
         method: &'static str,
         path: String,
-        bearer: Option<&str>,
+        bearer: Option<&'a str>,
         key: Option<String>,
         body: Option<String>,
         timeout: Duration,
-    ) -> Answer {
+    ) -> impl Future<Output = Answer> + 'a {
+        // Everything up to the send happens here, so the future keeps only what it needs after.
         let node = self.nodes[user.node_cursor % self.nodes.len()].clone();
+        let keyed = key.is_some();
         let op_id = self.recorder.borrow_mut().invoke(user.index, user.ip, kind, key.clone(), sim_now_us());
         let request = HttpRequest {
             method,
             path,
             bearer: bearer.map(str::to_owned),
-            idempotency_key: key.clone(),
+            idempotency_key: key,
             forwarded_for: user.ip.to_string(),
             body,
-        };
-        let result = self.http.send(&node, request, timeout).await;
-        let (outcome, answer) = match result {
-            Ok(http) if (200..300).contains(&http.status) => {
-                let reply = Reply::parse(&http.body);
-                (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(Box::new(reply)))
-            }
-            Ok(reply) => {
-                let code = Reply::parse(&reply.body).code.unwrap_or_else(|| "unknown".to_owned());
-                let digest = (key.is_some() && stored_for_replay(reply.status, &code)).then(|| Digest::of(&reply.body));
-                let outcome = Outcome::Fail { http_status: reply.status, code: code.clone(), digest };
-                (outcome, Answer::Refused { status: reply.status, code })
-            }
-            Err(failure) => {
-                let reason = match failure {
-                    HttpFailure::Timeout => UnknownReason::Timeout,
-                    HttpFailure::ConnectionLost => UnknownReason::ConnectionLost,
-                };
-                (Outcome::Unknown { reason }, Answer::Unknown)
-            }
-        };
-        if matches!(answer, Answer::Unknown) || matches!(&answer, Answer::Refused { status: 503, .. }) {
-            user.node_cursor += 1;
         }
-        self.recorder.borrow_mut().complete(op_id, outcome, sim_now_us());
-        answer
+        .build(&node);
+        async move {
+            let result = self.http.send_built(&node, request, timeout).await;
+            let (outcome, answer) = match result {
+                Ok(http) if (200..300).contains(&http.status) => {
+                    let reply = Reply::parse(&http.body);
+                    (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(Box::new(reply)))
+                }
+                Ok(reply) => {
+                    let code = Reply::parse(&reply.body).code.unwrap_or_else(|| "unknown".to_owned());
+                    let digest = (keyed && stored_for_replay(reply.status, &code)).then(|| Digest::of(&reply.body));
+                    let outcome = Outcome::Fail { http_status: reply.status, code: code.clone(), digest };
+                    (outcome, Answer::Refused { status: reply.status, code })
+                }
+                Err(failure) => {
+                    let reason = match failure {
+                        HttpFailure::Timeout => UnknownReason::Timeout,
+                        HttpFailure::ConnectionLost => UnknownReason::ConnectionLost,
+                    };
+                    (Outcome::Unknown { reason }, Answer::Unknown)
+                }
+            };
+            if matches!(answer, Answer::Unknown) || matches!(&answer, Answer::Refused { status: 503, .. }) {
+                user.node_cursor += 1;
+            }
+            self.recorder.borrow_mut().complete(op_id, outcome, sim_now_us());
+            answer
+        }
     }
 
     /// Runs one bot address from `start` to `end`, open loop.
