@@ -255,11 +255,12 @@ impl Telemetry {
         let verdict = Verdict::of_status(status);
         let mut window = self.window.lock();
         let (bucket, spare) = window.bucket_and_spare(now_ms);
-        if !bucket.routes.contains_key(route) {
-            let latency = spare_or_new(spare);
-            bucket.routes.insert(route.to_owned(), RouteWindow { requests: 0, errors: 0, rejections: 0, latency });
-        }
-        let Some(route_window) = bucket.routes.get_mut(route) else { return };
+        let route_window = bucket.routes.entry(route.to_owned()).or_insert_with(|| RouteWindow {
+            requests: 0,
+            errors: 0,
+            rejections: 0,
+            latency: spare_or_new(spare),
+        });
         route_window.requests += 1;
         route_window.errors += u64::from(verdict == Verdict::Failed);
         route_window.rejections += u64::from(verdict == Verdict::Rejected);

@@ -155,11 +155,11 @@ where
         state.engine.telemetry().record_rejection(error.code);
         return error.into_response();
     }
-    let response = if request.method() == Method::POST && request.headers().contains_key(IDEMPOTENCY_KEY) {
+    let key = (request.method() == Method::POST).then(|| request.headers().get(IDEMPOTENCY_KEY).cloned()).flatten();
+    let response = match key {
         // Boxed: the largest future here, and only a mutating request carries it.
-        Box::pin(idempotency::run(state.clone(), *request, inner)).await
-    } else {
-        answer(inner.call(*request).await)
+        Some(key) => Box::pin(idempotency::run(state.clone(), key, *request, inner)).await,
+        None => answer(inner.call(*request).await),
     };
     if let Some(code) = response.extensions().get::<RejectionCode>() {
         state.engine.telemetry().record_rejection(code.0);

@@ -25,16 +25,12 @@ pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 /// The largest response stored for replay.
 pub const STORED_RESPONSE_MAX: usize = 256 * 1024;
 
-/// Runs a request that carries an `Idempotency-Key` (any other goes straight to `inner`):
-/// the gateway calls it for every public `POST` (every mutating public route), after the
-/// guards.
-pub(super) async fn run<S>(state: AppState, request: Request, mut inner: S) -> Response
+/// Runs a request that carries `key` in its `Idempotency-Key` header: the gateway calls it for
+/// every public `POST` (every mutating public route) with one, after the guards.
+pub(super) async fn run<S>(state: AppState, key: HeaderValue, request: Request, mut inner: S) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
-    let Some(key) = request.headers().get(IDEMPOTENCY_KEY).cloned() else {
-        return answer(inner.call(request).await);
-    };
     let key = match key.to_str() {
         Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX => key.to_owned(),
         _ => {

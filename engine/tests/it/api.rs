@@ -126,6 +126,12 @@ impl Api {
         self.call(method, uri).bearer(ADMIN_TOKEN)
     }
 
+    /// Blocks `ip` for a minute through the admin API.
+    async fn block(&self, ip: &str) {
+        let blocked = self.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": ip, "ttl_s": 60 })).send().await;
+        assert_eq!(blocked.status, StatusCode::OK, "{:?}", blocked.bytes);
+    }
+
     /// Moves time on and lets every line admit.
     async fn advance(&self, by: Duration) {
         self.clock.advance(by);
@@ -421,9 +427,7 @@ async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
         "other IPs unaffected"
     );
 
-    let blocked =
-        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
-    assert_eq!(blocked.status, StatusCode::OK);
+    api.block("198.51.100.9").await;
     check_problem(
         &api.get("/v1/schedules").with_forwarded_ip("198.51.100.9").send().await,
         StatusCode::FORBIDDEN,
@@ -443,9 +447,7 @@ async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
 #[tokio::test]
 async fn the_guards_cover_every_public_route_and_no_other() {
     let api = Api::new().await;
-    let blocked =
-        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
-    assert_eq!(blocked.status, StatusCode::OK);
+    api.block("198.51.100.9").await;
     let openapi = api.get("/openapi.json").send().await.json();
     let paths = openapi["paths"].as_object().expect("paths");
     let mut public = 0;
@@ -503,9 +505,7 @@ impl hyper::body::Body for LateBody {
 #[tokio::test]
 async fn a_blocked_client_is_refused_only_once_its_whole_request_is_in() {
     let api = Api::new().await;
-    let blocked =
-        api.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": "198.51.100.9", "ttl_s": 60 })).send().await;
-    assert_eq!(blocked.status, StatusCode::OK);
+    api.block("198.51.100.9").await;
     let (send_body, body) = tokio::sync::oneshot::channel();
     let request = Request::post("/v1/schedules/1/queue")
         .header("x-forwarded-for", "198.51.100.9")

@@ -17,8 +17,8 @@
 //! [`serve_store`] accepts connections from anything that implements [`Accept`] (turmoil's and
 //! tokio's listeners do). It answers a request on the connection's task when it finishes at its
 //! first poll (most do), and runs one that has to wait (a slow store, a failover) in its own
-//! task, so a slow one does not hold up the others. A host keeps at most [`CONNECTIONS_MAX`] connections and closes the least
-//! recently active one to make room: a connection a partition left half-dead (turmoil drops
+//! task, so a slow one does not hold up the others. A host keeps at most [`CONNECTIONS_MAX`]
+//! connections and closes the least recently active one to make room: a connection a partition left half-dead (turmoil drops
 //! segments silently, so such a connection stalls instead of failing) cannot pin resources
 //! forever.
 //!
@@ -1047,7 +1047,7 @@ where
     tracing::debug!(%reason, "store host: connection closed");
 }
 
-/// Reads requests and runs each in its own task. The permit that each holds until its
+/// Reads requests and answers each at once, or in its own task if it has to wait. The permit that each holds until its
 /// response is written bounds what one connection can have in flight (and queued to send).
 async fn read_requests<R>(
     read_half: R,
@@ -1081,7 +1081,8 @@ where
                 // Most requests finish at their first poll (no slow-store delay, the state
                 // free): answered here, without a task of their own. One that waits goes on in
                 // its own task, so it holds up no other request.
-                if answered_at_once(answering.as_mut()).await.is_pending() {
+                let first_poll = std::future::poll_fn(|context| Poll::Ready(answering.as_mut().poll(context))).await;
+                if first_poll.is_pending() {
                     tokio::spawn(answering);
                 }
             }
@@ -1097,15 +1098,6 @@ where
             }
         }
     }
-}
-
-/// Polls `future` once, in the calling task.
-async fn answered_at_once(future: Pin<&mut (dyn Future<Output = ()> + Send)>) -> Poll<()> {
-    let mut future = Some(future);
-    std::future::poll_fn(move |context| {
-        Poll::Ready(future.take().map_or(Poll::Ready(()), |future| future.poll(context)))
-    })
-    .await
 }
 
 /// Encodes a response; one that cannot be sent is replaced by an `Unavailable` error.

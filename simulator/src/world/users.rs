@@ -304,8 +304,7 @@ impl ClientContext {
         PayOutcome::Unknown
     }
 
-    /// [`Self::call_with_timeout`] with the scenario's request timeout. Not an `async fn`: that
-    /// would be one more level, with room for every argument, in every user's future.
+    /// [`Self::call_with_timeout`] with the scenario's request timeout.
     #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
