@@ -3,7 +3,9 @@
 //! and the agent's host too, listening and idle), network and simulated duration, every
 //! recorded request sent at the moment the scenario sent it, answered with a constant body.
 //! The ratio is the figure that matters: what the engine, its stores and the users' logic cost
-//! on top of turmoil's own round trips.
+//! on top of turmoil's own round trips. A third world, the same hosts with no requests at all,
+//! shows what turmoil's steps cost whatever the traffic; the wall time beyond it, per request,
+//! is each world's cost per request.
 //!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
 //! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`).
@@ -42,12 +44,25 @@ fn main() {
     let simulated_s = bare_world(&scenario, nodes, clients, &invokes, run.history.config.end_us);
     let bare_wall_s = started.elapsed().as_secs_f64();
 
+    // The same hosts for the same simulated time with no requests at all: what turmoil's steps
+    // cost whatever the traffic, so that each world's cost per request can be told apart.
+    let started = Instant::now();
+    bare_world(&scenario, nodes, clients, &[], run.history.config.end_us);
+    let idle_wall_s = started.elapsed().as_secs_f64();
+
     let world_rate = requests as f64 / world_wall_s;
     let bare_rate = requests as f64 / bare_wall_s;
+    let per_request_us = |wall_s: f64| 1e6 * (wall_s - idle_wall_s).max(0.0) / requests.max(1) as f64;
     println!("sim_throughput: {file}, {} users, {requests} simulated requests", run.users);
     println!("  engine world: {world_wall_s:>7.2} s wall, {world_rate:>9.0} simulated requests per wall second");
     println!(
         "  bare handler: {bare_wall_s:>7.2} s wall, {bare_rate:>9.0} simulated requests per wall second ({simulated_s:.1} s simulated)"
+    );
+    println!("  idle world:   {idle_wall_s:>7.2} s wall (the same hosts and simulated time, no requests)");
+    println!(
+        "  per request beyond the idle world: engine world {:.1} us, bare handler {:.1} us",
+        per_request_us(world_wall_s),
+        per_request_us(bare_wall_s)
     );
     println!("ratio: engine world / bare handler = {:.1} % (target >= 50 %)", 100.0 * world_rate / bare_rate);
 }

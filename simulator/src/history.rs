@@ -519,6 +519,14 @@ impl HistoryRecorder {
         }
     }
 
+    /// Makes room for `count` operations at once (at most [`OPERATIONS_MAX`]), so that a large
+    /// run does not copy its history each time it outgrows it.
+    #[must_use]
+    pub fn expecting(mut self, count: usize) -> Self {
+        self.operations.reserve(count.min(OPERATIONS_MAX));
+        self
+    }
+
     /// Records that `client` sent a call at `invoke_us`; its outcome stays unknown until
     /// [`HistoryRecorder::complete`].
     pub fn invoke(

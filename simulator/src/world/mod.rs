@@ -14,7 +14,7 @@ mod reply;
 pub mod store_rpc;
 pub mod users;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
@@ -218,11 +218,10 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         });
     }
 
-    let recorder = Rc::new(RefCell::new(HistoryRecorder::new(
-        label,
-        seed,
-        check_config(scenario, heal_us, duration_us + drain_us),
-    )));
+    let recorder = Rc::new(RefCell::new(
+        HistoryRecorder::new(label, seed, check_config(scenario, heal_us, duration_us + drain_us))
+            .expecting(expected_operations(scenario, users_total)),
+    ));
     let outcomes = Rc::new(RefCell::new(UserOutcomes::default()));
     let agent_log = match scenario.agent.policy {
         scenario::AgentPolicy::None => None,
@@ -278,26 +277,22 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
             })
             .collect();
         sim.client(scenario::client_host(client).as_str(), async move {
-            let mut journeys = Vec::new();
+            let running = Rc::new(Running::default());
             for (bot, ip, rate, start_us, end_us) in bots {
                 let context = Rc::clone(&context);
-                journeys.push(tokio::task::spawn_local(async move {
+                running.spawn(async move {
                     sleep_until_us(start_us).await;
                     context.bot(bot, ip, rate, end_us).await;
-                }));
+                });
             }
             for (index, &arrival_us) in arrivals.iter().enumerate() {
                 if (index as u32) % clients != client - 1 {
                     continue;
                 }
                 sleep_until_us(arrival_us).await;
-                journeys.push(tokio::task::spawn_local(Rc::clone(&context).journey(index as u64)));
+                running.spawn(Rc::clone(&context).journey(index as u64));
             }
-            let all = async {
-                for journey in journeys {
-                    let _ = journey.await;
-                }
-            };
+            let all = running.all_ended();
             let _ =
                 tokio::time::timeout(Duration::from_micros(duration_us.saturating_sub(node::sim_now_us())), all).await;
             Ok(())
@@ -398,6 +393,59 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         users: users_total,
         agent: agent_log.map(|log| log.finish(scenario.agent.policy)),
     })
+}
+
+/// The journeys and bots a client host runs. Each runs detached, so a journey that has ended
+/// frees its memory at once: a `JoinHandle` kept until the end of the run would hold every
+/// ended journey's task, a hundred thousand of them in a large spike.
+#[derive(Debug, Default)]
+struct Running {
+    count: Cell<u64>,
+    ended: tokio::sync::Notify,
+}
+
+impl Running {
+    fn spawn(self: &Rc<Self>, work: impl Future<Output = ()> + 'static) {
+        self.count.set(self.count.get() + 1);
+        // Counts the end even if the work panics. The work is boxed: an async block that moved
+        // it in would keep room for it twice.
+        let ends = EndsOnDrop(Rc::clone(self));
+        let work = Box::pin(work);
+        drop(tokio::task::spawn_local(async move {
+            let _ends = ends;
+            work.await;
+        }));
+    }
+
+    /// Resolves once everything spawned has ended.
+    async fn all_ended(&self) {
+        while self.count.get() > 0 {
+            self.ended.notified().await;
+        }
+    }
+}
+
+struct EndsOnDrop(Rc<Running>);
+
+impl Drop for EndsOnDrop {
+    fn drop(&mut self) {
+        let left = self.0.count.get().saturating_sub(1);
+        self.0.count.set(left);
+        if left == 0 {
+            self.0.ended.notify_one();
+        }
+    }
+}
+
+/// Calls a user makes on average in the shipped scenarios is under three (join, one or two long
+/// polls, and, for the few who get in, a seat map, holds and confirmations); four leaves room.
+const OPERATIONS_PER_USER_EXPECTED: u64 = 4;
+
+/// About how many calls a run will record: enough that the history is rarely copied to grow.
+fn expected_operations(scenario: &Scenario, users: u64) -> usize {
+    let bots: f64 = scenario.bots.iter().map(|bot| bot.rate_per_s * (bot.end_s - bot.start_s).max(0.0)).sum();
+    let expected = users.saturating_mul(OPERATIONS_PER_USER_EXPECTED).saturating_add(bots as u64);
+    usize::try_from(expected).unwrap_or(usize::MAX)
 }
 
 async fn sleep_until_us(at_us: u64) {
@@ -792,4 +840,37 @@ fn read_final_state(
         })
         .collect();
     Ok((final_state, fences, admissions))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use super::Running;
+
+    fn local_runtime() -> (tokio::runtime::Runtime, tokio::task::LocalSet) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build();
+        (runtime.expect("a current-thread runtime"), tokio::task::LocalSet::new())
+    }
+
+    #[test]
+    fn all_ended_waits_for_the_last_one_even_after_a_panic() {
+        let (runtime, local) = local_runtime();
+        local.block_on(&runtime, async {
+            let running = Rc::new(Running::default());
+            let finished = Rc::new(std::cell::Cell::new(0));
+            for delay_ms in [30, 10, 20] {
+                let finished = Rc::clone(&finished);
+                running.spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    finished.set(finished.get() + 1);
+                });
+            }
+            running.spawn(async { panic!("a journey that fails") });
+            running.all_ended().await;
+            assert_eq!(finished.get(), 3);
+            assert_eq!(running.count.get(), 0);
+        });
+    }
 }
