@@ -437,8 +437,8 @@ impl Drop for EndsOnDrop {
     }
 }
 
-/// Calls a user makes on average in the shipped scenarios is under three (join, one or two long
-/// polls, and, for the few who get in, a seat map, holds and confirmations); four leaves room.
+/// The calls a user makes, on average: under three in the shipped scenarios (a join, one or two
+/// long polls, and, for the few who get in, seat maps, holds and confirmations). Four leaves room.
 const OPERATIONS_PER_USER_EXPECTED: u64 = 4;
 
 /// About how many calls a run will record: enough that the history is rarely copied to grow.
