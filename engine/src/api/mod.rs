@@ -76,8 +76,10 @@ pub fn app(engine: Arc<Engine>) -> Router {
     }
     router
         .fallback(not_found)
+        // The gateway reads every body whole, refusing one over `REQUEST_BODY_MAX`, so the
+        // extractors never meet a larger one: no body-limit layer (a layer is a boxed service
+        // cloned for every request on every route).
         .layer(gateway::GatewayLayer::new(state.clone()))
-        .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_MAX))
         .with_state(state)
 }
 

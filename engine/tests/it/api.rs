@@ -368,6 +368,20 @@ async fn malformed_requests_get_problem_bodies() {
 }
 
 #[tokio::test]
+async fn a_body_over_the_limit_is_refused_before_any_handler_and_one_at_the_limit_is_read() {
+    let api = Api::new().await;
+    let name = "a".repeat(tcore_engine::api::REQUEST_BODY_MAX);
+    let over = api.post("/v1/users").json(json!({ "name": name })).send().await;
+    check_problem(&over, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    // Exactly at the limit the body reaches the handler, which judges the name itself.
+    let filler = tcore_engine::api::REQUEST_BODY_MAX - r#"{"name":""}"#.len();
+    let at_limit = api.post("/v1/users").json(json!({ "name": "a".repeat(filler) })).send().await;
+    assert_ne!(at_limit.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", at_limit.bytes);
+    let in_line = api.post("/v1/schedules/1/queue").json(json!({ "user_id": 1, "pad": name })).send().await;
+    check_problem(&in_line, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+}
+
+#[tokio::test]
 async fn a_long_poll_answers_when_the_token_is_admitted() {
     let api = Api::new().await;
     let (_, token) = api.user_in_line("ada", 0).await;
