@@ -18,9 +18,9 @@
 //! tokio's listeners do). It answers a request on the connection's task when it finishes at its
 //! first poll (most do), and runs one that has to wait (a slow store, a failover) in its own
 //! task, so a slow one does not hold up the others. A host keeps at most [`CONNECTIONS_MAX`]
-//! connections and closes the least recently active one to make room: a connection a partition left half-dead (turmoil drops
-//! segments silently, so such a connection stalls instead of failing) cannot pin resources
-//! forever.
+//! connections and closes the least recently active one to make room: a connection a partition
+//! left half-dead (turmoil drops segments silently, so such a connection stalls instead of
+//! failing) cannot pin resources forever.
 //!
 //! # Failover
 //!
@@ -1047,8 +1047,9 @@ where
     tracing::debug!(%reason, "store host: connection closed");
 }
 
-/// Reads requests and answers each at once, or in its own task if it has to wait. The permit that each holds until its
-/// response is written bounds what one connection can have in flight (and queued to send).
+/// Reads requests and answers each at once, or in its own task if it has to wait. The permit
+/// that each holds until its response is written bounds what one connection can have in flight
+/// (and queued to send).
 async fn read_requests<R>(
     read_half: R,
     control: StoreControl,

@@ -1,10 +1,10 @@
 //! Virtual users and bots on the client hosts.
 //!
 //! A user joins the line, waits with long polls until admitted (or until their patience runs
-//! out, or the join or a long poll says the schedule is sold out), asks for the available seats of a section, holds one, pays with an idempotency key,
-//! retries with the same key when the outcome is unknown, and sometimes cancels. Every call is
-//! recorded in the history with its simulated times. Bots hammer the queue and the seat map
-//! from a few addresses, open loop.
+//! out, or the join or a long poll says the schedule is sold out), asks for the available seats
+//! of a section, holds one, pays with an idempotency key, retries with the same key when the
+//! outcome is unknown, and sometimes cancels. Every call is recorded in the history with its
+//! simulated times. Bots hammer the queue and the seat map from a few addresses, open loop.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
