@@ -60,6 +60,10 @@ struct Records {
     /// The seats of each schedule that are not sold, so that a seat map asking for available
     /// or held seats does not walk past every sold one. Kept in step by [`Records::change_slot`].
     unsold: BTreeMap<ScheduleId, BTreeSet<SeatId>>,
+    /// The unsold seats of each schedule that have a holder, by the end of that hold (a hold
+    /// past its end counts as available), so that counting the held seats walks only the
+    /// holds that have not ended. Kept in step by [`Records::change_slot`].
+    held: BTreeMap<ScheduleId, BTreeSet<(u64, SeatId)>>,
     seat_schedule: HashMap<SeatId, ScheduleId>,
     next_seat_id: SeatId,
     accounts: BTreeMap<UserId, Account>,
@@ -117,6 +121,12 @@ impl MemoryStore {
     }
 }
 
+/// When the hold on an unsold seat ends, if the seat has a holder: the key of
+/// [`Records::held`].
+fn held_until(slot: &SeatSlot) -> Option<u64> {
+    (slot.holder.is_some() && !slot.sold).then_some(slot.hold_expires_at_ms)
+}
+
 impl Records {
     fn slot_mut(&mut self, schedule_id: ScheduleId, seat_id: SeatId) -> Result<&mut SeatSlot, StoreError> {
         self.seats
@@ -134,15 +144,31 @@ impl Records {
         change: impl FnOnce(&mut SeatSlot) -> T,
     ) -> Result<T, StoreError> {
         let slot = self.slot_mut(schedule_id, seat_id)?;
+        let held_before = held_until(slot);
         let changed = change(slot);
-        let sold = slot.sold;
+        let (sold, held_after) = (slot.sold, held_until(slot));
         let unsold = self.unsold.entry(schedule_id).or_default();
         if sold {
             unsold.remove(&seat_id);
         } else {
             unsold.insert(seat_id);
         }
+        if held_before != held_after {
+            let held = self.held.entry(schedule_id).or_default();
+            if let Some(until_ms) = held_before {
+                held.remove(&(until_ms, seat_id));
+            }
+            if let Some(until_ms) = held_after {
+                held.insert((until_ms, seat_id));
+            }
+        }
         Ok(changed)
+    }
+
+    /// How many seats of the schedule are held as of `now_ms`: unsold, with a hold that has
+    /// not ended ([`SeatSlot::status`]).
+    fn held_count(&self, schedule_id: ScheduleId, now_ms: u64) -> usize {
+        self.held.get(&schedule_id).map_or(0, |held| held.range((now_ms.saturating_add(1), 0)..).count())
     }
 
     fn account_mut(&mut self, user_id: UserId) -> Result<&mut Account, StoreError> {
@@ -319,16 +345,11 @@ impl RecordStore for MemoryStore {
             .schedules
             .values()
             .map(|schedule| {
-                // A sold seat is never in `unsold`, so only the unsold ones need a look.
-                let slots = records.seats.get(&schedule.id);
-                let unsold = records.unsold.get(&schedule.id);
-                let sold = (slots.map_or(0, BTreeMap::len) - unsold.map_or(0, BTreeSet::len)) as u64;
-                let available = unsold
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|seat_id| slots.and_then(|slots| slots.get(seat_id)))
-                    .filter(|slot| slot.status(now_ms) == SeatStatus::Available)
-                    .count() as u64;
+                // A seat is sold, held or available; the indexes count the first two.
+                let slots = records.seats.get(&schedule.id).map_or(0, BTreeMap::len);
+                let unsold = records.unsold.get(&schedule.id).map_or(0, BTreeSet::len);
+                let sold = (slots - unsold) as u64;
+                let available = (unsold - records.held_count(schedule.id, now_ms)) as u64;
                 ScheduleSummary {
                     id: schedule.id,
                     concert: schedule.concert.name.clone(),
@@ -791,17 +812,23 @@ mod tests {
         assert!(store.seat_map(1, unknown, 10).await.expect("seat map").is_empty());
     }
 
+    /// A store with schedule 1 of `seats` seats in one section, and a user with `points`.
+    async fn one_section_store(seats: u32, points: u64) -> (MemoryStore, Account) {
+        use crate::domain::{Concert, Schedule, Section};
+        let store = MemoryStore::new(MemoryStoreConfig::default());
+        let section = Section { name: "A".into(), price_points: 10, seats_count: seats };
+        let schedule =
+            Schedule { id: 1, concert: Concert { id: 1, name: "x".into() }, opens_at_ms: 0, sections: vec![section] };
+        store.put_schedule(schedule).await.expect("schedule");
+        let user = store.create_user("ada".into(), points, 0).await.expect("user");
+        (store, user)
+    }
+
     /// The seat map by status and the schedule's counts agree with every seat's own status
     /// through holds, a sale, a cancellation and an expiry.
     #[tokio::test]
     async fn seat_maps_by_status_follow_sales_cancellations_and_expiries() {
-        use crate::domain::{Concert, Schedule, Section};
-        let store = &MemoryStore::new(MemoryStoreConfig::default());
-        let section = Section { name: "A".into(), price_points: 10, seats_count: 4 };
-        let schedule =
-            Schedule { id: 1, concert: Concert { id: 1, name: "x".into() }, opens_at_ms: 0, sections: vec![section] };
-        store.put_schedule(schedule).await.expect("schedule");
-        let user = store.create_user("ada".into(), 100, 0).await.expect("user");
+        let (store, user) = &one_section_store(4, 100).await;
         let hold = |seat_id, now_ms| {
             let request =
                 HoldRequest { schedule_id: 1, seat_id, user_id: user.user_id, hold_ttl_ms: 1_000, node: "n".into() };
@@ -831,6 +858,58 @@ mod tests {
         store.expire_holds(1_000, 10).await.expect("sweep");
         assert_eq!(ids(SeatStatus::Available, 1_000).await, vec![2, 3, 4]);
         assert!(ids(SeatStatus::Held, 1_000).await.is_empty());
+        assert_eq!(counts(1_000).await, (3, 1));
+        // A seat held again counts as held until its new hold ends.
+        hold(3, 1_500).await.expect("hold again");
+        assert_eq!(counts(2_499).await, (2, 1));
+        assert_eq!(counts(2_500).await, (3, 1));
+    }
+
+    /// The schedule's counts, kept by indexes, agree with a walk over every seat's status
+    /// after each of many random holds, confirmations, cancellations, sweeps and ticks.
+    #[tokio::test]
+    async fn schedule_counts_agree_with_every_seat_through_random_changes() {
+        use rand::RngExt as _;
+
+        let (store, user) = &one_section_store(12, 1_000_000).await;
+        let mut rng = StdRng::seed_from_u64(7);
+        let (mut now_ms, mut reservations) = (0_u64, Vec::new());
+        for _ in 0..2_000 {
+            now_ms += rng.random_range(0..300);
+            match rng.random_range(0..5) {
+                0 | 1 => {
+                    let request = HoldRequest {
+                        schedule_id: 1,
+                        seat_id: rng.random_range(1..=12),
+                        user_id: user.user_id,
+                        hold_ttl_ms: rng.random_range(1..2_000),
+                        node: "n".into(),
+                    };
+                    if let Ok(reservation) = store.try_hold(request, now_ms).await {
+                        reservations.push(reservation.id);
+                    }
+                }
+                2 if !reservations.is_empty() => {
+                    let id = reservations[rng.random_range(0..reservations.len())];
+                    let _ = store.confirm(id, user.user_id, None, now_ms).await;
+                }
+                3 if !reservations.is_empty() => {
+                    let id = reservations[rng.random_range(0..reservations.len())];
+                    let _ = store.cancel(id, user.user_id, now_ms).await;
+                }
+                _ => {
+                    store.expire_holds(now_ms, rng.random_range(1..4)).await.expect("sweep");
+                }
+            }
+            let seats = store.seat_map(1, SeatFilter::default(), now_ms).await.expect("seat map");
+            let count = |status| seats.iter().filter(|seat| seat.status == status).count() as u64;
+            let summary = store.schedules(now_ms).await.expect("schedules").remove(0);
+            assert_eq!(
+                (summary.seats_available, summary.seats_sold),
+                (count(SeatStatus::Available), count(SeatStatus::Sold)),
+                "at {now_ms} ms"
+            );
+        }
     }
 
     #[tokio::test]
