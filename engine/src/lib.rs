@@ -4,6 +4,8 @@
 //! The layers, from the inside out: [`domain`] (pure rules), [`store`] (the traits and the
 //! embedded store), [`engine`] (use cases, guards, background work), [`api`] (HTTP).
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod api;
 pub mod clock;

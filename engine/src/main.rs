@@ -1,5 +1,7 @@
 //! `tcore-engine`: the engine server.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

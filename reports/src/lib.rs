@@ -12,6 +12,8 @@
 //! Content-Security-Policy forbids every load. Every string taken from a run result is
 //! escaped. Reports never run a scenario.
 
+#![forbid(unsafe_code)]
+
 mod charts;
 mod html;
 mod run;

@@ -22,11 +22,13 @@ use tcore_sim::scenario::{self, AgentPolicy, Scenario};
 use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
 use tcore_sim::world::{self, STORE_PORT};
 
-/// The allocator `tcore` runs on, so both worlds are measured as `tcore run` runs them.
+/// The allocator `tcore` runs on, set up as `tcore` sets it up, so that every world is
+/// measured as `tcore run` runs it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    tcore_sim::allocator::keep_freed_memory();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
     let scenario = Scenario::load(root.join(&file)).unwrap_or_else(|error| panic!("{error}"));

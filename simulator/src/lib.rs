@@ -3,6 +3,7 @@
 //! **Invariant:** nothing in this crate reads the wall clock or unseeded randomness in
 //! scenario, history or checker logic: times are simulated microseconds carried in the data.
 
+pub mod allocator;
 pub mod checker;
 pub mod gate;
 pub mod history;
