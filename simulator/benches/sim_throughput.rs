@@ -28,7 +28,7 @@ use tcore_sim::world::{self, STORE_PORT};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    tcore_sim::allocator::keep_freed_memory();
+    tcore_sim::allocator::configure_for_a_run();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
     let scenario = Scenario::load(root.join(&file)).unwrap_or_else(|error| panic!("{error}"));

@@ -1,24 +1,38 @@
-//! The allocator's one setting a simulated run needs.
+//! How a simulated run sets up its memory.
 //!
-//! `tcore` and the throughput benchmark run on mimalloc. By default mimalloc gives memory the
-//! process freed back to the OS one wall second later, and a run faults it in again, zeroed
-//! by the kernel, as soon as the next wave of users arrives: concert-open gives back and
-//! refaults about 650 MiB that way. A run is a batch job whose heap peaks and then ends, so
-//! it keeps what it freed for reuse instead.
+//! `tcore` and the throughput benchmark run on mimalloc. A run is a batch job whose heap
+//! grows to its peak (a spike's waiting fans) and then ends, and two defaults cost it time:
 //!
-//! **Invariant:** this is the only `unsafe` in the workspace, and it changes no result: a run
-//! reads no address and no allocator state.
+//! - mimalloc gives memory the process freed back to the OS one wall second later, and the
+//!   run faults it in again, zeroed by the kernel, when the next wave of users arrives:
+//!   concert-open gave back and refaulted about 650 MiB that way. A run keeps what it freed.
+//! - mimalloc asks for transparent huge pages, and a kernel that compacts memory to find a
+//!   free 2 MiB page on first touch (`defrag` = `madvise`, the usual default) spends more
+//!   system time on that than the TLB saves: concert-open spent 0.9–1.3 s of system time
+//!   against 0.3 s with 4 KiB pages. A run asks for no huge pages.
+//!
+//! **Invariant:** this is the only `unsafe` in the workspace, and nothing here changes a
+//! result: a run reads no address and no allocator state.
 
 /// mimalloc's `mi_option_purge_delay` (v3's `mi_option_t` numbering; `libmimalloc-sys` has no
 /// constant for it): how many milliseconds after a free memory goes back to the OS, `-1` for
 /// never.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Makes mimalloc keep the memory the process frees instead of giving it back to the OS.
-/// Call it first thing in `main`, before any other thread starts: mimalloc's options are not
+/// Sets the process up for a run: freed memory is kept, and no transparent huge pages. Call it
+/// first thing in `main`, before any other thread starts: mimalloc's options are not
 /// synchronised.
+pub fn configure_for_a_run() {
+    keep_freed_memory();
+    #[cfg(target_os = "linux")]
+    if let Err(error) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(%error, "transparent huge pages stay as the system has them");
+    }
+}
+
+/// Makes mimalloc keep the memory the process frees instead of giving it back to the OS.
 #[allow(unsafe_code)]
-pub fn keep_freed_memory() {
+fn keep_freed_memory() {
     // SAFETY: `mi_option_set` stores one integer in mimalloc's option table; it takes no
     // pointer. Callers run it before starting any thread, so no other thread reads the table
     // while it is written.
@@ -30,17 +44,20 @@ mod tests {
     use super::*;
 
     /// The option number is the purge delay: mimalloc's default for it (1,000 ms, which no
-    /// other option has) before the call, and never purge after it.
+    /// other option has) before the call, and never purge after it; and the process has asked
+    /// for no huge pages.
     #[test]
     #[allow(unsafe_code)]
-    fn the_option_set_is_the_purge_delay() {
+    fn a_run_keeps_freed_memory_and_asks_for_no_huge_pages() {
         // SAFETY: reads one integer from mimalloc's option table; no pointer. The test binary
         // allocates with the system allocator, so nothing else in it reads the table.
         let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
             assert_eq!(get(), 1_000);
         }
-        keep_freed_memory();
+        configure_for_a_run();
         assert_eq!(get(), -1);
+        #[cfg(target_os = "linux")]
+        assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
     }
 }

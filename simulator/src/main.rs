@@ -19,7 +19,7 @@ use tcore_sim::world;
 
 /// A simulated run allocates and frees millions of small buffers (frames, headers, futures)
 /// on one thread; mimalloc does that several times faster than the system allocator and keeps
-/// a large heap from fragmenting; `main` tells it to keep what the run frees
+/// a large heap from fragmenting; `main` sets the process up for a run first
 /// ([`tcore_sim::allocator`]). The allocator changes no result: nothing reads addresses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -79,7 +79,7 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
-    tcore_sim::allocator::keep_freed_memory();
+    tcore_sim::allocator::configure_for_a_run();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
