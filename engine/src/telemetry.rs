@@ -72,7 +72,25 @@ pub struct Telemetry {
     queue_waiting: Family<ScheduleLabel, Gauge>,
     queue_active: Family<ScheduleLabel, Gauge>,
     queue_admitted: Family<ScheduleLabel, Gauge>,
+    /// The metrics of each route and store call, taken from their families once: a request
+    /// then finds them by name, without building (and allocating) a label set to look up.
+    handles: Mutex<Handles>,
     window: Mutex<Window>,
+}
+
+/// Metrics already taken from their families. Each is a handle on the metric the family
+/// holds (prometheus' metrics are shared on clone), so `/metrics` shows what they count.
+#[derive(Debug, Default)]
+struct Handles {
+    routes: BTreeMap<String, RouteHandles>,
+    store_ops: BTreeMap<&'static str, Histogram>,
+}
+
+#[derive(Debug)]
+struct RouteHandles {
+    latency: Histogram,
+    /// By status; a route answers with a handful of them.
+    requests: Vec<(u16, Counter)>,
 }
 
 #[derive(Debug, Default)]
@@ -244,23 +262,41 @@ impl Telemetry {
             queue_waiting,
             queue_active,
             queue_admitted,
+            handles: Mutex::new(Handles::default()),
             window: Mutex::new(Window::default()),
         }
     }
 
     /// Records one HTTP request.
     pub fn record_request(&self, route: &str, status: u16, latency_us: u64, ip: IpAddr, now_ms: u64) {
-        self.http_requests.get_or_create(&HttpLabels { route: route.to_owned(), status }).inc();
-        self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).observe(latency_us as f64 / 1e6);
+        {
+            let mut handles = self.handles.lock();
+            if !handles.routes.contains_key(route) {
+                let latency = self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).clone();
+                handles.routes.insert(route.to_owned(), RouteHandles { latency, requests: Vec::new() });
+            }
+            let Some(handles) = handles.routes.get_mut(route) else { unreachable!("inserted above") };
+            handles.latency.observe(latency_us as f64 / 1e6);
+            match handles.requests.iter().find(|(known, _)| *known == status) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => {
+                    let counter =
+                        self.http_requests.get_or_create(&HttpLabels { route: route.to_owned(), status }).clone();
+                    counter.inc();
+                    handles.requests.push((status, counter));
+                }
+            }
+        }
         let verdict = Verdict::of_status(status);
         let mut window = self.window.lock();
         let (bucket, spare) = window.bucket_and_spare(now_ms);
-        let route_window = bucket.routes.entry(route.to_owned()).or_insert_with(|| RouteWindow {
-            requests: 0,
-            errors: 0,
-            rejections: 0,
-            latency: spare_or_new(spare),
-        });
+        if !bucket.routes.contains_key(route) {
+            let latency = spare_or_new(spare);
+            bucket.routes.insert(route.to_owned(), RouteWindow { requests: 0, errors: 0, rejections: 0, latency });
+        }
+        let Some(route_window) = bucket.routes.get_mut(route) else { unreachable!("inserted above") };
         route_window.requests += 1;
         route_window.errors += u64::from(verdict == Verdict::Failed);
         route_window.rejections += u64::from(verdict == Verdict::Rejected);
@@ -280,8 +316,13 @@ impl Telemetry {
     }
 
     /// Records how long a store call took.
-    pub fn record_store_call(&self, op: &str, latency_us: u64, now_ms: u64) {
-        self.store_latency.get_or_create(&StoreOpLabel { op: op.to_owned() }).observe(latency_us as f64 / 1e6);
+    pub fn record_store_call(&self, op: &'static str, latency_us: u64, now_ms: u64) {
+        self.handles
+            .lock()
+            .store_ops
+            .entry(op)
+            .or_insert_with(|| self.store_latency.get_or_create(&StoreOpLabel { op: op.to_owned() }).clone())
+            .observe(latency_us as f64 / 1e6);
         self.window.lock().bucket(now_ms).store_latency.saturating_record(latency_us.max(1));
     }
 
@@ -450,11 +491,20 @@ mod tests {
         let telemetry = Telemetry::new("engine-1");
         telemetry.record_request("/v1/holds", 409, 100, A, 1_000);
         telemetry.record_rejection("seat_taken");
+        // Counted again through the handles kept after the first request of each kind.
+        telemetry.record_request("/v1/holds", 201, 100, A, 1_000);
+        telemetry.record_request("/v1/holds", 201, 100, A, 2_000);
+        telemetry.record_store_call("try_hold", 50, 1_000);
+        telemetry.record_store_call("try_hold", 70, 1_000);
         let text = telemetry.encode();
-        assert!(
-            text.contains("tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"409\"} 1"),
-            "{text}"
-        );
-        assert!(text.contains("tcore_rejections_total{node=\"engine-1\",reason=\"seat_taken\"} 1"), "{text}");
+        for line in [
+            "tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"409\"} 1",
+            "tcore_http_requests_total{node=\"engine-1\",route=\"/v1/holds\",status=\"201\"} 2",
+            "tcore_http_request_duration_seconds_count{node=\"engine-1\",route=\"/v1/holds\"} 3",
+            "tcore_store_call_duration_seconds_count{node=\"engine-1\",op=\"try_hold\"} 2",
+            "tcore_rejections_total{node=\"engine-1\",reason=\"seat_taken\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }
