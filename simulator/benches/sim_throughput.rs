@@ -7,8 +7,11 @@
 //! shows what turmoil's steps cost whatever the traffic; the wall time beyond it, per request,
 //! is each world's cost per request.
 //!
+//! The three worlds run in rounds (`BENCH_ROUNDS`, default 3), one of each per round, and the
+//! figures are each world's median: a single run on a shared machine can be 5–10 % off.
+//!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
-//! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`).
+//! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`), `BENCH_ROUNDS`.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
@@ -31,35 +34,51 @@ fn main() {
     tcore_sim::allocator::configure_for_a_run();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(3).max(1);
     let scenario = Scenario::load(root.join(&file)).unwrap_or_else(|error| panic!("{error}"));
-
-    let started = Instant::now();
-    let run = world::run(&scenario, &file, &mut |_| {}).unwrap();
-    let world_wall_s = started.elapsed().as_secs_f64();
-    let requests = run.history.operations.len() as u64;
-
     let nodes = scenario.engine.nodes.max(1);
     let clients = scenario.clients.max(1);
-    let invokes: Vec<(u64, u64)> =
-        run.history.operations.iter().map(|operation| (operation.client, operation.invoke_us)).collect();
-    let started = Instant::now();
-    let simulated_s = bare_world(&scenario, nodes, clients, &invokes, run.history.config.end_us);
-    let bare_wall_s = started.elapsed().as_secs_f64();
 
-    // The same hosts for the same simulated time with no requests at all: what turmoil's steps
-    // cost whatever the traffic, so that each world's cost per request can be told apart.
-    let started = Instant::now();
-    bare_world(&scenario, nodes, clients, &[], run.history.config.end_us);
-    let idle_wall_s = started.elapsed().as_secs_f64();
+    // Each round runs the three worlds one after the other, so that a slower spell of the
+    // machine weighs on all three alike; the figures are each world's median over the rounds.
+    let mut walls = [Vec::new(), Vec::new(), Vec::new()];
+    let mut measured = None;
+    for round in 1..=rounds {
+        let started = Instant::now();
+        let run = world::run(&scenario, &file, &mut |_| {}).unwrap();
+        walls[0].push(started.elapsed().as_secs_f64());
+        let (requests, _, invokes, end_us) = measured.get_or_insert_with(|| {
+            let invokes: Vec<(u64, u64)> =
+                run.history.operations.iter().map(|operation| (operation.client, operation.invoke_us)).collect();
+            (run.history.operations.len() as u64, run.users, invokes, run.history.config.end_us)
+        });
+        assert_eq!(*requests, run.history.operations.len() as u64, "a seed replays the same requests");
+        drop(run);
+        let started = Instant::now();
+        let simulated_s = bare_world(&scenario, nodes, clients, invokes, *end_us);
+        walls[1].push(started.elapsed().as_secs_f64());
+        // The same hosts for the same simulated time with no requests at all: what turmoil's
+        // steps cost whatever the traffic, so that each world's cost per request can be told
+        // apart.
+        let started = Instant::now();
+        bare_world(&scenario, nodes, clients, &[], *end_us);
+        walls[2].push(started.elapsed().as_secs_f64());
+        println!(
+            "  round {round}/{rounds}: engine world {:.2} s, bare handler {:.2} s ({simulated_s:.1} s simulated), idle world {:.2} s",
+            walls[0][round - 1],
+            walls[1][round - 1],
+            walls[2][round - 1]
+        );
+    }
+    let Some((requests, users, _, _)) = measured else { unreachable!("at least one round ran") };
+    let [world_wall_s, bare_wall_s, idle_wall_s] = walls.map(|mut walls| median(&mut walls));
 
     let world_rate = requests as f64 / world_wall_s;
     let bare_rate = requests as f64 / bare_wall_s;
     let per_request_us = |wall_s: f64| 1e6 * (wall_s - idle_wall_s).max(0.0) / requests.max(1) as f64;
-    println!("sim_throughput: {file}, {} users, {requests} simulated requests", run.users);
+    println!("sim_throughput: {file}, {users} users, {requests} simulated requests, median of {rounds} rounds");
     println!("  engine world: {world_wall_s:>7.2} s wall, {world_rate:>9.0} simulated requests per wall second");
-    println!(
-        "  bare handler: {bare_wall_s:>7.2} s wall, {bare_rate:>9.0} simulated requests per wall second ({simulated_s:.1} s simulated)"
-    );
+    println!("  bare handler: {bare_wall_s:>7.2} s wall, {bare_rate:>9.0} simulated requests per wall second");
     println!("  idle world:   {idle_wall_s:>7.2} s wall (the same hosts and simulated time, no requests)");
     println!(
         "  per request beyond the idle world: engine world {:.1} us, bare handler {:.1} us",
@@ -67,6 +86,13 @@ fn main() {
         per_request_us(bare_wall_s)
     );
     println!("ratio: engine world / bare handler = {:.1} % (target >= 50 %)", 100.0 * world_rate / bare_rate);
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) { (values[middle - 1] + values[middle]) / 2.0 } else { values[middle] }
 }
 
 /// The same hosts, registered in the same order, and the same network, every node answering a
