@@ -8,7 +8,10 @@
 //! is each world's cost per request.
 //!
 //! The three worlds run in rounds (`BENCH_ROUNDS`, default 3), one of each per round, and the
-//! figures are each world's median: a single run on a shared machine can be 5–10 % off.
+//! figures are each world's median: a single run on a shared machine can be 5–10 % off. Every
+//! round is printed. The first round's engine world is the one `tcore run` matches: a run
+//! keeps the memory it frees, so later rounds find theirs already faulted in (about 0.2 s less
+//! for concert-open).
 //!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
 //! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`), `BENCH_ROUNDS`.
