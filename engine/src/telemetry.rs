@@ -163,6 +163,15 @@ impl Window {
     }
 }
 
+/// The value under `name`, inserted with `make` if absent: `BTreeMap::entry` would allocate
+/// the key on every call, and almost every call finds it.
+fn entry_by_name<'a, V>(map: &'a mut BTreeMap<String, V>, name: &str, make: impl FnOnce() -> V) -> &'a mut V {
+    if !map.contains_key(name) {
+        map.insert(name.to_owned(), make());
+    }
+    map.get_mut(name).unwrap_or_else(|| unreachable!("inserted above"))
+}
+
 fn spare_or_new(spare: &mut Vec<Hdr<u64>>) -> Hdr<u64> {
     spare.pop().unwrap_or_else(hdr)
 }
@@ -271,11 +280,10 @@ impl Telemetry {
     pub fn record_request(&self, route: &str, status: u16, latency_us: u64, ip: IpAddr, now_ms: u64) {
         {
             let mut handles = self.handles.lock();
-            if !handles.routes.contains_key(route) {
-                let latency = self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).clone();
-                handles.routes.insert(route.to_owned(), RouteHandles { latency, requests: Vec::new() });
-            }
-            let Some(handles) = handles.routes.get_mut(route) else { unreachable!("inserted above") };
+            let handles = entry_by_name(&mut handles.routes, route, || RouteHandles {
+                latency: self.http_latency.get_or_create(&RouteLabel { route: route.to_owned() }).clone(),
+                requests: Vec::new(),
+            });
             handles.latency.observe(latency_us as f64 / 1e6);
             match handles.requests.iter().find(|(known, _)| *known == status) {
                 Some((_, counter)) => {
@@ -292,11 +300,12 @@ impl Telemetry {
         let verdict = Verdict::of_status(status);
         let mut window = self.window.lock();
         let (bucket, spare) = window.bucket_and_spare(now_ms);
-        if !bucket.routes.contains_key(route) {
-            let latency = spare_or_new(spare);
-            bucket.routes.insert(route.to_owned(), RouteWindow { requests: 0, errors: 0, rejections: 0, latency });
-        }
-        let Some(route_window) = bucket.routes.get_mut(route) else { unreachable!("inserted above") };
+        let route_window = entry_by_name(&mut bucket.routes, route, || RouteWindow {
+            requests: 0,
+            errors: 0,
+            rejections: 0,
+            latency: spare_or_new(spare),
+        });
         route_window.requests += 1;
         route_window.errors += u64::from(verdict == Verdict::Failed);
         route_window.rejections += u64::from(verdict == Verdict::Rejected);
