@@ -1,9 +1,11 @@
 //! The simulator's throughput: simulated HTTP requests per wall second for a scenario, and the
 //! same world replayed against a bare axum handler in the same run: the same hosts (store hosts
-//! and the agent's host too, listening and idle), network and simulated duration, every
-//! recorded request sent at the moment the scenario sent it, answered with a constant body.
-//! The ratio is the figure that matters: what the engine, its stores and the users' logic cost
-//! on top of turmoil's own round trips. A third world, the same hosts with no requests at all,
+//! and the agent's host too, listening and idle), network and simulated duration, and the very
+//! requests the engine world's clients sent (logged as they went out: method, path, headers
+//! and body, users' and bots' alike), each from the same client host to the same node at the
+//! same simulated moment, every one answered at once with a constant body. The ratio is the
+//! figure that matters: what the engine, its stores and the users' logic cost on top of
+//! turmoil's own round trips for the same traffic. A third world, the same hosts with no requests at all,
 //! shows what turmoil's steps cost whatever the traffic; the wall time beyond it, per request,
 //! is each world's cost per request.
 //!
@@ -18,14 +20,12 @@
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)]
 
-use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use tcore_sim::scenario::{self, AgentPolicy, Scenario};
-use tcore_sim::world::net::{ENGINE_PORT, HttpClient, HttpRequest, SimListener};
+use tcore_sim::world::net::{ENGINE_PORT, HttpClient, SentRequest, SimListener};
 use tcore_sim::world::{self, STORE_PORT};
 
 /// The allocator `tcore` runs on, set up as `tcore` sets it up, so that every world is
@@ -46,25 +46,27 @@ fn main() {
     // machine weighs on all three alike; the figures are each world's median over the rounds.
     let mut walls = [Vec::new(), Vec::new(), Vec::new()];
     let mut measured = None;
+    let log_requests = world::RunOptions { log_requests: true };
     for round in 1..=rounds {
         let started = Instant::now();
-        let run = world::run(&scenario, &file, &mut |_| {}).unwrap();
+        let run = world::run_with(&scenario, &file, &mut |_| {}, log_requests).unwrap();
         walls[0].push(started.elapsed().as_secs_f64());
-        let (requests, _, invokes, end_us) = measured.get_or_insert_with(|| {
-            let invokes: Vec<(u64, u64)> =
-                run.history.operations.iter().map(|operation| (operation.client, operation.invoke_us)).collect();
-            (run.history.operations.len() as u64, run.users, invokes, run.history.config.end_us)
-        });
-        assert_eq!(*requests, run.history.operations.len() as u64, "a seed replays the same requests");
+        // Users' operations and bots' requests alike.
+        let logged = run.requests.iter().map(Vec::len).sum::<usize>() as u64;
+        let (requests, _, sent, end_us) =
+            measured.get_or_insert_with(|| (logged, run.users, run.requests.clone(), run.history.config.end_us));
+        assert_eq!(*requests, logged, "a seed replays the same requests");
         drop(run);
+        // Copied before the clock starts: the copy is not the reference's work.
+        let sent = sent.clone();
         let started = Instant::now();
-        let simulated_s = bare_world(&scenario, nodes, clients, invokes, *end_us);
+        let simulated_s = bare_world(&scenario, nodes, sent, *end_us);
         walls[1].push(started.elapsed().as_secs_f64());
         // The same hosts for the same simulated time with no requests at all: what turmoil's
         // steps cost whatever the traffic, so that each world's cost per request can be told
         // apart.
         let started = Instant::now();
-        bare_world(&scenario, nodes, clients, &[], *end_us);
+        bare_world(&scenario, nodes, vec![Vec::new(); clients as usize], *end_us);
         walls[2].push(started.elapsed().as_secs_f64());
         println!(
             "  round {round}/{rounds}: engine world {:.2} s, bare handler {:.2} s ({simulated_s:.1} s simulated), idle world {:.2} s",
@@ -99,12 +101,13 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The same hosts, registered in the same order, and the same network, every node answering a
-/// constant body: each recorded request is sent from its user's client host at its recorded
-/// time, and the world runs until the recorded run ended. The store hosts (and the agent's host,
-/// where the scenario has one) listen and stay idle: turmoil runs every host each step, so
-/// leaving them out would make the reference cheaper than the world it stands for. Returns the
-/// simulated seconds it took.
-fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u64)], end_us: u64) -> f64 {
+/// constant body: each request a client host sent in the engine world (the same method, path,
+/// headers and body) is sent again from that host, at the same simulated moment, to the same
+/// node, and the world runs until the recorded run ended. The store hosts (and the agent's
+/// host, where the scenario has one) listen and stay idle: turmoil runs every host each step,
+/// so leaving them out would make the reference cheaper than the world it stands for. Returns
+/// the simulated seconds it took.
+fn bare_world(scenario: &Scenario, nodes: u32, sent: Vec<Vec<SentRequest>>, end_us: u64) -> f64 {
     let latency = &scenario.network.latency_ms;
     let mut sim = turmoil::Builder::new()
         .rng_seed(scenario.seed)
@@ -139,31 +142,17 @@ fn bare_world(scenario: &Scenario, nodes: u32, clients: u32, invokes: &[(u64, u6
             Ok(())
         });
     }
-    for client in 1..=clients {
-        let mine: Vec<(u64, u64)> =
-            invokes.iter().copied().filter(|(user, _)| (*user % u64::from(clients)) as u32 == client - 1).collect();
+    for (client, mine) in (1..).zip(sent) {
         sim.client(format!("client-{client}").as_str(), async move {
             let http = HttpClient::default();
-            let answered = Rc::new(Cell::new(0_u64));
-            for (user, invoke_us) in mine {
+            for SentRequest { at_us, node, request } in mine {
                 let now_us = u64::try_from(turmoil::sim_elapsed().unwrap_or_default().as_micros()).unwrap_or(u64::MAX);
-                if invoke_us > now_us {
-                    tokio::time::sleep(Duration::from_micros(invoke_us - now_us)).await;
+                if at_us > now_us {
+                    tokio::time::sleep(Duration::from_micros(at_us - now_us)).await;
                 }
-                let (http, answered) = (http.clone(), Rc::clone(&answered));
+                let http = http.clone();
                 tokio::task::spawn_local(async move {
-                    let node = format!("engine-{}", 1 + user % u64::from(nodes));
-                    let request = HttpRequest {
-                        method: "GET",
-                        path: format!("/v1/queue/token-{user}"),
-                        bearer: None,
-                        idempotency_key: None,
-                        forwarded_for: "10.0.0.1".into(),
-                        body: None,
-                    };
-                    if http.send(&node, request, Duration::from_secs(30)).await.is_ok() {
-                        answered.set(answered.get() + 1);
-                    }
+                    let _ = http.send(&node, request, Duration::from_secs(30)).await;
                 });
             }
             let now_us = u64::try_from(turmoil::sim_elapsed().unwrap_or_default().as_micros()).unwrap_or(u64::MAX);

@@ -33,7 +33,7 @@ use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
 use self::agent::{AgentHost, AgentRun};
-use self::net::{ENGINE_PORT, HttpClient, SimListener};
+use self::net::{ENGINE_PORT, HttpClient, RequestLog, SentRequest, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
     FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store,
@@ -91,6 +91,17 @@ pub struct WorldRun {
     pub users: u64,
     /// What the ops agent did; `None` without an agent.
     pub agent: Option<AgentRun>,
+    /// Every request each client host sent, in order, one list per host (`client-1` first);
+    /// empty unless [`RunOptions::log_requests`] asked for it.
+    pub requests: Vec<Vec<SentRequest>>,
+}
+
+/// How [`run_with`] runs a world beyond what the scenario says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Keep every request the client hosts send (see [`WorldRun::requests`]). It changes
+    /// nothing in the run itself.
+    pub log_requests: bool,
 }
 
 /// Where a run is, for a progress display.
@@ -118,6 +129,16 @@ enum Action {
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
 pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<WorldRun> {
+    run_with(scenario, label, progress, RunOptions::default())
+}
+
+/// [`run`], with options.
+pub fn run_with(
+    scenario: &Scenario,
+    label: &str,
+    progress: &mut dyn FnMut(Progress),
+    options: RunOptions,
+) -> anyhow::Result<WorldRun> {
     let seed = scenario.seed;
     let arrivals = scenario.arrival_times_us();
     let users_total = arrivals.len() as u64;
@@ -251,10 +272,16 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         .collect();
     let clients = scenario.clients.max(1);
     let arrivals = Rc::new(arrivals);
+    let request_logs: Vec<RequestLog> =
+        (0..if options.log_requests { clients } else { 0 }).map(|_| RequestLog::default()).collect();
     for client in 1..=clients {
+        let http = match request_logs.get(client as usize - 1) {
+            Some(log) => HttpClient::logging(Rc::clone(log)),
+            None => HttpClient::default(),
+        };
         let context = Rc::new(ClientContext {
             seed,
-            http: HttpClient::default(),
+            http,
             recorder: Rc::clone(&recorder),
             outcomes: Rc::clone(&outcomes),
             nodes: engine_hosts.clone(),
@@ -392,6 +419,7 @@ pub fn run(scenario: &Scenario, label: &str, progress: &mut dyn FnMut(Progress))
         store_failovers,
         users: users_total,
         agent: agent_log.map(|log| log.finish(scenario.agent.policy)),
+        requests: request_logs.into_iter().map(|log| log.take()).collect(),
     })
 }
 

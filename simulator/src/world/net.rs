@@ -78,12 +78,25 @@ pub struct HttpRequest {
     pub body: Option<String>,
 }
 
+/// One request as a client host sent it: when, to which node, and what.
+#[derive(Debug, Clone)]
+pub struct SentRequest {
+    /// Simulated time of the send, in µs since the start of the run.
+    pub at_us: u64,
+    pub node: String,
+    pub request: HttpRequest,
+}
+
+/// Where a client host's requests are written down, when a run keeps them.
+pub type RequestLog = Rc<RefCell<Vec<SentRequest>>>;
+
 /// An HTTP client of one client host: one HTTP/2 connection per engine node, which carries
 /// every request the host's users have in flight to that node (long polls included).
 /// Single-threaded, like the host it runs on.
 #[derive(Debug, Clone, Default)]
 pub struct HttpClient {
     nodes: Rc<RefCell<BTreeMap<String, Rc<NodeConnection>>>>,
+    log: Option<RequestLog>,
 }
 
 /// The connection to one engine node, made on first use and made again once it is closed.
@@ -147,6 +160,24 @@ impl<F: Future + 'static> hyper::rt::Executor<F> for LocalExecutor {
 }
 
 impl HttpClient {
+    /// A client that writes down every request it prepares in `log`, so that the same traffic
+    /// can be sent again (the simulator's benchmark replays it against a bare handler).
+    pub fn logging(log: RequestLog) -> Self {
+        Self { log: Some(log), ..Self::default() }
+    }
+
+    /// Builds `request` for `node`, writing it down first if this client keeps a log.
+    pub fn prepare(&self, node: &str, request: HttpRequest) -> Result<BuiltRequest, HttpFailure> {
+        if let Some(log) = &self.log {
+            log.borrow_mut().push(SentRequest {
+                at_us: super::node::sim_now_us(),
+                node: node.to_owned(),
+                request: request.clone(),
+            });
+        }
+        request.build(node)
+    }
+
     /// Sends `request` to `node`, waiting at most `timeout` for the whole answer.
     pub fn send<'a>(
         &'a self,
@@ -154,10 +185,10 @@ impl HttpClient {
         request: HttpRequest,
         timeout: Duration,
     ) -> impl Future<Output = Result<HttpReply, HttpFailure>> + 'a {
-        self.send_built(node, request.build(node), timeout)
+        self.send_built(node, self.prepare(node, request), timeout)
     }
 
-    /// Sends a request built with [`HttpRequest::build`]: each request in flight (a waiting
+    /// Sends a request built with [`HttpClient::prepare`]: each request in flight (a waiting
     /// user's long poll above all) carries this future, and an async function keeps room for
     /// its arguments for as long as it runs; a built request is one box.
     pub async fn send_built(

@@ -338,15 +338,17 @@ impl ClientContext {
         let node = self.nodes[user.node_cursor % self.nodes.len()].clone();
         let keyed = key.is_some();
         let op_id = self.recorder.borrow_mut().invoke(user.index, user.ip, kind, key.clone(), sim_now_us());
-        let request = HttpRequest {
-            method,
-            path,
-            bearer: bearer.map(str::to_owned),
-            idempotency_key: key,
-            forwarded_for: user.ip.to_string(),
-            body,
-        }
-        .build(&node);
+        let request = self.http.prepare(
+            &node,
+            HttpRequest {
+                method,
+                path,
+                bearer: bearer.map(str::to_owned),
+                idempotency_key: key,
+                forwarded_for: user.ip.to_string(),
+                body,
+            },
+        );
         async move {
             let result = self.http.send_built(&node, request, timeout).await;
             let (outcome, answer) = match result {

@@ -34,6 +34,25 @@ fn the_same_seed_gives_a_byte_identical_run_and_another_seed_a_different_one() {
 }
 
 #[test]
+fn a_run_that_logs_its_requests_runs_the_same_and_logs_each_request_once() {
+    let base = scenario("concert-open.toml");
+    let (plain, _) = run(&base);
+    let logged = world::run_with(&base, "ci", &mut |_| {}, world::RunOptions { log_requests: true })
+        .unwrap_or_else(|error| panic!("seed {}: {error:#}", base.seed));
+    let result = run_result(&base, "ci", "test", &logged, &check(&logged.history));
+    assert!(plain == serde_json::to_vec_pretty(&result).expect("serializable"), "logging changed the run");
+    assert_eq!(logged.requests.len(), base.clients as usize, "one log per client host");
+    let mut sent: Vec<u64> = logged.requests.iter().flatten().map(|request| request.at_us).collect();
+    let mut invoked: Vec<u64> = logged.history.operations.iter().map(|operation| operation.invoke_us).collect();
+    sent.sort_unstable();
+    invoked.sort_unstable();
+    assert!(!sent.is_empty());
+    assert_eq!(sent, invoked, "every operation's request is logged once, at its invoke time");
+    let unlogged = world::run(&base, "ci", &mut |_| {}).expect("run");
+    assert!(unlogged.requests.is_empty(), "nothing is logged unless asked");
+}
+
+#[test]
 fn a_lock_holder_paused_past_its_ttl_oversells_with_unfenced_lock_and_is_caught() {
     let unsafe_run = scenario("lock-holder-pause.toml").with_hold_mode(HoldMode::UnfencedLock);
     let (_, report) = run(&unsafe_run);
