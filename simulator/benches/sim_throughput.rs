@@ -40,6 +40,7 @@ fn main() {
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(3).max(1);
     let scenario = Scenario::load(root.join(&file)).unwrap_or_else(|error| panic!("{error}"));
+    tcore_sim::allocator::size_pages_for(scenario.users_total());
     let nodes = scenario.engine.nodes.max(1);
     let clients = scenario.clients.max(1);
 

@@ -232,6 +232,7 @@ fn run_one(
             .progress_chars("=> "),
     );
     let users = scenario.users_total();
+    tcore_sim::allocator::size_pages_for(users);
     let world = world::run(scenario, replay, &mut |progress| {
         bar.set_length(progress.total_us.max(1));
         bar.set_position(progress.sim_us);
