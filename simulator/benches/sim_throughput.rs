@@ -54,12 +54,12 @@ fn main() {
     let log_requests = world::RunOptions { log_requests: true };
     for round in 1..=rounds {
         let started = Instant::now();
-        let run = world::run_with(&scenario, &file, &mut |_| {}, log_requests).unwrap();
+        let mut run = world::run_with(&scenario, &file, &mut |_| {}, log_requests).unwrap();
         walls[0].push(started.elapsed().as_secs_f64());
         // Users' operations and bots' requests alike.
         let logged = run.requests.iter().map(Vec::len).sum::<usize>() as u64;
-        let (requests, _, sent, end_us) =
-            measured.get_or_insert_with(|| (logged, run.users, run.requests.clone(), run.history.config.end_us));
+        let (requests, _, sent, end_us) = measured
+            .get_or_insert_with(|| (logged, run.users, std::mem::take(&mut run.requests), run.history.config.end_us));
         assert_eq!(*requests, logged, "a seed replays the same requests");
         drop(run);
         // Copied before the clock starts: the copy is not the reference's work.
@@ -73,14 +73,14 @@ fn main() {
         let started = Instant::now();
         bare_world(&scenario, nodes, vec![Vec::new(); clients as usize], *end_us);
         walls[2].push(started.elapsed().as_secs_f64());
+        let ratio = 100.0 * walls[1][round - 1] / walls[0][round - 1];
         println!(
-            "  round {round}/{rounds}: engine world {:.2} s, bare handler {:.2} s ({simulated_s:.1} s simulated), idle world {:.2} s, ratio {:.1} %",
+            "  round {round}/{rounds}: engine world {:.2} s, bare handler {:.2} s ({simulated_s:.1} s simulated), idle world {:.2} s, ratio {ratio:.1} %",
             walls[0][round - 1],
             walls[1][round - 1],
             walls[2][round - 1],
-            100.0 * walls[1][round - 1] / walls[0][round - 1]
         );
-        ratios.push(100.0 * walls[1][round - 1] / walls[0][round - 1]);
+        ratios.push(ratio);
     }
     let Some((requests, users, _, _)) = measured else { unreachable!("at least one round ran") };
     let [world_wall_s, bare_wall_s, idle_wall_s] = walls.map(|mut walls| median(&mut walls));

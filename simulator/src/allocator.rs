@@ -12,7 +12,7 @@
 //!   concert-open (100,000 users, 560 MB) spent 0.9–1.3 s of system time against 0.3 s with
 //!   4 KiB pages, and ran no faster. A heap of gigabytes is the other way round: 4 KiB pages
 //!   map so little of it that TLB misses cost more: the million-user spike (7.4 GB) ran in
-//!   197–201 s with huge pages against 217–232 s without. So a run asks for no huge pages
+//!   197–204 s with huge pages against 217–232 s without. So a run asks for no huge pages
 //!   unless it has at least [`HUGE_PAGES_FROM_USERS`] users ([`size_pages_for`]).
 //!
 //! **Invariant:** this is the only `unsafe` in the workspace, and nothing here changes a
