@@ -57,6 +57,10 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(HTTP2_STREAMS_MAX);
+    // The engine's router dates its responses by the engine's clock; hyper's date would be the
+    // host's wall clock, which a simulated run must never see.
+    builder.http1().auto_date_header(false);
+    builder.http2().auto_date_header(false);
     let builder = Arc::new(builder);
     let stopping = Arc::new(Stopping::default());
     // Every connection task holds a sender; when the last one is gone, all have finished.

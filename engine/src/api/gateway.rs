@@ -19,6 +19,8 @@
 //! - a mutating request, once started, runs to its end even if its client goes away (an
 //!   HTTP/2 stream reset, a closed connection): a payment half done is never abandoned
 //!   between two store calls, and its idempotency record is completed for the client's retry;
+//! - every response carries a `Date` header read from the engine's clock (see [`super::date`]),
+//!   never the host's wall clock;
 //! - every request to a route is measured on the engine's clock, under its route's template;
 //!   an unknown path (the fallback) is not, so a scan of random paths cannot grow the metrics;
 //! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklist and the rate
@@ -35,7 +37,7 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
@@ -102,20 +104,27 @@ where
     S::Future: Send + 'static,
 {
     let body = std::mem::take(request.body_mut());
-    let Ok(bytes) = to_bytes(body, REQUEST_BODY_MAX).await else {
-        return Ok(ApiError::body_too_large().into_response());
-    };
-    *request.body_mut() = Body::from(bytes);
-    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-        return Ok(pass(state, inner, request).await);
-    }
-    Ok(match tokio::spawn(pass(state, inner, request)).await {
-        Ok(response) => response,
-        Err(error) => {
-            tracing::error!(%error, "request task failed");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed").into_response()
+    let mut response = match to_bytes(body, REQUEST_BODY_MAX).await {
+        Err(_) => ApiError::body_too_large().into_response(),
+        Ok(bytes) => {
+            *request.body_mut() = Body::from(bytes);
+            if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+                pass(state.clone(), inner, request).await
+            } else {
+                match tokio::spawn(pass(state.clone(), inner, request)).await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        tracing::error!(%error, "request task failed");
+                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed")
+                            .into_response()
+                    }
+                }
+            }
         }
-    })
+    };
+    let now_ms = state.engine.clock().now_ms();
+    response.headers_mut().insert(header::DATE, state.dates.at(now_ms));
+    Ok(response)
 }
 
 /// Measures and guards a whole request, and hands it to its route.

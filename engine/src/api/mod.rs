@@ -5,6 +5,7 @@
 //! [`Engine`] calls and [`EngineError`](crate::engine::EngineError)s into problem responses.
 
 mod admin;
+mod date;
 mod gateway;
 mod idempotency;
 mod problem;
@@ -32,6 +33,7 @@ pub const REQUEST_BODY_MAX: usize = 64 * 1024;
 pub struct AppState {
     pub engine: Arc<Engine>,
     request_ids: Arc<AtomicU64>,
+    dates: Arc<date::DateHeader>,
 }
 
 impl AppState {
@@ -63,7 +65,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
-    let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)) };
+    let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default() };
     let public = public::routes();
     let ops = Router::new()
         .route("/healthz", get(healthz))

@@ -610,6 +610,39 @@ async fn admin_changes_apply_and_are_audited_with_before_and_after() {
     assert_eq!(snapshot["queues"][0]["waiting"], 1);
 }
 
+/// The `Date` of every response is the engine's clock, whatever route answered: a simulated
+/// run's bytes must not carry the host's wall-clock time.
+#[tokio::test]
+async fn every_response_is_dated_by_the_engines_clock() {
+    let api = Api::new().await;
+    let date = |reply: &Reply| {
+        reply.headers.get_all("date").iter().map(|value| value.to_str().expect("ascii").to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(date(&api.get("/v1/schedules").send().await), ["Fri, 15 Jan 2027 08:00:00 GMT"]);
+    assert_eq!(date(&api.get("/no/such/route").send().await), ["Fri, 15 Jan 2027 08:00:00 GMT"]);
+    api.clock.advance(Duration::from_secs(90));
+    let too_large = api.post("/v1/users").raw(&"x".repeat(tcore_engine::api::REQUEST_BODY_MAX + 1)).send().await;
+    assert_eq!(date(&too_large), ["Fri, 15 Jan 2027 08:01:30 GMT"]);
+    assert_eq!(date(&api.get("/healthz").send().await), ["Fri, 15 Jan 2027 08:01:30 GMT"]);
+}
+
+/// Served on a real socket, a response carries the engine's date and no other: hyper adds
+/// none of its own.
+#[tokio::test]
+async fn a_served_response_carries_only_the_engines_date() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Api::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(tcore_engine::server::serve(listener, Arc::clone(&api.engine), std::future::pending()));
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: engine\r\nconnection: close\r\n\r\n").await.expect("send");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("answer");
+    let dates: Vec<&str> = answer.lines().filter(|line| line.to_ascii_lowercase().starts_with("date:")).collect();
+    assert_eq!(dates, ["date: Fri, 15 Jan 2027 08:00:00 GMT"], "{answer}");
+}
+
 #[tokio::test]
 async fn operational_endpoints_answer() {
     let api = Api::new().await;
