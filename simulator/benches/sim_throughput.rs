@@ -9,6 +9,10 @@
 //! shows what turmoil's steps cost whatever the traffic; the wall time beyond it, per request,
 //! is each world's cost per request.
 //!
+//! The requests are logged in a run of their own before any world is measured: keeping a copy
+//! of every request is work that `tcore run` does not do, so the measured engine worlds run
+//! exactly as `tcore run` runs them, and each must replay the logged run's operations.
+//!
 //! The three worlds run in rounds (`BENCH_ROUNDS`, default 3), one of each per round, and the
 //! figures are each world's median: a single run on a shared machine can be 5–10 % off (and
 //! far more while other work shares its cores). Every round is printed with its own ratio,
@@ -44,34 +48,43 @@ fn main() {
     let nodes = scenario.engine.nodes.max(1);
     let clients = scenario.clients.max(1);
 
+    // The requests the engine world sends, logged in a run of their own: logging keeps a copy
+    // of every request, work (and memory) that `tcore run` does not do, so the measured engine
+    // worlds below run without it. The same seed sends the same requests every time.
+    let started = Instant::now();
+    let mut logged_run =
+        world::run_with(&scenario, &file, &mut |_| {}, world::RunOptions { log_requests: true }).unwrap();
+    let logging_wall_s = started.elapsed().as_secs_f64();
+    let sent = std::mem::take(&mut logged_run.requests);
+    let requests = sent.iter().map(Vec::len).sum::<usize>() as u64;
+    let (users, end_us, operations) =
+        (logged_run.users, logged_run.history.config.end_us, logged_run.history.operations.len());
+    drop(logged_run);
+    println!("  logging run: {logging_wall_s:.2} s, {requests} requests logged (not measured)");
+
     // Each round runs the three worlds one after the other, so that a slower spell of the
     // machine weighs on all three alike; the figures are each world's median over the rounds.
     let mut walls = [Vec::new(), Vec::new(), Vec::new()];
-    let mut measured = None;
     // Each round's own ratio too: a slow spell that lasts a whole round weighs on both of its
     // worlds, so the median of the rounds' ratios is the steadier figure on a busy machine.
     let mut ratios = Vec::new();
-    let log_requests = world::RunOptions { log_requests: true };
     for round in 1..=rounds {
         let started = Instant::now();
-        let mut run = world::run_with(&scenario, &file, &mut |_| {}, log_requests).unwrap();
+        let run = world::run(&scenario, &file, &mut |_| {}).unwrap();
         walls[0].push(started.elapsed().as_secs_f64());
-        // Users' operations and bots' requests alike.
-        let logged = run.requests.iter().map(Vec::len).sum::<usize>() as u64;
-        let (requests, _, sent, end_us) = measured
-            .get_or_insert_with(|| (logged, run.users, std::mem::take(&mut run.requests), run.history.config.end_us));
-        assert_eq!(*requests, logged, "a seed replays the same requests");
+        assert_eq!(run.history.operations.len(), operations, "a seed replays the same run");
+        assert_eq!(run.history.config.end_us, end_us, "a seed replays the same run");
         drop(run);
         // Copied before the clock starts: the copy is not the reference's work.
         let sent = sent.clone();
         let started = Instant::now();
-        let simulated_s = bare_world(&scenario, nodes, sent, *end_us);
+        let simulated_s = bare_world(&scenario, nodes, sent, end_us);
         walls[1].push(started.elapsed().as_secs_f64());
         // The same hosts for the same simulated time with no requests at all: what turmoil's
         // steps cost whatever the traffic, so that each world's cost per request can be told
         // apart.
         let started = Instant::now();
-        bare_world(&scenario, nodes, vec![Vec::new(); clients as usize], *end_us);
+        bare_world(&scenario, nodes, vec![Vec::new(); clients as usize], end_us);
         walls[2].push(started.elapsed().as_secs_f64());
         let ratio = 100.0 * walls[1][round - 1] / walls[0][round - 1];
         println!(
@@ -82,7 +95,6 @@ fn main() {
         );
         ratios.push(ratio);
     }
-    let Some((requests, users, _, _)) = measured else { unreachable!("at least one round ran") };
     let [world_wall_s, bare_wall_s, idle_wall_s] = walls.map(|mut walls| median(&mut walls));
 
     let world_rate = requests as f64 / world_wall_s;
