@@ -16,9 +16,9 @@
 //! The three worlds run in rounds (`BENCH_ROUNDS`, default 3), one of each per round, and the
 //! figures are each world's median: a single run on a shared machine can be 5–10 % off (and
 //! far more while other work shares its cores). Every round is printed with its own ratio,
-//! and the median of those ratios follows the main figure. The first round's engine world is the one `tcore run` matches: a run
-//! keeps the memory it frees, so later rounds find theirs already faulted in (about 0.2 s less
-//! for concert-open).
+//! and the median of those ratios follows the main figure. A run keeps the memory it frees, so
+//! every measured world finds its memory already faulted in by the logging run (about 0.2 s
+//! less for concert-open than a fresh `tcore run`).
 //!
 //! Run: `cargo bench -p tcore-sim --bench sim_throughput` (or `just bench-sim`).
 //! Environment: `BENCH_SCENARIO` (default `scenarios/ci/concert-open.toml`), `BENCH_ROUNDS`.

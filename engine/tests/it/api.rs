@@ -626,8 +626,8 @@ async fn every_response_is_dated_by_the_engines_clock() {
     assert_eq!(date(&api.get("/healthz").send().await), ["Fri, 15 Jan 2027 08:01:30 GMT"]);
 }
 
-/// Served on a real socket, a response carries the engine's date and no other: hyper adds
-/// none of its own.
+/// Served on a real socket, a response carries exactly one date, the engine's, not the host's
+/// wall-clock time.
 #[tokio::test]
 async fn a_served_response_carries_only_the_engines_date() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
