@@ -24,6 +24,7 @@ use crate::domain::{
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
+use crate::recent_tokens::RecentTokens;
 use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
 use crate::tokens::{QueueClaim, TokenError, TokenSigner};
@@ -130,8 +131,11 @@ pub struct Snapshot {
 /// Which token statuses a call accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TokenNeed {
-    /// Browsing and holding: the user must be admitted right now.
+    /// Holding: the user must be admitted right now, as the store says.
     Admitted,
+    /// Browsing, a read: admitted, as the store says or as this node read it moments ago
+    /// (`recent_tokens`).
+    Browse,
     /// Paying for, reading or cancelling one's own hold: admitted, or already used to buy.
     AdmittedOrUsed,
 }
@@ -159,6 +163,9 @@ pub struct Engine {
     telemetry: Telemetry,
     settings: RwLock<RuntimeSettings>,
     lines: Mutex<BTreeMap<ScheduleId, LineWatch>>,
+    /// The token statuses this node read last: the first long poll after a join, and a seat
+    /// map once admitted, start from them instead of asking the cache store again.
+    recent_tokens: RecentTokens,
     /// What is on sale, as of the last sweep: admission ticks and sold-out answers read it
     /// instead of scanning every seat.
     on_sale: Mutex<BTreeMap<ScheduleId, ScheduleSummary>>,
@@ -187,6 +194,7 @@ impl Engine {
             telemetry: Telemetry::new(&parts.config.node),
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
+            recent_tokens: RecentTokens::default(),
             on_sale: Mutex::new(BTreeMap::new()),
             paused_until_us: AtomicU64::new(0),
             guards,
@@ -373,6 +381,7 @@ impl Engine {
     pub async fn join_queue(&self, schedule_id: ScheduleId, user_id: UserId) -> Result<Joined, EngineError> {
         self.timed("account", self.record.account(user_id)).await?;
         let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
+        self.recent_tokens.joined(schedule_id, status, self.clock.monotonic_us(), self.now_ms());
         let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
         Ok(Joined { token, position: status.position, eta_s: status.eta_s, sold_out: self.sold_out(schedule_id) })
     }
@@ -386,9 +395,11 @@ impl Engine {
     /// it read and what this node saw of the head since, without another store call.
     pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
         let claim = self.signer.verify(token)?;
-        let mut read_at_ms = self.now_ms();
-        let mut status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
+        let joined = self.recent_tokens.take_joined(claim.schedule_id, claim.seq, self.clock.monotonic_us());
+        let (mut status, mut read_at_ms) = match joined {
+            Some(reading) if !wait.is_zero() => (reading.status, reading.read_at_ms),
+            _ => self.read_queue_status(claim).await?,
+        };
         if status.status != TokenStatus::Waiting || wait.is_zero() || self.position(status, claim.schedule_id).sold_out
         {
             return Ok(self.position(status, claim.schedule_id));
@@ -415,9 +426,7 @@ impl Engine {
                     return Ok(position);
                 }
             }
-            read_at_ms = self.now_ms();
-            status =
-                self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
+            (status, read_at_ms) = self.read_queue_status(claim).await?;
             let reached_but_waiting = status.order_index == order_index && signal.head() > order_index;
             if status.status != TokenStatus::Waiting
                 || reached_but_waiting
@@ -428,6 +437,16 @@ impl Engine {
         }
     }
 
+    /// Reads a token's status from the line (which also refreshes when its holder was last
+    /// seen), and keeps it for the calls that may reuse it; returns it with when it was read.
+    async fn read_queue_status(&self, claim: QueueClaim) -> Result<(QueueStatus, u64), EngineError> {
+        let read_at_ms = self.now_ms();
+        let status =
+            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
+        self.recent_tokens.read(claim.schedule_id, status, self.clock.monotonic_us(), read_at_ms);
+        Ok((status, read_at_ms))
+    }
+
     fn line_signal(&self, schedule_id: ScheduleId) -> Arc<LineSignal> {
         let mut lines = self.lines.lock();
         Arc::clone(&lines.entry(schedule_id).or_default().signal)
@@ -435,8 +454,16 @@ impl Engine {
 
     async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
         let claim = self.signer.verify(token.ok_or(EngineError::TokenMissing)?)?;
-        let status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, self.now_ms())).await?;
+        let recent = match need {
+            TokenNeed::Browse => {
+                self.recent_tokens.admitted(claim.schedule_id, claim.seq, self.clock.monotonic_us(), self.now_ms())
+            }
+            TokenNeed::Admitted | TokenNeed::AdmittedOrUsed => None,
+        };
+        let status = match recent {
+            Some(status) => status,
+            None => self.read_queue_status(claim).await?.0,
+        };
         if status.user_id != claim.user_id {
             return Err(EngineError::TokenInvalid(TokenError::BadSignature));
         }
@@ -461,7 +488,7 @@ impl Engine {
         schedule_id: ScheduleId,
         filter: SeatFilter,
     ) -> Result<Vec<SeatView>, EngineError> {
-        let claim = self.authorize(token, TokenNeed::Admitted).await?;
+        let claim = self.authorize(token, TokenNeed::Browse).await?;
         Self::check_schedule(claim, schedule_id)?;
         self.timed("seat_map", self.record.seat_map(schedule_id, filter, self.now_ms())).await
     }
@@ -590,6 +617,7 @@ impl Engine {
         if before.status != ReservationStatus::Confirmed {
             self.telemetry.record_confirmation(self.now_ms());
         }
+        self.recent_tokens.forget(claim.schedule_id, claim.seq);
         match self.timed("mark_used", self.cache.mark_used(claim.schedule_id, claim.seq, self.now_ms())).await {
             Ok(()) | Err(EngineError::TokenNotAdmitted { .. }) => {}
             Err(error) => tracing::warn!(%error, "could not mark the queue token used; it ends with its TTL"),

@@ -414,10 +414,66 @@ async fn a_long_poll_nothing_woke_answers_from_its_first_read() {
     let api = Api::new().await;
     api.user_in_line("ada", 0).await;
     let (_, token) = api.user_in_line("bob", 0).await;
+    // Not the first poll after the join, which would start from the join's answer.
+    api.get(&format!("/v1/queue/{token}")).send().await;
     let reads_before = queue_status_reads(&api).await;
     let reply = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
     assert_eq!((reply["status"].as_str(), reply["position"].as_u64()), (Some("WAITING"), Some(2)));
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "no second read at the deadline");
+}
+
+#[tokio::test]
+async fn the_first_long_poll_after_a_join_starts_from_the_joins_answer_and_only_the_first() {
+    let api = Api::new().await;
+    api.user_in_line("ada", 0).await;
+    let (_, token) = api.user_in_line("bob", 0).await;
+    let reads_before = queue_status_reads(&api).await;
+    let first = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    assert_eq!((first["status"].as_str(), first["position"].as_u64()), (Some("WAITING"), Some(2)));
+    assert_eq!(queue_status_reads(&api).await - reads_before, 0, "the join's answer, not a read");
+    let second = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    assert_eq!(second["status"], "WAITING");
+    assert_eq!(queue_status_reads(&api).await - reads_before, 1, "the next poll reads the line");
+
+    // A join's answer more than a second old is read again; so is one for a poll that does
+    // not wait.
+    let (_, late) = api.user_in_line("cy", 0).await;
+    api.clock.advance(Duration::from_millis(1_001));
+    api.get(&format!("/v1/queue/{late}?wait_s=1")).send().await;
+    assert_eq!(queue_status_reads(&api).await - reads_before, 2, "too old to start from");
+    let (_, quick) = api.user_in_line("dee", 0).await;
+    api.get(&format!("/v1/queue/{quick}")).send().await;
+    assert_eq!(queue_status_reads(&api).await - reads_before, 3, "no wait, a fresh read");
+}
+
+#[tokio::test]
+async fn a_seat_map_right_after_admission_starts_from_it_and_holds_and_used_tokens_read_the_line() {
+    let api = Api::new().await;
+    let (_, token) = api.admitted_user("ada", 1_000).await;
+    let admitted = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    assert_eq!(admitted["status"], "ADMITTED");
+    let reads_before = queue_status_reads(&api).await;
+    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await;
+    assert_eq!(seats.status, StatusCode::OK, "{:?}", seats.bytes);
+    assert_eq!(queue_status_reads(&api).await - reads_before, 0, "admitted a moment ago");
+
+    let hold = api.hold(&token, 1).await;
+    assert_eq!(hold.status, StatusCode::CREATED, "{:?}", hold.bytes);
+    assert_eq!(queue_status_reads(&api).await - reads_before, 1, "a hold always reads the line");
+    let reservation_id = hold.json()["reservation_id"].as_u64().expect("id");
+    let confirmed = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).send().await;
+    assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.bytes);
+    let reads_after_confirm = queue_status_reads(&api).await;
+    check_problem(&api.get("/v1/schedules/1/seats").bearer(&token).send().await, StatusCode::FORBIDDEN, "token_used");
+    assert_eq!(queue_status_reads(&api).await - reads_after_confirm, 1, "a used token is read again");
+
+    // An admission read more than five seconds ago is read again.
+    let (_, later) = api.admitted_user("bob", 1_000).await;
+    api.get(&format!("/v1/queue/{later}")).send().await;
+    api.clock.advance(Duration::from_millis(5_001));
+    let reads_before = queue_status_reads(&api).await;
+    assert_eq!(api.get("/v1/schedules/1/seats").bearer(&later).send().await.status, StatusCode::OK);
+    assert_eq!(queue_status_reads(&api).await - reads_before, 1, "too old to start from");
 }
 
 #[tokio::test]
