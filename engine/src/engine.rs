@@ -136,7 +136,9 @@ enum TokenNeed {
     /// Browsing, a read: admitted, as the store says or as this node read it moments ago
     /// (`recent_tokens`).
     Browse,
-    /// Paying for, reading or cancelling one's own hold: admitted, or already used to buy.
+    /// Paying for, reading or cancelling one's own hold: admitted, or already used to buy, as
+    /// the store says or as this node read it moments ago (an admission read then and not yet
+    /// expired can only have been used since, which this accepts too).
     AdmittedOrUsed,
 }
 
@@ -455,10 +457,10 @@ impl Engine {
     async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
         let claim = self.signer.verify(token.ok_or(EngineError::TokenMissing)?)?;
         let recent = match need {
-            TokenNeed::Browse => {
+            TokenNeed::Browse | TokenNeed::AdmittedOrUsed => {
                 self.recent_tokens.admitted(claim.schedule_id, claim.seq, self.clock.monotonic_us(), self.now_ms())
             }
-            TokenNeed::Admitted | TokenNeed::AdmittedOrUsed => None,
+            TokenNeed::Admitted => None,
         };
         let status = match recent {
             Some(status) => status,

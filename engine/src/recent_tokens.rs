@@ -7,14 +7,16 @@
 //!   returned, when it is at most [`JOINED_REUSE`] old, instead of reading the line again. The
 //!   entry is taken, so only one poll reuses it; the next one reads the line (and so refreshes
 //!   the holder's last-seen time, which the join set).
-//! - **Browsing once admitted.** A seat map, a read, accepts a token this node saw `ADMITTED`
-//!   at most [`ADMITTED_REUSE`] ago and not yet past its admission's expiry. A hold and a
-//!   confirm always read the token's status from the store; a confirm on this node forgets the
-//!   entry, so a used token never browses from here on an old reading. A token used on another
-//!   node can still browse here for at most [`ADMITTED_REUSE`].
+//! - **Once admitted.** A seat map, and a call on one's own hold (confirm, cancel, read),
+//!   accepts a token this node saw `ADMITTED` at most [`ADMITTED_REUSE`] ago and not yet past
+//!   its admission's expiry. For a call on one's hold that is the store's answer too: such a
+//!   token can since only have been used, which those calls accept. A seat map wants the token
+//!   not used yet: a confirm on this node forgets the entry, so only a token used on another
+//!   node can still browse here, for at most [`ADMITTED_REUSE`]. A hold, which needs the token
+//!   admitted and not used, always reads it from the store.
 //!
-//! **Invariant:** an entry is never used past its age bound, and nothing here decides a write:
-//! holds and confirms are authorized from the store alone.
+//! **Invariant:** an entry is never used past its age bound or its admission's expiry, and a
+//! hold, the one call that must see a token not used yet, is authorized from the store alone.
 //! **Invariant:** the entries are bounded ([`ENTRIES_MAX`]) and dropped in the order they were
 //! read; no hash map is iterated, so a simulated run replays exactly.
 

@@ -447,7 +447,7 @@ async fn the_first_long_poll_after_a_join_starts_from_the_joins_answer_and_only_
 }
 
 #[tokio::test]
-async fn a_seat_map_right_after_admission_starts_from_it_and_holds_and_used_tokens_read_the_line() {
+async fn seat_maps_and_confirms_start_from_a_recent_admission_and_holds_and_used_tokens_read_the_line() {
     let api = Api::new().await;
     let (_, token) = api.admitted_user("ada", 1_000).await;
     let admitted = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
@@ -463,6 +463,10 @@ async fn a_seat_map_right_after_admission_starts_from_it_and_holds_and_used_toke
     let reservation_id = hold.json()["reservation_id"].as_u64().expect("id");
     let confirmed = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).send().await;
     assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.bytes);
+    assert_eq!(queue_status_reads(&api).await - reads_before, 1, "the hold read it a moment ago");
+    let read = api.get(&format!("/v1/reservations/{reservation_id}")).bearer(&token).send().await;
+    assert_eq!(read.status, StatusCode::OK, "{:?}", read.bytes);
+    assert_eq!(queue_status_reads(&api).await - reads_before, 2, "the confirm forgot it");
     let reads_after_confirm = queue_status_reads(&api).await;
     check_problem(&api.get("/v1/schedules/1/seats").bearer(&token).send().await, StatusCode::FORBIDDEN, "token_used");
     assert_eq!(queue_status_reads(&api).await - reads_after_confirm, 1, "a used token is read again");
