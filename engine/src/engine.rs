@@ -19,8 +19,8 @@ use crate::clock::Clock;
 use crate::config::{ConfigError, EngineConfig, HoldMode, RateLimits, RuntimeSettings, bounds, check_bound};
 use crate::domain::{
     Account, AdmissionPolicy, Concert, IdempotencyDecision, QueueStatus, RateLimit, Reservation, ReservationId,
-    ReservationStatus, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, StoredResponse,
-    TokenStatus, TransitionError, UserId, WriteGuard,
+    Schedule, ScheduleId, ScheduleSummary, SeatId, SeatStatus, SeatView, Section, StoredResponse, TokenStatus,
+    TransitionError, UserId, WriteGuard,
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
@@ -168,6 +168,9 @@ pub struct Engine {
     /// The token statuses this node read last: the first long poll after a join, and a seat
     /// map once admitted, start from them instead of asking the cache store again.
     recent_tokens: RecentTokens,
+    /// The reservations this node counted as confirmed in the latest millisecond it did:
+    /// see [`Engine::first_confirmation`].
+    confirmed_this_ms: Mutex<(u64, Vec<ReservationId>)>,
     /// What is on sale, as of the last sweep: admission ticks and sold-out answers read it
     /// instead of scanning every seat.
     on_sale: Mutex<BTreeMap<ScheduleId, ScheduleSummary>>,
@@ -197,6 +200,7 @@ impl Engine {
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
             recent_tokens: RecentTokens::default(),
+            confirmed_this_ms: Mutex::new((0, Vec::new())),
             on_sale: Mutex::new(BTreeMap::new()),
             paused_until_us: AtomicU64::new(0),
             guards,
@@ -605,19 +609,23 @@ impl Engine {
         idempotency_key: Option<String>,
     ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
-        let before = self.owned_reservation(claim, reservation_id).await?;
-        let context = FaultContext {
-            now_ms: self.now_ms(),
-            schedule_id: before.schedule_id,
-            seat_id: Some(before.seat_id),
-            lock_expires_at_ms: None,
-        };
-        self.fault_point(FaultPoint::ConfirmBeforeCommit, context).await;
-        let confirmed = self
-            .timed("confirm", self.record.confirm(reservation_id, claim.user_id, idempotency_key, self.now_ms()))
-            .await?;
-        if before.status != ReservationStatus::Confirmed {
-            self.telemetry.record_confirmation(self.now_ms());
+        // Only a hook that may pause here needs the seat in its context, which costs a read;
+        // the confirm itself checks that the reservation is this user's.
+        if self.faults.watches(FaultPoint::ConfirmBeforeCommit) {
+            let before = self.owned_reservation(claim, reservation_id).await?;
+            let context = FaultContext {
+                now_ms: self.now_ms(),
+                schedule_id: before.schedule_id,
+                seat_id: Some(before.seat_id),
+                lock_expires_at_ms: None,
+            };
+            self.fault_point(FaultPoint::ConfirmBeforeCommit, context).await;
+        }
+        let now_ms = self.now_ms();
+        let confirmed =
+            self.timed("confirm", self.record.confirm(reservation_id, claim.user_id, idempotency_key, now_ms)).await?;
+        if self.first_confirmation(&confirmed, now_ms) {
+            self.telemetry.record_confirmation(now_ms);
         }
         self.recent_tokens.forget(claim.schedule_id, claim.seq);
         match self.timed("mark_used", self.cache.mark_used(claim.schedule_id, claim.seq, self.now_ms())).await {
@@ -625,6 +633,24 @@ impl Engine {
             Err(error) => tracing::warn!(%error, "could not mark the queue token used; it ends with its TTL"),
         }
         Ok(confirmed)
+    }
+
+    /// Whether `confirmed`, as a confirm given `now_ms` answered, was confirmed by that call. A
+    /// store dates a confirmation with the time it is given, so one dated earlier was there
+    /// before; one dated this very millisecond is new unless this node already counted it.
+    fn first_confirmation(&self, confirmed: &Reservation, now_ms: u64) -> bool {
+        if confirmed.confirmed_at_ms != Some(now_ms) {
+            return false;
+        }
+        let mut counted = self.confirmed_this_ms.lock();
+        if counted.0 != now_ms {
+            *counted = (now_ms, Vec::new());
+        }
+        if counted.1.contains(&confirmed.id) {
+            return false;
+        }
+        counted.1.push(confirmed.id);
+        true
     }
 
     /// Cancels one's hold, or one's confirmed reservation with a refund.

@@ -51,6 +51,13 @@ pub struct FaultContext {
 pub trait FaultHook: Send + Sync + std::fmt::Debug {
     /// The pause to take at `point`, if any.
     fn pause_at(&self, point: FaultPoint, context: &FaultContext) -> Option<Duration>;
+
+    /// Whether a pause at `point` is possible now at all. Where it is not, the engine skips
+    /// the point, and the work of building its context (a store read, before a confirm).
+    fn watches(&self, point: FaultPoint) -> bool {
+        let _ = point;
+        true
+    }
 }
 
 /// The production hook: never pauses.
@@ -60,6 +67,10 @@ pub struct NoFaults;
 impl FaultHook for NoFaults {
     fn pause_at(&self, _point: FaultPoint, _context: &FaultContext) -> Option<Duration> {
         None
+    }
+
+    fn watches(&self, _point: FaultPoint) -> bool {
+        false
     }
 }
 

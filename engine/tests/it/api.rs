@@ -399,14 +399,48 @@ async fn a_long_poll_answers_when_the_token_is_admitted() {
 
 /// How many times this node has read a token's place in line from the cache store.
 async fn queue_status_reads(api: &Api) -> u64 {
+    store_calls(api, "queue_status").await
+}
+
+/// How many store calls `op` this node has made.
+async fn store_calls(api: &Api, op: &str) -> u64 {
     let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    let label = format!("op=\"{op}\"");
     metrics
         .lines()
-        .find(|line| {
-            line.starts_with("tcore_store_call_duration_seconds_count") && line.contains("op=\"queue_status\"")
-        })
+        .find(|line| line.starts_with("tcore_store_call_duration_seconds_count") && line.contains(&label))
         .and_then(|line| line.rsplit(' ').next())
         .map_or(0, |count| count.parse().expect("a count"))
+}
+
+/// With no fault hook that may pause before the commit, a confirm does not read the
+/// reservation first: the store's confirm checks the owner. A repeated confirm is answered
+/// and not counted as a confirmation again.
+#[tokio::test]
+async fn a_confirm_reads_no_reservation_first_and_a_repeated_one_is_not_counted_again() {
+    let api = Api::new().await;
+    let (_, token) = api.admitted_user("ada", 1_000).await;
+    let (_, other) = api.admitted_user("bob", 1_000).await;
+    let hold = api.hold(&token, 1).await;
+    let reservation_id = hold.json()["reservation_id"].as_u64().expect("id");
+    let confirm = |bearer: String| {
+        let api = &api;
+        async move { api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&bearer).send().await }
+    };
+    check_problem(&confirm(other).await, StatusCode::FORBIDDEN, "not_owner");
+    let first = confirm(token.clone()).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.bytes);
+    let confirmations = || async {
+        let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+        let line = metrics.lines().find(|line| line.starts_with("tcore_confirmations_total")).map(str::to_owned);
+        line.expect("the confirmations counter").rsplit(' ').next().map(|count| count.parse::<u64>().expect("a count"))
+    };
+    assert_eq!(confirmations().await, Some(1));
+    let again = confirm(token).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.bytes);
+    assert_eq!(again.json()["status"], "CONFIRMED");
+    assert_eq!(confirmations().await, Some(1), "counted once");
+    assert_eq!(store_calls(&api, "reservation").await, 0, "no reservation read");
 }
 
 #[tokio::test]

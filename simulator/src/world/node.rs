@@ -83,21 +83,29 @@ impl SimFaults {
     }
 }
 
+impl ArmedPause {
+    /// Whether this pause may fire at `point` now, whatever the context says.
+    fn live_at(&self, point: FaultPoint, now_us: u64) -> bool {
+        self.times_left > 0
+            && self.from_us <= now_us
+            && match self.trigger {
+                Trigger::Point(wanted) => wanted == point,
+                Trigger::LockTtlBelow { .. } => matches!(point, FaultPoint::HoldAfterLock | FaultPoint::HoldAfterCheck),
+            }
+    }
+}
+
 impl FaultHook for SimFaults {
     fn pause_at(&self, point: FaultPoint, context: &FaultContext) -> Option<Duration> {
         let now_us = sim_now_us();
         let mut armed = self.armed.lock();
         let pause = armed.iter_mut().find(|pause| {
-            pause.times_left > 0
-                && pause.from_us <= now_us
+            pause.live_at(point, now_us)
                 && match pause.trigger {
-                    Trigger::Point(wanted) => wanted == point,
-                    Trigger::LockTtlBelow { threshold_ms } => {
-                        matches!(point, FaultPoint::HoldAfterLock | FaultPoint::HoldAfterCheck)
-                            && context
-                                .lock_expires_at_ms
-                                .is_some_and(|expires| expires.saturating_sub(context.now_ms) < threshold_ms)
-                    }
+                    Trigger::Point(_) => true,
+                    Trigger::LockTtlBelow { threshold_ms } => context
+                        .lock_expires_at_ms
+                        .is_some_and(|expires| expires.saturating_sub(context.now_ms) < threshold_ms),
                 }
         })?;
         pause.times_left -= 1;
@@ -109,5 +117,50 @@ impl FaultHook for SimFaults {
             pause_us: u64::try_from(pause.pause.as_micros()).unwrap_or(u64::MAX),
         });
         Some(pause.pause)
+    }
+
+    fn watches(&self, point: FaultPoint) -> bool {
+        let now_us = sim_now_us();
+        self.armed.lock().iter().any(|pause| pause.live_at(point, now_us))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn armed(trigger: Trigger, from_us: u64, times_left: u32) -> ArmedPause {
+        ArmedPause { trigger, from_us, pause: Duration::from_secs(1), times_left, fault_index: 0 }
+    }
+
+    fn hook(armed: Vec<ArmedPause>) -> SimFaults {
+        SimFaults::new("engine-1".into(), armed, Arc::default())
+    }
+
+    /// Outside a simulation the time is 0, so a pause armed from 0 is live.
+    #[test]
+    fn a_hook_watches_only_the_points_where_an_armed_pause_can_fire() {
+        let confirm = hook(vec![armed(Trigger::Point(FaultPoint::ConfirmBeforeCommit), 0, 1)]);
+        assert!(confirm.watches(FaultPoint::ConfirmBeforeCommit));
+        assert!(!confirm.watches(FaultPoint::HoldAfterLock));
+
+        let lock_ttl = hook(vec![armed(Trigger::LockTtlBelow { threshold_ms: 500 }, 0, 1)]);
+        assert!(lock_ttl.watches(FaultPoint::HoldAfterLock) && lock_ttl.watches(FaultPoint::HoldAfterCheck));
+        assert!(!lock_ttl.watches(FaultPoint::ConfirmBeforeCommit));
+
+        let later = hook(vec![armed(Trigger::Point(FaultPoint::ConfirmBeforeCommit), 1, 1)]);
+        assert!(!later.watches(FaultPoint::ConfirmBeforeCommit), "armed from a later time");
+        let spent = hook(vec![armed(Trigger::Point(FaultPoint::ConfirmBeforeCommit), 0, 0)]);
+        assert!(!spent.watches(FaultPoint::ConfirmBeforeCommit), "no times left");
+        assert!(!hook(Vec::new()).watches(FaultPoint::ConfirmBeforeCommit));
+    }
+
+    #[test]
+    fn a_fired_pause_stops_being_watched() {
+        let hook = hook(vec![armed(Trigger::Point(FaultPoint::ConfirmBeforeCommit), 0, 1)]);
+        let context = FaultContext { now_ms: 0, schedule_id: 1, seat_id: None, lock_expires_at_ms: None };
+        assert_eq!(hook.pause_at(FaultPoint::ConfirmBeforeCommit, &context), Some(Duration::from_secs(1)));
+        assert!(!hook.watches(FaultPoint::ConfirmBeforeCommit));
+        assert_eq!(hook.fired.lock().len(), 1);
     }
 }
