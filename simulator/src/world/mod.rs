@@ -224,7 +224,7 @@ pub fn run_with(
             };
             let engine = Engine::new(EngineParts {
                 config: config.clone(),
-                clock: Arc::new(SimClock::new(EPOCH_MS, Arc::clone(&skew))),
+                clock: Arc::new(SimClock::on_host(EPOCH_MS, Arc::clone(&skew))),
                 record: remote(scenario::STORE_RECORD_HOST) as Arc<dyn RecordStore>,
                 cache: remote(scenario::STORE_CACHE_HOST) as Arc<dyn CacheStore>,
                 faults: Arc::new(SimFaults::new(host_name.clone(), armed.clone(), Arc::clone(&fired))),
