@@ -165,8 +165,9 @@ pub struct Engine {
     telemetry: Telemetry,
     settings: RwLock<RuntimeSettings>,
     lines: Mutex<BTreeMap<ScheduleId, LineWatch>>,
-    /// The token statuses this node read last: the first long poll after a join, and a seat
-    /// map once admitted, start from them instead of asking the cache store again.
+    /// The token statuses this node read last: the first long poll after a join, a seat map
+    /// and the calls on one's own hold once admitted start from them instead of asking the
+    /// cache store again (a hold never does).
     recent_tokens: RecentTokens,
     /// The reservations this node counted as confirmed in the latest millisecond it did:
     /// see [`Engine::first_confirmation`].
