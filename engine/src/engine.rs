@@ -395,7 +395,8 @@ impl Engine {
 
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.
     ///
-    /// The line is read once at the start, which also proves the holder is still there. A long
+    /// The line is read once at the start, which also proves the holder is still there (the
+    /// first poll right after a join on this node starts from the join's answer instead). A long
     /// poll reads it again only when the head of the line has passed this place (the token was
     /// admitted, skipped, or moved by the shuffle at the opening); when it is woken because the
     /// schedule sold out before the head reached it, or when `wait` ends, it answers from what

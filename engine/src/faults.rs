@@ -54,8 +54,7 @@ pub trait FaultHook: Send + Sync + std::fmt::Debug {
 
     /// Whether a pause at `point` is possible now at all. Where it is not, the engine skips
     /// the point, and the work of building its context (a store read, before a confirm).
-    fn watches(&self, point: FaultPoint) -> bool {
-        let _ = point;
+    fn watches(&self, _point: FaultPoint) -> bool {
         true
     }
 }

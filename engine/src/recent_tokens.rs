@@ -29,7 +29,8 @@ use crate::domain::{QueueStatus, ScheduleId, TokenStatus};
 
 /// How old a join's status may be for the first long poll to start from it.
 pub(crate) const JOINED_REUSE: Duration = Duration::from_secs(1);
-/// How old an `ADMITTED` reading may be for a seat map to accept it.
+/// How old an `ADMITTED` reading may be for a seat map, or a call on one's own hold, to
+/// accept it.
 pub(crate) const ADMITTED_REUSE: Duration = Duration::from_secs(5);
 /// The most entries kept; the oldest go first.
 pub(crate) const ENTRIES_MAX: usize = 1 << 16;
@@ -86,8 +87,8 @@ impl RecentTokens {
         Some(reading)
     }
 
-    /// Whether this node saw the token admitted recently enough, and the admission has not
-    /// expired, for a read to accept it.
+    /// The token's status, if this node saw it admitted recently enough and the admission
+    /// has not expired.
     pub(crate) fn admitted(&self, schedule_id: ScheduleId, seq: u64, now_us: u64, now_ms: u64) -> Option<QueueStatus> {
         let inner = self.inner.lock();
         let reading = inner.by_token.get(&(schedule_id, seq))?;
