@@ -24,6 +24,7 @@ use crate::domain::{
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
+use crate::known_users::{self, KnownUsers};
 use crate::recent_tokens::RecentTokens;
 use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
@@ -169,6 +170,9 @@ pub struct Engine {
     /// and the calls on one's own hold once admitted start from them instead of asking the
     /// cache store again (a hold never does).
     recent_tokens: RecentTokens,
+    /// The accounts this node saw the record store list: a join by one of them reads no
+    /// account.
+    known_users: KnownUsers,
     /// The reservations this node counted as confirmed in the latest millisecond it did:
     /// see [`Engine::first_confirmation`].
     confirmed_this_ms: Mutex<(u64, Vec<ReservationId>)>,
@@ -201,6 +205,7 @@ impl Engine {
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
             recent_tokens: RecentTokens::default(),
+            known_users: KnownUsers::default(),
             confirmed_this_ms: Mutex::new((0, Vec::new())),
             on_sale: Mutex::new(BTreeMap::new()),
             paused_until_us: AtomicU64::new(0),
@@ -386,11 +391,27 @@ impl Engine {
 
     /// Joins a schedule's line.
     pub async fn join_queue(&self, schedule_id: ScheduleId, user_id: UserId) -> Result<Joined, EngineError> {
-        self.timed("account", self.record.account(user_id)).await?;
+        self.check_user_exists(user_id).await?;
         let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
         self.recent_tokens.joined(schedule_id, status, self.clock.monotonic_us(), self.now_ms());
         let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
         Ok(Joined { token, position: status.position, eta_s: status.eta_s, sold_out: self.sold_out(schedule_id) })
+    }
+
+    /// Refuses a user without an account. A user this node saw listed needs no store call;
+    /// otherwise the node reads which accounts exist around the user's id, and keeps the answer
+    /// (see [`KnownUsers`]).
+    async fn check_user_exists(&self, user_id: UserId) -> Result<(), EngineError> {
+        if self.known_users.contains(user_id) {
+            return Ok(());
+        }
+        let first = KnownUsers::block_start(user_id);
+        let existing = self.timed("existing_users", self.record.existing_users(first, known_users::BLOCK_IDS)).await?;
+        self.known_users.learn(first, &existing);
+        if !existing.contains(&user_id) {
+            return Err(EngineError::NotFound { entity: "user", id: user_id });
+        }
+        Ok(())
     }
 
     /// Where a token stands; with `wait`, answers when it stops waiting or when `wait` ends.

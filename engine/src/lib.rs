@@ -14,6 +14,7 @@ pub mod domain;
 pub mod engine;
 pub mod faults;
 pub mod guards;
+mod known_users;
 mod recent_tokens;
 pub mod server;
 pub mod store;

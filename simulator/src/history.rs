@@ -194,7 +194,7 @@ impl Outcome {
     /// The digest of an answer the engine must replay byte for byte, if this is one.
     pub fn replayable_digest(&self) -> Option<Digest> {
         match self {
-            Outcome::Ok(response) => Some(response.digest),
+            Outcome::Ok(response) => response.digest,
             Outcome::Fail { digest, .. } => *digest,
             Outcome::Unknown { .. } => None,
         }
@@ -223,8 +223,11 @@ impl fmt::Display for Outcome {
 pub struct OkResponse {
     /// The HTTP status (200, 201, ...).
     pub http_status: u16,
-    /// The digest of the response body bytes (see [`Digest::of`]).
-    pub digest: Digest,
+    /// The digest of the response body bytes (see [`Digest::of`]), for a call that carried an
+    /// idempotency key: the only answers the engine replays, and so the only ones the checker
+    /// compares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<Digest>,
     /// The reservation the answer is about (hold, confirm, cancel, read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<u64>,
@@ -263,7 +266,10 @@ impl fmt::Display for OkResponse {
         if let Some(points) = self.points {
             write!(f, " points {points}")?;
         }
-        write!(f, " digest {}", self.digest)
+        match self.digest {
+            Some(digest) => write!(f, " digest {digest}"),
+            None => Ok(()),
+        }
     }
 }
 

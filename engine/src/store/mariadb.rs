@@ -1088,6 +1088,20 @@ impl RecordStore for MariaDbStore {
         .await
     }
 
+    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
+        super::check_user_ids_read(count)?;
+        let end = first.saturating_add(u64::from(count));
+        self.call(|| async {
+            let ids: Vec<u64> = sqlx::query_scalar("SELECT id FROM accounts WHERE id >= ? AND id < ? ORDER BY id")
+                .bind(first)
+                .bind(end)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(ids)
+        })
+        .await
+    }
+
     async fn top_up(
         &self,
         user_id: UserId,

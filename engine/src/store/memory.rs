@@ -445,6 +445,12 @@ impl RecordStore for MemoryStore {
         records.account_mut(user_id).map(|account| account.clone())
     }
 
+    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
+        super::check_user_ids_read(count)?;
+        let records = self.records.lock();
+        Ok(records.accounts.range(first..first.saturating_add(u64::from(count))).map(|(&id, _)| id).collect())
+    }
+
     async fn top_up(
         &self,
         user_id: UserId,

@@ -34,6 +34,19 @@ pub use seat_hints::SeatHints;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+/// The most ids one [`RecordStore::existing_users`] call looks at.
+pub const USER_IDS_PER_READ_MAX: u32 = 4_096;
+
+/// Refuses an [`RecordStore::existing_users`] range longer than [`USER_IDS_PER_READ_MAX`].
+pub fn check_user_ids_read(count: u32) -> Result<(), StoreError> {
+    if count > USER_IDS_PER_READ_MAX {
+        return Err(StoreError::Invalid {
+            reason: format!("at most {USER_IDS_PER_READ_MAX} user ids per read, not {count}"),
+        });
+    }
+    Ok(())
+}
+
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
     QueueStatus, RateLimit, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot,
@@ -169,6 +182,10 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
     async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError>;
     /// Reads an account.
     async fn account(&self, user_id: UserId) -> Result<Account, StoreError>;
+    /// The ids of the accounts that exist among `first .. first + count`, in order; `count` is
+    /// at most [`USER_IDS_PER_READ_MAX`] (more is `Invalid`). Accounts are never deleted, so an
+    /// id once listed stays an account.
+    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError>;
     /// Adds points once per idempotency key: a repeated key changes nothing.
     async fn top_up(
         &self,

@@ -397,6 +397,34 @@ async fn a_long_poll_answers_when_the_token_is_admitted() {
     assert_eq!(reply.json()["status"], "ADMITTED");
 }
 
+/// A join reads which accounts exist a block of ids at a time: the next user of the block
+/// joins without a store call for their account, a user opened since is found by reading the
+/// block again, and a user without an account is refused, from a fresh read each time.
+#[tokio::test]
+async fn joins_read_which_accounts_exist_a_block_at_a_time_and_still_refuse_unknown_users() {
+    let api = Api::new().await;
+    let join = |user_id: u64| api.post("/v1/schedules/1/queue").json(json!({ "user_id": user_id })).send();
+    let (ada, bob) = (opened(&api, "ada").await, opened(&api, "bob").await);
+    assert_eq!(join(ada).await.status, StatusCode::CREATED);
+    assert_eq!(store_calls(&api, "existing_users").await, 1);
+    assert_eq!(join(bob).await.status, StatusCode::CREATED, "bob was listed with ada");
+    assert_eq!(store_calls(&api, "existing_users").await, 1, "bob's join read no account");
+    assert_eq!(store_calls(&api, "account").await, 0);
+
+    let cyd = opened(&api, "cyd").await;
+    assert_eq!(join(cyd).await.status, StatusCode::CREATED, "an account opened since the block was read");
+    assert_eq!(store_calls(&api, "existing_users").await, 2);
+    for _ in 0..2 {
+        check_problem(&join(999).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_eq!(store_calls(&api, "existing_users").await, 4, "each refusal comes from a fresh read");
+}
+
+/// Opens an account through the API; returns its id.
+async fn opened(api: &Api, name: &str) -> u64 {
+    api.post("/v1/users").json(json!({ "name": name })).send().await.json()["id"].as_u64().expect("id")
+}
+
 /// How many times this node has read a token's place in line from the cache store.
 async fn queue_status_reads(api: &Api) -> u64 {
     store_calls(api, "queue_status").await

@@ -119,6 +119,20 @@ contract!(
 );
 
 contract!(
+    async fn existing_users_lists_the_accounts_of_a_range_in_order(stores) {
+        let record = stores.record.as_ref();
+        let ids = [user(record, "ada", 0).await, user(record, "bob", 0).await, user(record, "cyd", 0).await];
+        assert_eq!(record.existing_users(ids[0], 3).await.expect("all three"), ids.to_vec());
+        assert_eq!(record.existing_users(ids[1], 1).await.expect("bob alone"), vec![ids[1]]);
+        assert_eq!(record.existing_users(ids[2] + 1, 100).await.expect("past the last"), Vec::<u64>::new());
+        assert_eq!(record.existing_users(0, 1).await.expect("id 0"), Vec::<u64>::new());
+        let max = tcore_engine::store::USER_IDS_PER_READ_MAX;
+        assert_eq!(record.existing_users(0, max).await.expect("the most at once"), ids.to_vec());
+        assert!(matches!(record.existing_users(0, max + 1).await, Err(StoreError::Invalid { .. })));
+    }
+);
+
+contract!(
     async fn confirm_charges_once_writes_the_outbox_and_a_second_confirm_changes_nothing(stores) {
         let record = stores.record.as_ref();
         record.put_schedule(schedule(1, 0)).await.expect("schedule");

@@ -157,6 +157,9 @@ impl RecordStore for SlowFirstLockedRead {
     async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
         self.inner.account(user_id).await
     }
+    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
+        self.inner.existing_users(first, count).await
+    }
     async fn top_up(&self, user_id: UserId, amount: u64, key: String, now_ms: u64) -> Result<Account, StoreError> {
         self.inner.top_up(user_id, amount, key, now_ms).await
     }

@@ -124,6 +124,7 @@ enum StoreRequest {
     Seat { schedule_id: ScheduleId, seat_id: SeatId, fence: Option<FenceToken> },
     CreateUser { name: String, points: u64, now_ms: u64 },
     Account { user_id: UserId },
+    ExistingUsers { first: UserId, count: u32 },
     TopUp { user_id: UserId, amount: u64, idempotency_key: String, now_ms: u64 },
     TryHold { request: HoldRequest, now_ms: u64 },
     WriteHold { request: HoldRequest, guard: WriteGuard, now_ms: u64 },
@@ -167,6 +168,7 @@ impl StoreRequest {
             | Q::SeatMap { .. }
             | Q::Seat { fence: None, .. }
             | Q::Account { .. }
+            | Q::ExistingUsers { .. }
             | Q::Reservation { .. }
             | Q::OutboxPending { .. }
             | Q::Audit { .. }
@@ -211,6 +213,7 @@ enum StoreResponse {
     SeatMap(Result<Vec<SeatView>, WireError>),
     Seat(Result<SeatSlot, WireError>),
     Account(Result<Account, WireError>),
+    UserIds(Result<Vec<UserId>, WireError>),
     Reservation(Result<Reservation, WireError>),
     Count(Result<u32, WireError>),
     Idempotency(Result<IdempotencyDecision, WireError>),
@@ -236,6 +239,7 @@ impl StoreResponse {
             Self::SeatMap(_) => "seat map",
             Self::Seat(_) => "seat",
             Self::Account(_) => "account",
+            Self::UserIds(_) => "user ids",
             Self::Reservation(_) => "reservation",
             Self::Count(_) => "count",
             Self::Idempotency(_) => "idempotency",
@@ -456,6 +460,7 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         Q::Seat { schedule_id, seat_id, fence } => A::Seat(wire(store.seat(schedule_id, seat_id, fence).await)),
         Q::CreateUser { name, points, now_ms } => A::Account(wire(store.create_user(name, points, now_ms).await)),
         Q::Account { user_id } => A::Account(wire(store.account(user_id).await)),
+        Q::ExistingUsers { first, count } => A::UserIds(wire(store.existing_users(first, count).await)),
         Q::TopUp { user_id, amount, idempotency_key, now_ms } => {
             A::Account(wire(store.top_up(user_id, amount, idempotency_key, now_ms).await))
         }
@@ -1474,6 +1479,10 @@ macro_rules! impl_store_traits {
 
             async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
                 answer!(self, StoreRequest::Account { user_id }, Account)
+            }
+
+            async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
+                answer!(self, StoreRequest::ExistingUsers { first, count }, UserIds)
             }
 
             async fn top_up(

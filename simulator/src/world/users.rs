@@ -359,7 +359,8 @@ impl ClientContext {
             let (outcome, answer) = match result {
                 Ok(http) if (200..300).contains(&http.status) => {
                     let reply = Reply::parse(&http.body);
-                    (Outcome::Ok(ok_response(http.status, &http.body, &reply)), Answer::Ok(Box::new(reply)))
+                    let digest = keyed.then(|| Digest::of(&http.body));
+                    (Outcome::Ok(ok_response(http.status, digest, &reply)), Answer::Ok(Box::new(reply)))
                 }
                 Ok(reply) => {
                     let code = Reply::parse(&reply.body).code.unwrap_or_else(|| "unknown".to_owned());
@@ -463,7 +464,7 @@ fn stored_for_replay(status: u16, code: &str) -> bool {
         && !matches!(code, "ip_blocked" | "idempotency_in_progress" | "idempotency_key_reused")
 }
 
-fn ok_response(http_status: u16, body: &[u8], reply: &Reply) -> OkResponse {
+fn ok_response(http_status: u16, digest: Option<Digest>, reply: &Reply) -> OkResponse {
     let status = reply.status.as_deref().and_then(|status| match status {
         "HELD" => Some(ReportedStatus::Held),
         "CONFIRMED" => Some(ReportedStatus::Confirmed),
@@ -476,7 +477,7 @@ fn ok_response(http_status: u16, body: &[u8], reply: &Reply) -> OkResponse {
     });
     OkResponse {
         http_status,
-        digest: Digest::of(body),
+        digest,
         reservation_id: reply.reservation_id.or_else(|| reply.status.as_ref().and(reply.id)),
         fence: reply.fence,
         status,

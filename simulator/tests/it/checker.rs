@@ -52,7 +52,7 @@ fn ip(client: u64) -> IpAddr {
 }
 
 fn ok(http_status: u16, body: &str) -> OkResponse {
-    OkResponse { http_status, digest: Digest::of(body.as_bytes()), ..OkResponse::default() }
+    OkResponse { http_status, digest: Some(Digest::of(body.as_bytes())), ..OkResponse::default() }
 }
 
 fn reservation_answer(reservation_id: u64, fence: u64, status: ReportedStatus) -> Outcome {
