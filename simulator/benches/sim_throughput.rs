@@ -40,6 +40,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     tcore_sim::allocator::configure_for_a_run();
+    tcore_sim::logs::init();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let file = std::env::var("BENCH_SCENARIO").unwrap_or_else(|_| "scenarios/ci/concert-open.toml".into());
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|rounds| rounds.parse().ok()).unwrap_or(3).max(1);

@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod checker;
 pub mod gate;
 pub mod history;
+pub mod logs;
 pub mod scenario;
 pub mod score;
 pub mod world;

@@ -80,10 +80,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     tcore_sim::allocator::configure_for_a_run();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    tcore_sim::logs::init();
     let outcome = match Cli::parse().command {
         Command::Run(args) => run(&args),
         Command::Report(args) => cli::report::report(&args).map(|path| {
