@@ -787,11 +787,16 @@ impl StoreControl {
         self.apply(request).await
     }
 
-    /// Runs a request against the primary, journaling it if it writes.
+    /// Runs a request against the primary, journaling it if it writes. Only a journaled write
+    /// reads the clock: a host without standbys, and every read, needs no time.
     async fn apply(&self, request: StoreRequest) -> StoreResponse {
         let mut state = self.lock_state().await;
+        // A host set up without standbys can never fail over: a journal would only cost.
+        if !request.is_write() || !state.journaling {
+            return execute(&state.primary, request).await;
+        }
         let now = self.clock_now(&mut state);
-        state.execute(request, now, self.shared.config.replication_window).await
+        state.execute_journaled(request, now, self.shared.config.replication_window).await
     }
 
     /// The state, after running any failover asked for.
@@ -833,11 +838,8 @@ impl StoreControl {
 }
 
 impl HostState {
-    async fn execute(&mut self, request: StoreRequest, now: Duration, window: Duration) -> StoreResponse {
-        // A host set up without standbys can never fail over: a journal would only cost.
-        if !request.is_write() || !self.journaling {
-            return execute(&self.primary, request).await;
-        }
+    /// Runs a write against the primary and journals it.
+    async fn execute_journaled(&mut self, request: StoreRequest, now: Duration, window: Duration) -> StoreResponse {
         let response = execute(&self.primary, request.clone()).await;
         self.journal.push_back(JournalEntry { at: now, request });
         self.replicate(now, window).await;
