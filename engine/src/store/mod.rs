@@ -34,11 +34,17 @@ pub use seat_hints::SeatHints;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::{
+    Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
+    QueueStatus, RateLimit, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot,
+    SeatStatus, SeatView, StoredResponse, TransitionError, UserId, WriteGuard,
+};
+
 /// The most ids one [`RecordStore::existing_users`] call looks at.
 pub const USER_IDS_PER_READ_MAX: u32 = 4_096;
 
 /// Refuses an [`RecordStore::existing_users`] range longer than [`USER_IDS_PER_READ_MAX`].
-pub fn check_user_ids_read(count: u32) -> Result<(), StoreError> {
+pub(crate) fn check_user_ids_read(count: u32) -> Result<(), StoreError> {
     if count > USER_IDS_PER_READ_MAX {
         return Err(StoreError::Invalid {
             reason: format!("at most {USER_IDS_PER_READ_MAX} user ids per read, not {count}"),
@@ -46,12 +52,6 @@ pub fn check_user_ids_read(count: u32) -> Result<(), StoreError> {
     }
     Ok(())
 }
-
-use crate::domain::{
-    Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, LedgerEntry, OutboxEvent, QueueOrder,
-    QueueStatus, RateLimit, Reservation, ReservationId, Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot,
-    SeatStatus, SeatView, StoredResponse, TransitionError, UserId, WriteGuard,
-};
 
 /// Why a store call did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use tcore_sim::checker::{CheckReport, Invariant, check};
+use tcore_sim::history::Outcome;
 use tcore_sim::scenario::{HoldMode, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
@@ -53,6 +54,25 @@ fn a_run_that_logs_its_requests_runs_the_same_and_logs_each_request_once() {
     invoked.sort_unstable();
     assert!(!sent.is_empty());
     assert_eq!(sent, invoked, "every operation's request is logged once, at its invoke time");
+}
+
+/// The history keeps a digest of an answer exactly when its call carried an idempotency key:
+/// those are the answers the checker compares for replays.
+#[test]
+fn answers_to_keyed_calls_carry_a_digest_and_only_those() {
+    let base = scenario("concert-open.toml");
+    let world = world::run(&base, "ci", &mut |_| {}).unwrap_or_else(|error| panic!("seed {}: {error:#}", base.seed));
+    let answered: Vec<(bool, bool)> = world
+        .history
+        .operations
+        .iter()
+        .filter_map(|operation| match &operation.outcome {
+            Outcome::Ok(response) => Some((operation.idempotency_key.is_some(), response.digest.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert!(answered.iter().any(|&(keyed, _)| keyed) && answered.iter().any(|&(keyed, _)| !keyed));
+    assert!(answered.iter().all(|&(keyed, digested)| keyed == digested));
 }
 
 #[test]
