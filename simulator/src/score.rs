@@ -6,14 +6,14 @@
 //! clock, and every map is ordered, so the same seed and commit give the same bytes. Wall-clock
 //! figures go in a separate file (`wall.json`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::checker::CheckReport;
-use crate::history::{OpKind, Outcome, ReservationStatus};
+use crate::history::{OpKind, Operation, Outcome, ReservationStatus};
 use crate::scenario::Scenario;
 use crate::world::WorldRun;
 
@@ -130,6 +130,49 @@ fn latency_buckets(histogram: &Histogram<u64>) -> Vec<Value> {
     (first..=last).map(|bucket| json!({ "le_us": bounds.get(bucket).copied(), "count": counts[bucket] })).collect()
 }
 
+/// How many clients had a queue status call open at some point of each simulated second,
+/// indexed by second: each client counts once per second, however many of its calls (a bot's
+/// overlap) span it. A call with no answer stays open until the run ended.
+///
+/// Each client's calls, in order of start, are merged into the seconds they cover, and each
+/// covered run of seconds adds one to its first second and takes one away after its last, so
+/// the depth is a running sum: the work grows with the calls, not with how long they waited.
+fn queue_depth_by_second(operations: &[Operation], end_us: u64) -> Vec<u64> {
+    let mut spans: Vec<(u64, u64, u64)> = operations
+        .iter()
+        .filter(|operation| matches!(operation.kind, OpKind::QueueStatus { .. }))
+        .map(|operation| {
+            let last_us = operation.complete_us.unwrap_or(end_us).max(operation.invoke_us);
+            (operation.client, operation.invoke_us / 1_000_000, last_us / 1_000_000)
+        })
+        .collect();
+    spans.sort_unstable();
+    let seconds = spans.iter().map(|&(_, _, last)| last).max().map_or(0, |last| last + 2);
+    let mut changes = vec![0_i64; usize::try_from(seconds).unwrap_or(usize::MAX)];
+    // The client whose spans are being merged, and the last second counted for it.
+    let mut counted: Option<(u64, u64)> = None;
+    for (client, first, last) in spans {
+        let first = match counted {
+            Some((counted_client, through)) if counted_client == client => first.max(through + 1),
+            _ => first,
+        };
+        // A span that ends within the seconds already counted for its client adds nothing.
+        if first <= last {
+            changes[first as usize] += 1;
+            changes[last as usize + 1] -= 1;
+            counted = Some((client, last));
+        }
+    }
+    let mut depth = 0_i64;
+    changes
+        .into_iter()
+        .map(|change| {
+            depth += change;
+            u64::try_from(depth).unwrap_or(0)
+        })
+        .collect()
+}
+
 /// Builds the run result.
 pub fn run_result(
     scenario: &Scenario,
@@ -152,15 +195,9 @@ pub fn run_result(
     let mut by_code: BTreeMap<String, u64> = BTreeMap::new();
     let mut series: BTreeMap<u64, (Second, Histogram<u64>)> = BTreeMap::new();
     let mut step_seconds: BTreeMap<(u64, &'static str), Vec<u64>> = BTreeMap::new();
-    let mut waiting: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let queue_depth = queue_depth_by_second(&history.operations, history.config.end_us);
     let (mut unknown, mut failed, mut rejected, mut completed) = (0_u64, 0_u64, 0_u64, 0_u64);
     for operation in &history.operations {
-        if matches!(operation.kind, OpKind::QueueStatus { .. }) {
-            let last_us = operation.complete_us.unwrap_or(history.config.end_us).max(operation.invoke_us);
-            for second in operation.invoke_us / 1_000_000..=last_us / 1_000_000 {
-                waiting.entry(second).or_default().insert(operation.client);
-            }
-        }
         let step = step_name(&operation.kind);
         let second = operation.invoke_us / 1_000_000;
         let entry = series.entry(second).or_insert_with(|| (Second { t_s: second, ..Second::default() }, histogram()));
@@ -230,7 +267,8 @@ pub fn run_result(
         .into_values()
         .map(|(mut second, latency)| {
             second.p99_us = if latency.is_empty() { 0 } else { latency.value_at_quantile(0.99) };
-            second.queue_depth = waiting.get(&second.t_s).map_or(0, |clients| clients.len() as u64);
+            second.queue_depth =
+                usize::try_from(second.t_s).ok().and_then(|index| queue_depth.get(index)).copied().unwrap_or(0);
             if let Some(mut waits) = waits_by_second.remove(&second.t_s) {
                 waits.sort_unstable();
                 second.queue_wait_p50_us = nearest_rank(&waits, 0.5);
@@ -407,6 +445,37 @@ mod tests {
         assert_eq!(nearest_rank(&values, 1.0), 100);
         assert_eq!(nearest_rank(&[7], 0.99), 7);
         assert_eq!(nearest_rank(&[], 0.5), 0);
+    }
+
+    fn status_call(client: u64, invoke_us: u64, complete_us: Option<u64>) -> Operation {
+        Operation {
+            op_id: invoke_us,
+            client,
+            ip: std::net::IpAddr::from([10, 0, 0, 1]),
+            kind: OpKind::QueueStatus { token: format!("token-{client}") },
+            idempotency_key: None,
+            invoke_us,
+            complete_us,
+            outcome: Outcome::Fail { http_status: 429, code: "rate_limited".into(), digest: None },
+        }
+    }
+
+    #[test]
+    fn queue_depth_counts_each_waiting_client_once_per_second() {
+        let operations = [
+            // Client 1 polls in seconds 0–1, then long-polls from 1.5 s to 4.2 s.
+            status_call(1, 200_000, Some(1_100_000)),
+            status_call(1, 1_500_000, Some(4_200_000)),
+            // Client 2, a bot, has overlapping calls in seconds 2–3, one inside the other.
+            status_call(2, 2_100_000, Some(3_900_000)),
+            status_call(2, 2_500_000, Some(2_600_000)),
+            // Client 3's call has no answer when the run ends at 6.5 s.
+            status_call(3, 5_000_000, None),
+            // Not a queue status call: not waiting in line.
+            Operation { kind: OpKind::SeatMap { schedule_id: 1 }, ..status_call(4, 0, Some(6_000_000)) },
+        ];
+        assert_eq!(queue_depth_by_second(&operations, 6_500_000), [1, 1, 2, 2, 1, 1, 1, 0]);
+        assert!(queue_depth_by_second(&[], 6_500_000).is_empty());
     }
 
     #[test]
