@@ -408,7 +408,8 @@ impl Engine {
         let first = KnownUsers::block_start(user_id);
         let existing = self.timed("existing_users", self.record.existing_users(first, known_users::BLOCK_IDS)).await?;
         self.known_users.learn(first, &existing);
-        if !existing.contains(&user_id) {
+        // The store lists the ids in order.
+        if existing.binary_search(&user_id).is_err() {
             return Err(EngineError::NotFound { entity: "user", id: user_id });
         }
         Ok(())

@@ -138,19 +138,20 @@ fn latency_buckets(histogram: &Histogram<u64>) -> Vec<Value> {
 /// covered run of seconds adds one to its first second and takes one away after its last, so
 /// the depth is a running sum: the work grows with the calls, not with how long they waited.
 fn queue_depth_by_second(operations: &[Operation], end_us: u64) -> Vec<u64> {
-    let mut spans: Vec<(u64, u64, u64)> = operations
+    // (client, first second, last second); seconds index the result.
+    let mut spans: Vec<(u64, usize, usize)> = operations
         .iter()
         .filter(|operation| matches!(operation.kind, OpKind::QueueStatus { .. }))
         .map(|operation| {
             let last_us = operation.complete_us.unwrap_or(end_us).max(operation.invoke_us);
-            (operation.client, operation.invoke_us / 1_000_000, last_us / 1_000_000)
+            (operation.client, (operation.invoke_us / 1_000_000) as usize, (last_us / 1_000_000) as usize)
         })
         .collect();
     spans.sort_unstable();
     let seconds = spans.iter().map(|&(_, _, last)| last).max().map_or(0, |last| last + 2);
-    let mut changes = vec![0_i64; usize::try_from(seconds).unwrap_or(usize::MAX)];
+    let mut changes = vec![0_i64; seconds];
     // The client whose spans are being merged, and the last second counted for it.
-    let mut counted: Option<(u64, u64)> = None;
+    let mut counted: Option<(u64, usize)> = None;
     for (client, first, last) in spans {
         let first = match counted {
             Some((counted_client, through)) if counted_client == client => first.max(through + 1),
@@ -158,8 +159,8 @@ fn queue_depth_by_second(operations: &[Operation], end_us: u64) -> Vec<u64> {
         };
         // A span that ends within the seconds already counted for its client adds nothing.
         if first <= last {
-            changes[first as usize] += 1;
-            changes[last as usize + 1] -= 1;
+            changes[first] += 1;
+            changes[last + 1] -= 1;
             counted = Some((client, last));
         }
     }
