@@ -25,7 +25,7 @@ test:
 
 # Serve the engine on 127.0.0.1:8080 with a 1,000-seat demo concert and 100 users.
 demo:
-    cargo run --release -p tcore-engine -- serve --demo-seats 1000 --demo-users 100 --admin-token dev-admin
+    cargo run --release -p tcore-engine -- serve --demo-seats 1000 --demo-users 100 --admin-token dev-admin --session-secret "${TCORE_SESSION_SECRET:-demo-session-secret-of-at-least-32-bytes}"
 
 # Engine throughput against a bare axum handler, same driver, same run.
 bench:

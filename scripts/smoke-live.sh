@@ -19,6 +19,9 @@ run_id="$$_$(date +%s)"
 database="tcore_smoke_${run_id}"
 prefix="tcore_smoke_${run_id}:"
 secret="smoke-secret-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
+# Fans log in with sessions signed by this secret (`tcore-engine session`), as an identity
+# provider sharing it with the engine would sign them.
+session_secret="smoke-session-secret-$(od -An -N16 -tx8 /dev/urandom | tr -d ' ')"
 ports=(18081 18082)
 
 host_port="${server#*://}"; host_port="${host_port##*@}"; host_port="${host_port%%/*}"
@@ -46,6 +49,7 @@ start_node() {
     local index="$1" demo_users="$2"
     "$TCORE_ENGINE_BIN" serve --store redis+mariadb --listen "127.0.0.1:${ports[$index]}" --node "engine-$((index + 1))" \
         --database-url "$server/$database" --redis-url "$redis_url" --redis-prefix "$prefix" --token-secret "$secret" \
+        --session-secret "$session_secret" --accounts-per-ip-per-hour 100000 \
         --demo-seats "$seats" --demo-users "$demo_users" --demo-points 1000 \
         --admission-rate-per-s 100000 --active-max 1000000 \
         --rate-limit-per-ip 100000 --rate-limit-per-token 1000 --rate-limit-burst 100000 \
@@ -65,23 +69,24 @@ echo "== two nodes on redis+mariadb (database $database, key prefix $prefix)"
 start_node 0 "$users"
 start_node 1 0
 
-# One user's journey: join at one node, wait for admission, then try seats until one is held
-# (alternating nodes) and pay for it at the other node, with an idempotency key.
+# One user's journey: log in, join at one node, wait for admission, then try seats until one
+# is held (alternating nodes) and pay for it at the other node, with an idempotency key.
 journey() {
-    local user="$1" base_a base_b token reservation seat attempt
+    local user="$1" base_a base_b session token reservation seat attempt
     base_a="http://127.0.0.1:${SMOKE_PORTS%% *}"; base_b="http://127.0.0.1:${SMOKE_PORTS##* }"
     if [ $((user % 2)) = 1 ]; then local swap="$base_a"; base_a="$base_b"; base_b="$swap"; fi
-    token=$(curl -sf -XPOST "$base_a/v1/schedules/1/queue" -H 'content-type: application/json' \
-        -H "x-forwarded-for: 10.0.$((user / 250)).$((user % 250))" -d "{\"user_id\":$user}" | sed 's/.*"token":"\([^"]*\)".*/\1/')
-    curl -sf "$base_b/v1/queue/$token?wait_s=10" >/dev/null
+    session=$("$TCORE_ENGINE_BIN" session --user "$user")
+    token=$(curl -sf -XPOST "$base_a/v1/schedules/1/queue" -H "authorization: Bearer $session" \
+        -H "x-forwarded-for: 10.0.$((user / 250)).$((user % 250))" | sed 's/.*"token":"\([^"]*\)".*/\1/')
+    curl -sf "$base_b/v1/queue/$token?wait_s=10" -H "authorization: Bearer $session" >/dev/null
     for attempt in 0 1 2 3 4 5 6 7; do
         seat=$(( (user * 7 + attempt * 13) % SMOKE_SEATS + 1 ))
-        reservation=$(curl -s -XPOST "$base_a/v1/holds" -H "authorization: Bearer $token" \
+        reservation=$(curl -s -XPOST "$base_a/v1/holds" -H "authorization: Bearer $session" -H "x-queue-token: $token" \
             -H 'content-type: application/json' -H "idempotency-key: hold-$user-$attempt" \
             -d "{\"schedule_id\":1,\"seat_id\":$seat}" | sed -n 's/.*"reservation_id":\([0-9]*\).*/\1/p')
         if [ -n "$reservation" ]; then
-            curl -s -XPOST "$base_b/v1/reservations/$reservation/confirm" -H "authorization: Bearer $token" \
-                -H "idempotency-key: pay-$user" -o /dev/null -w '%{http_code}\n'
+            curl -s -XPOST "$base_b/v1/reservations/$reservation/confirm" -H "authorization: Bearer $session" \
+                -H "x-queue-token: $token" -H "idempotency-key: pay-$user" -o /dev/null -w '%{http_code}\n'
             return 0
         fi
         local swap="$base_a"; base_a="$base_b"; base_b="$swap"
@@ -89,7 +94,7 @@ journey() {
     echo none
 }
 export -f journey
-export SMOKE_PORTS="${ports[*]}" SMOKE_SEATS="$seats"
+export SMOKE_PORTS="${ports[*]}" SMOKE_SEATS="$seats" TCORE_ENGINE_BIN TCORE_SESSION_SECRET="$session_secret"
 
 echo "== burst: $users users, holds and confirms at both nodes"
 outcomes=$(seq 1 "$users" | xargs -P 64 -I{} bash -c 'journey {}' | sort | uniq -c)

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{AdmissionPolicy, QueueOrder};
+use crate::sessions::SessionConfig;
 
 /// How a seat is taken. A correctness setting: fixed at start, never changed by admin calls
 /// or the ops agent.
@@ -62,6 +63,10 @@ pub mod bounds {
     pub const BLOCK_TTL_S: RangeInclusive<u64> = 1..=86_400;
     pub const HOLD_TTL_S: RangeInclusive<u64> = 10..=3_600;
     pub const QUEUE_WAIT_S: RangeInclusive<u64> = 0..=30;
+    /// Points one top-up may add (admin tool or payment webhook).
+    pub const TOP_UP_POINTS: RangeInclusive<u64> = 1..=10_000_000;
+    /// Accounts one client address may open per hour.
+    pub const ACCOUNTS_PER_IP_PER_HOUR: RangeInclusive<u32> = 1..=100_000;
 }
 
 /// Settings an admin call may change while the engine runs (on this node).
@@ -89,6 +94,13 @@ pub struct EngineConfig {
     pub rate_limits_shared: bool,
     /// The key queue tokens are signed with; nodes sharing a store must share it.
     pub token_secret: Vec<u8>,
+    /// How fans' sessions are verified (and, in dev mode, issued).
+    pub sessions: SessionConfig,
+    /// The secret a payment provider signs its top-up webhooks with; without one the webhook
+    /// is not served.
+    pub payment_webhook_secret: Option<Vec<u8>>,
+    /// Accounts one client address may open per hour (`POST /v1/users`).
+    pub accounts_per_ip_per_hour: u32,
     /// The bearer token of the admin API; without one the admin API is not served.
     pub admin_token: Option<String>,
     /// Take the client address from `X-Forwarded-For` (behind a trusted proxy, or in the simulator).
@@ -116,6 +128,9 @@ impl Default for EngineConfig {
             rate_limits: RateLimits::default(),
             rate_limits_shared: false,
             token_secret: b"tcore-development-secret".to_vec(),
+            sessions: SessionConfig::default(),
+            payment_webhook_secret: None,
+            accounts_per_ip_per_hour: 20,
             admin_token: None,
             trust_forwarded_for: false,
             idempotency_lease_ms: 30_000,
@@ -139,6 +154,10 @@ pub enum ConfigError {
     OutOfBounds { name: &'static str, range: String, value: String },
     #[error("the token secret must be at least 16 bytes")]
     WeakTokenSecret,
+    #[error("sessions: {reason}")]
+    SessionKey { reason: String },
+    #[error("the payment webhook secret must be at least 32 bytes")]
+    WeakWebhookSecret,
 }
 
 impl EngineConfig {
@@ -150,6 +169,11 @@ impl EngineConfig {
         if self.token_secret.len() < 16 {
             return Err(ConfigError::WeakTokenSecret);
         }
+        crate::sessions::Sessions::new(&self.sessions)?;
+        if self.payment_webhook_secret.as_ref().is_some_and(|secret| secret.len() < 32) {
+            return Err(ConfigError::WeakWebhookSecret);
+        }
+        check_bound("accounts per IP per hour", self.accounts_per_ip_per_hour, &bounds::ACCOUNTS_PER_IP_PER_HOUR)?;
         check_bound("hold TTL (s)", self.hold_ttl_ms / 1000, &bounds::HOLD_TTL_S)?;
         check_bound("admission rate (per s)", self.admission.rate_per_s, &bounds::ADMISSION_RATE_PER_S)?;
         check_bound("active max", self.admission.active_max, &bounds::ACTIVE_MAX)?;

@@ -1,8 +1,10 @@
 //! The engine's use cases, independent of HTTP: join the line, hold, confirm, cancel, charge
 //! points, the admin tools, and the background work (admission ticks, hold expiry).
 //!
-//! **Invariant:** every booking call checks a signed queue token first; a hold is taken only
-//! through the configured [`HoldMode`]; correctness settings never change after start.
+//! **Invariant:** every call that acts for a user takes the user from a verified [`Session`],
+//! never from a body or a path; every booking call checks a signed queue token first, and the
+//! token must name the session's user; a hold is taken only through the configured
+//! [`HoldMode`]; correctness settings never change after start.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -26,6 +28,7 @@ use crate::faults::{FaultContext, FaultHook, FaultPoint};
 use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
 use crate::known_users::{self, KnownUsers};
 use crate::recent_tokens::RecentTokens;
+use crate::sessions::{Session, Sessions};
 use crate::store::{AdmitReport, AuditEntry, CacheStore, HoldRequest, RecordStore, SeatFilter, StoreError};
 use crate::telemetry::{Telemetry, TrafficSnapshot};
 use crate::tokens::{QueueClaim, TokenError, TokenSigner};
@@ -46,6 +49,10 @@ pub enum EngineError {
     TokenNotAdmitted { status: TokenStatus },
     #[error("the reservation belongs to another user")]
     NotOwner,
+    #[error("the queue token belongs to another user")]
+    TokenNotYours,
+    #[error("this account is not the session's")]
+    NotYourAccount,
     #[error("the seat is taken")]
     SeatTaken,
     #[error("the seat is being taken by someone else right now")]
@@ -162,6 +169,9 @@ pub struct Engine {
     cache: Arc<dyn CacheStore>,
     faults: Arc<dyn FaultHook>,
     signer: TokenSigner,
+    /// How many queue tokens this node issued: each token's nonce comes from this count.
+    tokens_issued: AtomicU64,
+    sessions: Sessions,
     guards: Guards,
     telemetry: Telemetry,
     settings: RwLock<RuntimeSettings>,
@@ -191,6 +201,9 @@ struct LineWatch {
     last_report: Option<AdmitReport>,
 }
 
+/// The longest account name.
+pub const ACCOUNT_NAME_CHARS_MAX: usize = 100;
+
 /// The most a long poll on queue status waits.
 pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
 
@@ -198,9 +211,12 @@ impl Engine {
     /// Builds a node; refuses an invalid or unsafe configuration.
     pub fn new(parts: EngineParts) -> Result<Arc<Self>, ConfigError> {
         parts.config.validate()?;
-        let guards = Guards::new(parts.config.rate_limits, Arc::clone(&parts.clock));
+        let guards =
+            Guards::new(parts.config.rate_limits, parts.config.accounts_per_ip_per_hour, Arc::clone(&parts.clock));
         Ok(Arc::new(Self {
             signer: TokenSigner::new(&parts.config.token_secret),
+            tokens_issued: AtomicU64::new(0),
+            sessions: Sessions::new(&parts.config.sessions)?,
             telemetry: Telemetry::new(&parts.config.node),
             settings: RwLock::new(parts.config.runtime_settings()),
             lines: Mutex::new(BTreeMap::new()),
@@ -226,6 +242,16 @@ impl Engine {
     /// The node's clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+
+    /// The node's session verifier.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The session `credential` proves now, on this node's clock.
+    pub fn verify_session(&self, credential: &str) -> Result<Session, crate::sessions::SessionError> {
+        self.sessions.verify(credential, self.now_ms())
     }
 
     /// The node's guards.
@@ -254,21 +280,23 @@ impl Engine {
         Ok(result?)
     }
 
-    /// Admits or turns away a public request from `ip` carrying `token`: the blocklist, then
-    /// the rate limits, this node's own or, with `rate_limits_shared`, the counters every
-    /// node keeps in the cache store. A cache store that cannot answer lets the request
-    /// through (the booking calls behind it need that store anyway and answer 503).
-    pub async fn admit_request(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
+    /// Admits or turns away a public request from `ip` by the user of its verified session
+    /// (if any): the blocklist, then the rate limits, this node's own or, with
+    /// `rate_limits_shared`, the counters every node keeps in the cache store. Only verified
+    /// users get a limiter entry of their own, so forged credentials cannot grow the limiter.
+    /// A cache store that cannot answer lets the request through (the booking calls behind it
+    /// need that store anyway and answer 503).
+    pub async fn admit_request(&self, ip: IpAddr, user: Option<UserId>) -> Result<(), Rejection> {
         if !self.config.rate_limits_shared {
-            return self.guards.check(ip, token);
+            return self.guards.check(ip, user);
         }
         self.guards.check_blocked(ip)?;
         let limits = self.guards.limits();
         let per_ip = RateLimit { per_s: limits.per_ip_per_s, burst: limits.burst };
         self.take_shared_rate(LimitScope::Ip, format!("ip:{ip}"), per_ip).await?;
-        if let Some(token) = token {
-            let per_token = RateLimit { per_s: limits.per_token_per_s, burst: limits.burst };
-            self.take_shared_rate(LimitScope::Token, format!("token:{token}"), per_token).await?;
+        if let Some(user) = user {
+            let per_user = RateLimit { per_s: limits.per_token_per_s, burst: limits.burst };
+            self.take_shared_rate(LimitScope::User, format!("user:{user}"), per_user).await?;
         }
         Ok(())
     }
@@ -365,36 +393,75 @@ impl Engine {
         QueuePosition { status: status.status, position: status.position, eta_s: status.eta_s, sold_out }
     }
 
-    /// Opens an account.
+    /// Opens an account with no points.
     pub async fn create_user(&self, name: String) -> Result<Account, EngineError> {
-        let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 100 {
-            return Err(EngineError::Invalid { reason: "name must have 1 to 100 characters".into() });
-        }
-        self.timed("create_user", self.record.create_user(name, 0, self.now_ms())).await
+        self.open_account(name, 0).await
     }
 
-    /// Reads an account.
-    pub async fn user(&self, user_id: UserId) -> Result<Account, EngineError> {
+    /// Opens an account with a starting balance: for operators loading users (the demo, the
+    /// testbed), never reachable from the public API.
+    pub async fn open_account(&self, name: String, points: u64) -> Result<Account, EngineError> {
+        let name = name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > ACCOUNT_NAME_CHARS_MAX {
+            return Err(EngineError::Invalid {
+                reason: format!("name must have 1 to {ACCOUNT_NAME_CHARS_MAX} characters"),
+            });
+        }
+        self.timed("create_user", self.record.create_user(name, points, self.now_ms())).await
+    }
+
+    /// A session for an existing user, issued without proof of identity: dev mode only.
+    pub async fn dev_session(&self, user_id: UserId) -> Result<(String, Session), EngineError> {
+        if !self.config.sessions.dev_sessions {
+            return Err(EngineError::NotFound { entity: "route", id: 0 });
+        }
+        self.check_user_exists(user_id).await?;
+        self.sessions
+            .issue(user_id, self.now_ms())
+            .ok_or_else(|| EngineError::Invalid { reason: "this engine verifies sessions only".into() })
+    }
+
+    /// Reads the session user's own account.
+    pub async fn user(&self, session: Session, user_id: UserId) -> Result<Account, EngineError> {
+        if user_id != session.user_id {
+            return Err(EngineError::NotYourAccount);
+        }
         self.timed("account", self.record.account(user_id)).await
     }
 
-    /// Adds points, once per idempotency key.
-    pub async fn charge_points(
+    /// Adds points to an account, once per idempotency key: the admin tool and the payment
+    /// webhook, both audited as `actor`.
+    pub async fn top_up(
         &self,
+        actor: &str,
         user_id: UserId,
         amount: u64,
         idempotency_key: String,
     ) -> Result<Account, EngineError> {
-        self.timed("top_up", self.record.top_up(user_id, amount, idempotency_key, self.now_ms())).await
+        let requested = serde_json::json!({ "user_id": user_id, "amount": amount, "key": idempotency_key });
+        let mut topped_up = None;
+        self.audited(actor, "top_up", format!("user/{user_id}"), &requested, async {
+            check_bound("amount", amount, &bounds::TOP_UP_POINTS)?;
+            let before = self.timed("account", self.record.account(user_id)).await?;
+            let after =
+                self.timed("top_up", self.record.top_up(user_id, amount, idempotency_key, self.now_ms())).await?;
+            let change =
+                (serde_json::json!({ "points": before.balance }), serde_json::json!({ "points": after.balance }));
+            topped_up = Some(after);
+            Ok(change)
+        })
+        .await?;
+        topped_up.ok_or_else(|| EngineError::Invalid { reason: "the top-up was not applied".into() })
     }
 
-    /// Joins a schedule's line.
-    pub async fn join_queue(&self, schedule_id: ScheduleId, user_id: UserId) -> Result<Joined, EngineError> {
+    /// Joins a schedule's line as the session's user; joining again returns the same place.
+    pub async fn join_queue(&self, session: Session, schedule_id: ScheduleId) -> Result<Joined, EngineError> {
+        let user_id = session.user_id;
         self.check_user_exists(user_id).await?;
         let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
         self.recent_tokens.joined(schedule_id, status, self.clock.monotonic_us(), self.now_ms());
-        let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq });
+        let nonce = self.signer.nonce(&self.config.node, self.tokens_issued.fetch_add(1, Ordering::Relaxed));
+        let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq, nonce });
         Ok(Joined { token, position: status.position, eta_s: status.eta_s, sold_out: self.sold_out(schedule_id) })
     }
 
@@ -423,8 +490,13 @@ impl Engine {
     /// admitted, skipped, or moved by the shuffle at the opening); when it is woken because the
     /// schedule sold out before the head reached it, or when `wait` ends, it answers from what
     /// it read and what this node saw of the head since, without another store call.
-    pub async fn queue_status(&self, token: &str, wait: Duration) -> Result<QueuePosition, EngineError> {
-        let claim = self.signer.verify(token)?;
+    pub async fn queue_status(
+        &self,
+        session: Session,
+        token: &str,
+        wait: Duration,
+    ) -> Result<QueuePosition, EngineError> {
+        let claim = self.verify_token(session, token)?;
         let joined = self.recent_tokens.take_joined(claim.schedule_id, claim.seq, self.clock.monotonic_us());
         let (mut status, mut read_at_ms) = match joined {
             Some(reading) if !wait.is_zero() => (reading.status, reading.read_at_ms),
@@ -482,8 +554,22 @@ impl Engine {
         Arc::clone(&lines.entry(schedule_id).or_default().signal)
     }
 
-    async fn authorize(&self, token: Option<&str>, need: TokenNeed) -> Result<QueueClaim, EngineError> {
-        let claim = self.signer.verify(token.ok_or(EngineError::TokenMissing)?)?;
+    /// The claim of `token` if this engine signed it for the session's user.
+    fn verify_token(&self, session: Session, token: &str) -> Result<QueueClaim, EngineError> {
+        let claim = self.signer.verify(token)?;
+        if claim.user_id != session.user_id {
+            return Err(EngineError::TokenNotYours);
+        }
+        Ok(claim)
+    }
+
+    async fn authorize(
+        &self,
+        session: Session,
+        token: Option<&str>,
+        need: TokenNeed,
+    ) -> Result<QueueClaim, EngineError> {
+        let claim = self.verify_token(session, token.ok_or(EngineError::TokenMissing)?)?;
         let recent = match need {
             TokenNeed::Browse | TokenNeed::AdmittedOrUsed => {
                 self.recent_tokens.admitted(claim.schedule_id, claim.seq, self.clock.monotonic_us(), self.now_ms())
@@ -514,11 +600,12 @@ impl Engine {
     /// The seat map, for an admitted user.
     pub async fn seat_map(
         &self,
+        session: Session,
         token: Option<&str>,
         schedule_id: ScheduleId,
         filter: SeatFilter,
     ) -> Result<Vec<SeatView>, EngineError> {
-        let claim = self.authorize(token, TokenNeed::Browse).await?;
+        let claim = self.authorize(session, token, TokenNeed::Browse).await?;
         Self::check_schedule(claim, schedule_id)?;
         self.timed("seat_map", self.record.seat_map(schedule_id, filter, self.now_ms())).await
     }
@@ -526,11 +613,12 @@ impl Engine {
     /// Takes a seat for an admitted user, the way the configured hold mode says.
     pub async fn hold(
         &self,
+        session: Session,
         token: Option<&str>,
         schedule_id: ScheduleId,
         seat_id: SeatId,
     ) -> Result<Reservation, EngineError> {
-        let claim = self.authorize(token, TokenNeed::Admitted).await?;
+        let claim = self.authorize(session, token, TokenNeed::Admitted).await?;
         Self::check_schedule(claim, schedule_id)?;
         let request = HoldRequest {
             schedule_id,
@@ -628,11 +716,12 @@ impl Engine {
     /// Pays for a hold with points and confirms it.
     pub async fn confirm(
         &self,
+        session: Session,
         token: Option<&str>,
         reservation_id: ReservationId,
         idempotency_key: Option<String>,
     ) -> Result<Reservation, EngineError> {
-        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+        let claim = self.authorize(session, token, TokenNeed::AdmittedOrUsed).await?;
         // Only a hook that may pause here needs the seat in its context, which costs a read;
         // the confirm itself checks that the reservation is this user's.
         if self.faults.watches(FaultPoint::ConfirmBeforeCommit) {
@@ -678,8 +767,13 @@ impl Engine {
     }
 
     /// Cancels one's hold, or one's confirmed reservation with a refund.
-    pub async fn cancel(&self, token: Option<&str>, reservation_id: ReservationId) -> Result<Reservation, EngineError> {
-        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+    pub async fn cancel(
+        &self,
+        session: Session,
+        token: Option<&str>,
+        reservation_id: ReservationId,
+    ) -> Result<Reservation, EngineError> {
+        let claim = self.authorize(session, token, TokenNeed::AdmittedOrUsed).await?;
         self.owned_reservation(claim, reservation_id).await?;
         self.timed("cancel", self.record.cancel(reservation_id, claim.user_id, self.now_ms())).await
     }
@@ -687,10 +781,11 @@ impl Engine {
     /// Reads one's reservation.
     pub async fn reservation(
         &self,
+        session: Session,
         token: Option<&str>,
         reservation_id: ReservationId,
     ) -> Result<Reservation, EngineError> {
-        let claim = self.authorize(token, TokenNeed::AdmittedOrUsed).await?;
+        let claim = self.authorize(session, token, TokenNeed::AdmittedOrUsed).await?;
         self.owned_reservation(claim, reservation_id).await
     }
 

@@ -1,5 +1,10 @@
-//! Guards in front of the public API: rate limits per client IP and per queue token (GCRA,
-//! from `governor`, on engine time), and an IP blocklist whose entries expire.
+//! Guards in front of the public API: rate limits per client IP and per verified user (GCRA,
+//! from `governor`, on engine time), a limit on accounts opened per IP and hour, and an IP
+//! blocklist whose entries expire.
+//!
+//! **Invariant:** a limiter is keyed only by what the engine verified (the connection's or a
+//! trusted proxy's address, a session's user), never by an unverified string a client sends,
+//! and the sweep forgets idle keys.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -15,11 +20,12 @@ use serde::Serialize;
 
 use crate::clock::{Clock, LimiterClock};
 use crate::config::RateLimits;
+use crate::domain::UserId;
 
 type KeyedLimiter<K> = RateLimiter<K, HashMapStateStore<K>, LimiterClock, NoOpMiddleware<Duration>>;
 
 /// The limits in force and the limiters enforcing them, swapped together.
-type Limiters = (RateLimits, Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>);
+type Limiters = (RateLimits, Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<UserId>>);
 
 /// The most IPs the blocklist holds; a block beyond it is refused, not silently dropped.
 pub const BLOCKED_IPS_MAX: usize = 100_000;
@@ -37,7 +43,9 @@ pub enum Rejection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitScope {
     Ip,
-    Token,
+    User,
+    /// Accounts opened from one address.
+    Accounts,
 }
 
 /// A blocklist entry, for the admin snapshot.
@@ -58,32 +66,43 @@ pub struct BlocklistFull;
 pub struct Guards {
     clock: Arc<dyn Clock>,
     limits: RwLock<Limiters>,
+    accounts: KeyedLimiter<IpAddr>,
     blocks: Mutex<BTreeMap<IpAddr, u64>>,
 }
 
 impl Guards {
-    /// Guards with `limits`, on `clock`.
-    pub fn new(limits: RateLimits, clock: Arc<dyn Clock>) -> Self {
-        let (per_ip, per_token) = limiters(limits, &clock);
-        Self { clock, limits: RwLock::new((limits, per_ip, per_token)), blocks: Mutex::new(BTreeMap::new()) }
+    /// Guards with `limits` and `accounts_per_ip_per_hour`, on `clock`.
+    pub fn new(limits: RateLimits, accounts_per_ip_per_hour: u32, clock: Arc<dyn Clock>) -> Self {
+        let (per_ip, per_user) = limiters(limits, &clock);
+        let per_hour = NonZeroU32::new(accounts_per_ip_per_hour).unwrap_or(NonZeroU32::MIN);
+        let accounts = RateLimiter::hashmap_with_clock(Quota::per_hour(per_hour), LimiterClock(Arc::clone(&clock)));
+        Self { clock, limits: RwLock::new((limits, per_ip, per_user)), accounts, blocks: Mutex::new(BTreeMap::new()) }
     }
 
-    /// Admits or turns away a request from `ip` carrying `token` (if any), by the blocklist
-    /// and this node's own rate limits.
-    pub fn check(&self, ip: IpAddr, token: Option<&str>) -> Result<(), Rejection> {
+    /// Admits or turns away a request from `ip` by the user of its verified session (if any),
+    /// by the blocklist and this node's own rate limits.
+    pub fn check(&self, ip: IpAddr, user: Option<UserId>) -> Result<(), Rejection> {
         self.check_blocked(ip)?;
-        let (per_ip, per_token) = {
+        let (per_ip, per_user) = {
             let guard = self.limits.read();
             (Arc::clone(&guard.1), Arc::clone(&guard.2))
         };
         let now = governor::clock::Clock::now(&LimiterClock(Arc::clone(&self.clock)));
         per_ip.check_key(&ip).map_err(|not_until| rate_limited(LimitScope::Ip, not_until.wait_time_from(now)))?;
-        if let Some(token) = token {
-            per_token
-                .check_key(&token.to_owned())
-                .map_err(|not_until| rate_limited(LimitScope::Token, not_until.wait_time_from(now)))?;
+        if let Some(user) = user {
+            per_user
+                .check_key(&user)
+                .map_err(|not_until| rate_limited(LimitScope::User, not_until.wait_time_from(now)))?;
         }
         Ok(())
+    }
+
+    /// Counts one account opened from `ip`, or refuses it beyond the hourly allowance.
+    pub fn check_account_creation(&self, ip: IpAddr) -> Result<(), Rejection> {
+        let now = governor::clock::Clock::now(&LimiterClock(Arc::clone(&self.clock)));
+        self.accounts
+            .check_key(&ip)
+            .map_err(|not_until| rate_limited(LimitScope::Accounts, not_until.wait_time_from(now)))
     }
 
     /// Turns away a request from a blocked `ip`.
@@ -141,10 +160,11 @@ impl Guards {
         let guard = self.limits.read();
         guard.1.retain_recent();
         guard.2.retain_recent();
+        self.accounts.retain_recent();
     }
 }
 
-fn limiters(limits: RateLimits, clock: &Arc<dyn Clock>) -> (Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<String>>) {
+fn limiters(limits: RateLimits, clock: &Arc<dyn Clock>) -> (Arc<KeyedLimiter<IpAddr>>, Arc<KeyedLimiter<UserId>>) {
     let quota = |per_s: u32| {
         let per_s = NonZeroU32::new(per_s).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
@@ -169,7 +189,7 @@ mod tests {
     fn guards(per_ip_per_s: u32, burst: u32) -> (Guards, ManualClock) {
         let clock = ManualClock::starting_at_ms(1_000_000);
         let limits = RateLimits { per_ip_per_s, per_token_per_s: per_ip_per_s, burst };
-        (Guards::new(limits, Arc::new(clock.clone())), clock)
+        (Guards::new(limits, 2, Arc::new(clock.clone())), clock)
     }
 
     const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
@@ -185,11 +205,28 @@ mod tests {
     }
 
     #[test]
-    fn a_token_over_its_rate_is_limited_even_across_ips() {
+    fn a_user_over_their_rate_is_limited_even_across_ips() {
         let (guards, _clock) = guards(1_000, 1);
         let other = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(guards.check(IP, Some("t")), Ok(()));
-        assert!(matches!(guards.check(other, Some("t")), Err(Rejection::RateLimited { scope: LimitScope::Token, .. })));
+        assert_eq!(guards.check(IP, Some(7)), Ok(()));
+        assert!(matches!(guards.check(other, Some(7)), Err(Rejection::RateLimited { scope: LimitScope::User, .. })));
+        let third = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3));
+        assert_eq!(guards.check(third, Some(8)), Ok(()), "another user has a limit of their own");
+    }
+
+    #[test]
+    fn accounts_per_address_are_limited_per_hour() {
+        let (guards, clock) = guards(1_000, 1_000);
+        let other = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(guards.check_account_creation(IP), Ok(()));
+        assert_eq!(guards.check_account_creation(IP), Ok(()));
+        assert!(matches!(
+            guards.check_account_creation(IP),
+            Err(Rejection::RateLimited { scope: LimitScope::Accounts, retry_after_s: 1_800 })
+        ));
+        assert_eq!(guards.check_account_creation(other), Ok(()));
+        clock.advance(Duration::from_secs(1_800));
+        assert_eq!(guards.check_account_creation(IP), Ok(()));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod guards;
 mod known_users;
 mod recent_tokens;
 pub mod server;
+pub mod sessions;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;

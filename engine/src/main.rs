@@ -13,6 +13,7 @@ use tcore_engine::clock::SystemClock;
 use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
 use tcore_engine::faults::NoFaults;
+use tcore_engine::sessions::{self, SessionClaims, SessionConfig, SessionKey};
 use tcore_engine::store::{
     CacheStore, HOLD_BATCH_MAX_DEFAULT, HOLD_BATCH_WRITERS_DEFAULT, HoldBatchConfig, MariaDbStore, MariaDbStoreConfig,
     MemoryStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore, RedisStore, RedisStoreConfig,
@@ -35,6 +36,37 @@ enum Command {
     Migrate(MigrateArgs),
     /// Run the ops agent against live nodes' admin API.
     Agent(AgentArgs),
+    /// Print a session for a user, signed with the HS256 session secret (for scripts and load tests).
+    Session(SessionArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SessionArgs {
+    /// The user the session names.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    user: u64,
+    /// The HS256 secret the engine verifies sessions with (at least 32 bytes).
+    #[arg(long, env = "TCORE_SESSION_SECRET", hide_env_values = true)]
+    session_secret: String,
+    /// The audience the engine expects.
+    #[arg(long, env = "TCORE_SESSION_AUDIENCE", default_value = sessions::SESSION_AUDIENCE_DEFAULT)]
+    session_audience: String,
+    /// The issuer, if the engine requires one.
+    #[arg(long, env = "TCORE_SESSION_ISSUER")]
+    session_issuer: Option<String>,
+    /// How long the session lasts, in seconds.
+    #[arg(long, default_value_t = sessions::SESSION_TTL_S_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=sessions::SESSION_TTL_S_MAX))]
+    ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SessionAlgorithm {
+    /// HMAC-SHA256 with --session-secret: the engine can also issue sessions.
+    Hs256,
+    /// Ed25519 with --session-public-key (PEM): verify only.
+    Eddsa,
+    /// RSA-SHA256 with --session-public-key (PEM): verify only.
+    Rs256,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -192,6 +224,33 @@ struct ServeArgs {
     /// it. Default: a random secret for this process.
     #[arg(long, env = "TCORE_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// How fans' sessions are signed.
+    #[arg(long, env = "TCORE_SESSION_ALGORITHM", value_enum, default_value = "hs256")]
+    session_algorithm: SessionAlgorithm,
+    /// The HS256 session secret (at least 32 bytes); nodes and whoever issues sessions share it.
+    /// Default: a random secret for this process (then only dev sessions can be had).
+    #[arg(long, env = "TCORE_SESSION_SECRET", hide_env_values = true)]
+    session_secret: Option<String>,
+    /// With --session-algorithm eddsa or rs256: the identity provider's public key, a PEM file.
+    #[arg(long, env = "TCORE_SESSION_PUBLIC_KEY")]
+    session_public_key: Option<std::path::PathBuf>,
+    /// The `aud` every session must carry.
+    #[arg(long, env = "TCORE_SESSION_AUDIENCE", default_value = sessions::SESSION_AUDIENCE_DEFAULT)]
+    session_audience: String,
+    /// The `iss` every session must carry, if set.
+    #[arg(long, env = "TCORE_SESSION_ISSUER")]
+    session_issuer: Option<String>,
+    /// Serve `POST /v1/sessions`, which hands out a session for any existing user WITHOUT
+    /// proof of identity: for development and load tests only.
+    #[arg(long, env = "TCORE_DEV_SESSIONS")]
+    dev_sessions: bool,
+    /// The secret the payment provider signs top-up webhooks with (at least 32 bytes); without
+    /// one `POST /v1/payments/webhook` is not served.
+    #[arg(long, env = "TCORE_PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
+    payment_webhook_secret: Option<String>,
+    /// Accounts one client address may open per hour.
+    #[arg(long, env = "TCORE_ACCOUNTS_PER_IP_PER_HOUR", default_value_t = 20)]
+    accounts_per_ip_per_hour: u32,
     /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
     #[arg(long, env = "TCORE_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
@@ -214,16 +273,44 @@ impl ServeArgs {
         }
     }
 
-    fn engine_config(&self) -> EngineConfig {
+    fn session_config(&self) -> anyhow::Result<SessionConfig> {
+        let public_key = || -> anyhow::Result<Vec<u8>> {
+            let path =
+                self.session_public_key.as_ref().context("--session-public-key is needed with this algorithm")?;
+            std::fs::read(path).with_context(|| format!("--session-public-key: cannot read {}", path.display()))
+        };
+        let key = match self.session_algorithm {
+            SessionAlgorithm::Hs256 => {
+                let secret = match &self.session_secret {
+                    Some(secret) => secret.as_bytes().to_vec(),
+                    None => {
+                        tracing::info!("no --session-secret: using a random one; only dev sessions can be had");
+                        random_secret()
+                    }
+                };
+                SessionKey::Hs256 { secret }
+            }
+            SessionAlgorithm::Eddsa => SessionKey::EdDsa { public_key_pem: public_key()? },
+            SessionAlgorithm::Rs256 => SessionKey::Rs256 { public_key_pem: public_key()? },
+        };
+        Ok(SessionConfig {
+            key,
+            audience: self.session_audience.clone(),
+            issuer: self.session_issuer.clone(),
+            dev_sessions: self.dev_sessions,
+            ..SessionConfig::default()
+        })
+    }
+
+    fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let token_secret = match &self.token_secret {
             Some(secret) => secret.as_bytes().to_vec(),
             None => {
                 tracing::info!("no --token-secret: using a random one; nodes sharing a store need the same secret");
-                let mut rng = rand::rng();
-                (0..32).map(|_| rng.random::<u8>()).collect()
+                random_secret()
             }
         };
-        EngineConfig {
+        Ok(EngineConfig {
             node: self.node.clone(),
             hold_mode: self.hold_mode,
             allow_unsafe_hold_mode: self.allow_unsafe_hold_mode,
@@ -245,11 +332,39 @@ impl ServeArgs {
             },
             rate_limits_shared: self.shared_rate_limits,
             token_secret,
+            sessions: self.session_config()?,
+            payment_webhook_secret: self.payment_webhook_secret.as_ref().map(|secret| secret.as_bytes().to_vec()),
+            accounts_per_ip_per_hour: self.accounts_per_ip_per_hour,
             admin_token: self.admin_token.clone(),
             trust_forwarded_for: self.trust_forwarded_for,
             ..EngineConfig::default()
-        }
+        })
     }
+}
+
+fn random_secret() -> Vec<u8> {
+    let mut rng = rand::rng();
+    (0..32).map(|_| rng.random::<u8>()).collect()
+}
+
+// The session is the command's output.
+#[allow(clippy::print_stdout)]
+fn print_session(args: &SessionArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.session_secret.len() >= sessions::SESSION_SECRET_LEN_MIN,
+        "--session-secret must have at least {} bytes",
+        sessions::SESSION_SECRET_LEN_MIN
+    );
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).context("the clock")?.as_secs();
+    let claims = SessionClaims {
+        sub: args.user.to_string(),
+        aud: args.session_audience.clone(),
+        iat: now_s,
+        exp: now_s + args.ttl_s,
+        iss: args.session_issuer.clone(),
+    };
+    println!("{}", sessions::sign_hs256(args.session_secret.as_bytes(), &claims).context("signing the session")?);
+    Ok(())
 }
 
 /// A serving node is mostly small allocations on a few threads: mimalloc serves them with less
@@ -266,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args).await,
         Command::Agent(args) => agent(args).await,
         Command::Migrate(args) => migrate(&args.database_url, MariaDbStoreConfig::default()).await.map(|_| ()),
+        Command::Session(args) => print_session(&args),
     }
 }
 
@@ -396,7 +512,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.engine_config();
+    let config = args.engine_config()?;
     let stores = stores(&args).await?;
     let admin_enabled = config.admin_token.is_some();
     let engine = Engine::new(EngineParts {
@@ -440,13 +556,7 @@ async fn load_demo(engine: &Arc<Engine>, args: &ServeArgs) -> anyhow::Result<()>
         Err(error) => return Err(error).context("loading the demo concert"),
     }
     for index in 0..args.demo_users {
-        let user = engine.create_user(format!("demo-{index}")).await.context("creating demo users")?;
-        if args.demo_points > 0 {
-            engine
-                .charge_points(user.user_id, args.demo_points, format!("demo-top-up-{}", user.user_id))
-                .await
-                .context("giving demo users points")?;
-        }
+        engine.open_account(format!("demo-{index}"), args.demo_points).await.context("creating demo users")?;
     }
     tracing::info!(
         seats = args.demo_seats,

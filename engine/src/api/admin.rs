@@ -34,6 +34,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/blocks", post(block))
         .route("/blocks/{ip}", delete(unblock))
         .route("/hold-ttl", put(set_hold_ttl))
+        .route("/users/{id}/points", post(top_up))
         .route("/audit", get(audit))
         .route("/decisions", post(record_decision))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
@@ -100,6 +101,13 @@ pub(super) struct BlockRequest {
 #[serde(deny_unknown_fields)]
 pub(super) struct HoldTtl {
     ttl_s: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TopUp {
+    #[schema(minimum = 1, maximum = 10_000_000)]
+    amount: u64,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -169,6 +177,32 @@ pub(super) async fn set_hold_ttl(
     ApiJson(body): ApiJson<HoldTtl>,
 ) -> Response {
     respond(StatusCode::OK, state.engine.set_hold_ttl(&actor, body.ttl_s).await.map_err(ApiError::from))
+}
+
+/// Adds points to an account (a refund by hand, a goodwill credit); needs an
+/// `Idempotency-Key`, and adds once per key.
+#[utoipa::path(post, path = "/admin/v1/users/{id}/points", params(("id" = u64, Path)), request_body = TopUp,
+    security(("admin_token" = [])),
+    responses((status = 200, body = super::public::UserView), (status = 400, body = super::Problem),
+        (status = 404, body = super::Problem), (status = 422, body = super::Problem)))]
+pub(super) async fn top_up(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiPath(id): ApiPath<u64>,
+    headers: axum::http::HeaderMap,
+    ApiJson(body): ApiJson<TopUp>,
+) -> Response {
+    let key = headers.get(super::idempotency::IDEMPOTENCY_KEY).and_then(|value| value.to_str().ok());
+    let Some(key) = key.filter(|key| (1..=super::idempotency::IDEMPOTENCY_KEY_LEN_MAX).contains(&key.len())) else {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "a top-up needs an Idempotency-Key header of 1 to 255 characters",
+        )
+        .into_response();
+    };
+    let result = state.engine.top_up(&actor, id, body.amount, format!("admin:{key}")).await;
+    respond(StatusCode::OK, result.map(super::public::UserView::from).map_err(ApiError::from))
 }
 
 /// The audit log: when, what, value before and after.

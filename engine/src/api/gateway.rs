@@ -25,8 +25,12 @@
 //!   an unknown path (the fallback) is not, so a scan of random paths cannot grow the metrics;
 //! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklist and the rate
 //!   limits before its handler runs; operations and admin routes do not;
+//! - a public request's session is verified once, here, and only a verified session's user
+//!   gets a rate limit of its own; handlers read the result ([`SessionCheck`]) and the client
+//!   address ([`ClientIp`]) from the request's extensions;
 //! - every public `POST` (every mutating public route) with an `Idempotency-Key` goes through
-//!   [`idempotency::run`], after the guards.
+//!   [`idempotency::run`], after the guards, with the key scoped to the session's user (or,
+//!   without a session, the client address), the method and the route template.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,7 +46,7 @@ use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
 use super::idempotency::{self, IDEMPOTENCY_KEY};
-use super::{ApiError, AppState, REQUEST_BODY_MAX, RejectionCode, bearer};
+use super::{ApiError, AppState, ClientIp, REQUEST_BODY_MAX, RejectionCode, SessionCheck, bearer};
 
 /// Every public route's template starts with this; no other route's does.
 pub(super) const PUBLIC_PREFIX: &str = "/v1/";
@@ -140,7 +144,7 @@ where
     let ip = client_ip(&state, &request);
     let request_number = state.next_request_number();
     let response = if route.as_str().starts_with(PUBLIC_PREFIX) {
-        guard(&state, ip, inner, request).await
+        guard(&state, ip, route.as_str(), inner, request).await
     } else {
         answer(inner.call(*request).await)
     };
@@ -154,20 +158,31 @@ where
     response
 }
 
-/// Blocklist and rate limits, before any public handler runs; then idempotency for a `POST`.
-async fn guard<S>(state: &AppState, ip: IpAddr, mut inner: S, request: Box<Request>) -> Response
+/// The session, blocklist and rate limits, before any public handler runs; then idempotency
+/// for a `POST`.
+async fn guard<S>(state: &AppState, ip: IpAddr, route: &str, mut inner: S, mut request: Box<Request>) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
-    if let Err(rejection) = state.engine.admit_request(ip, bearer(request.headers())).await {
+    let session = match bearer(request.headers()) {
+        Some(credential) => state.engine.verify_session(credential),
+        None => Err(crate::sessions::SessionError::Missing),
+    };
+    let user = session.ok().map(|session| session.user_id);
+    if let Err(rejection) = state.engine.admit_request(ip, user).await {
         let error = ApiError::from(rejection);
         state.engine.telemetry().record_rejection(error.code);
         return error.into_response();
     }
+    request.extensions_mut().insert(SessionCheck(session));
+    request.extensions_mut().insert(ClientIp(ip));
     let key = (request.method() == Method::POST).then(|| request.headers().get(IDEMPOTENCY_KEY).cloned()).flatten();
     let response = match key {
-        // Boxed: the largest future here, and only a mutating request carries it.
-        Some(key) => Box::pin(idempotency::run(state.clone(), key, *request, inner)).await,
+        Some(key) => {
+            let scope = idempotency::Scope { user, ip, route };
+            // Boxed: the largest future here, and only a mutating request carries it.
+            Box::pin(idempotency::run(state.clone(), key, scope, *request, inner)).await
+        }
         None => answer(inner.call(*request).await),
     };
     if let Some(code) = response.extensions().get::<RejectionCode>() {

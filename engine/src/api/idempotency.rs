@@ -2,10 +2,15 @@
 //! same response, byte for byte; the same key with another request is a 422; a key whose
 //! request is still running is a 409.
 //!
+//! Keys are scoped: the record is kept under a digest of the session's user (or, for a caller
+//! without a session, the client address), the method, the route template and the key, so one
+//! caller's key can never replay, block or refuse another caller's request.
+//!
 //! **Invariant:** a response is stored only when the outcome is final (not a 5xx, 429 or
 //! 503), so a retry after a failure runs the request again instead of replaying the failure.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::Request;
@@ -16,7 +21,7 @@ use tower::Service;
 
 use super::gateway::answer;
 use super::{ApiError, AppState, REQUEST_BODY_MAX};
-use crate::domain::{IdempotencyDecision, StoredResponse};
+use crate::domain::{IdempotencyDecision, StoredResponse, UserId};
 
 /// The header's name.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -25,9 +30,43 @@ pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 /// The largest response stored for replay.
 pub const STORED_RESPONSE_MAX: usize = 256 * 1024;
 
+/// Whose key it is, and for which operation.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Scope<'a> {
+    /// The verified session's user, if any.
+    pub user: Option<UserId>,
+    /// The client address, which scopes the keys of callers without a session.
+    pub ip: IpAddr,
+    /// The route template (`/v1/reservations/{id}/confirm`), not the concrete path.
+    pub route: &'a str,
+}
+
+impl Scope<'_> {
+    /// The key a record is stored under: a hex SHA-256 of the scope and the client's key, so
+    /// it stays within the stores' 255-byte key columns whatever the key's length.
+    fn record_key(&self, method: &str, key: &str) -> String {
+        let mut hasher = Sha256::new();
+        match self.user {
+            Some(user) => hasher.update(format!("user:{user}")),
+            None => hasher.update(format!("ip:{}", self.ip)),
+        }
+        for part in [method, self.route, key] {
+            hasher.update([0]);
+            hasher.update(part);
+        }
+        hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+}
+
 /// Runs a request that carries `key` in its `Idempotency-Key` header: the gateway calls it for
 /// every public `POST` (every mutating public route) with one, after the guards.
-pub(super) async fn run<S>(state: AppState, key: HeaderValue, request: Request, mut inner: S) -> Response
+pub(super) async fn run<S>(
+    state: AppState,
+    key: HeaderValue,
+    scope: Scope<'_>,
+    request: Request,
+    mut inner: S,
+) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
@@ -42,6 +81,7 @@ where
             .into_response();
         }
     };
+    let key = scope.record_key(request.method().as_str(), &key);
     let (parts, body) = request.into_parts();
     let Ok(body) = to_bytes(body, REQUEST_BODY_MAX).await else {
         return ApiError::body_too_large().into_response();
@@ -108,7 +148,9 @@ fn fingerprint(parts: &axum::http::request::Parts, body: &[u8]) -> [u8; 32] {
     hasher.update([0]);
     hasher.update(parts.uri.query().unwrap_or(""));
     hasher.update([0]);
-    hasher.update(parts.headers.get(header::AUTHORIZATION).map_or(&b""[..], HeaderValue::as_bytes));
+    // The queue token, not the session: a fan whose session was renewed may still retry. The
+    // session's user is part of the record's key already.
+    hasher.update(parts.headers.get(super::QUEUE_TOKEN_HEADER).map_or(&b""[..], HeaderValue::as_bytes));
     hasher.update([0]);
     hasher.update(body);
     hasher.finalize().into()

@@ -10,9 +10,12 @@ mod gateway;
 mod idempotency;
 mod problem;
 mod public;
+mod webhook;
 
 pub use problem::{ApiError, Problem};
+pub use webhook::{SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER, sign as sign_webhook};
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +27,7 @@ use axum::{Json, Router};
 use utoipa::OpenApi;
 
 use crate::engine::Engine;
+use crate::sessions::{Session, SessionError};
 
 /// The most bytes a request body may have.
 pub const REQUEST_BODY_MAX: usize = 64 * 1024;
@@ -58,6 +62,43 @@ pub struct ApiPath<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
 
+/// The header a booking call carries its queue token in (the session is in `Authorization`).
+pub const QUEUE_TOKEN_HEADER: &str = "x-queue-token";
+
+/// What the gateway found of a public request's session, for the handlers that need one.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SessionCheck(pub Result<Session, SessionError>);
+
+/// The verified session of a request: its handler acts for this user only. Refused with 401
+/// when the session is missing, forged or expired.
+#[derive(Debug, Clone, Copy)]
+pub struct FanSession(pub Session);
+
+impl<S: Send + Sync> FromRequestParts<S> for FanSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        let check = parts.extensions.get::<SessionCheck>().map_or(Err(SessionError::Missing), |check| check.0);
+        check.map(FanSession).map_err(ApiError::from)
+    }
+}
+
+/// The client's address as the guards saw it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<ClientIp>()
+            .copied()
+            .ok_or_else(|| ApiError::internal("the gateway did not record the client address"))
+    }
+}
+
 /// The bearer token of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
@@ -66,7 +107,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
     let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default() };
-    let public = public::routes();
+    let public = public::routes(&state);
     let ops = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -134,10 +175,11 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 #[openapi(
     info(title = "T-CORE engine", description = "Ticket openings without overselling: waiting room, holds, payments."),
     paths(
-        public::list_schedules, public::create_user, public::get_user, public::charge_points, public::join_queue,
+        public::list_schedules, public::create_user, public::dev_session, public::get_user, public::join_queue,
         public::queue_status, public::seat_map, public::hold, public::confirm, public::cancel, public::get_reservation,
+        webhook::top_up,
         admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
-        admin::set_hold_ttl, admin::audit, admin::record_decision,
+        admin::set_hold_ttl, admin::top_up, admin::audit, admin::record_decision,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes),
@@ -148,10 +190,20 @@ struct SecuritySchemes;
 
 impl utoipa::Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        let bearer = || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
-        components.add_security_scheme("queue_token", bearer());
-        components.add_security_scheme("admin_token", bearer());
+        let session = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .description(Some("The fan's session: a JWT whose `sub` is the user id, with `aud` and `exp`."))
+            .build();
+        components.add_security_scheme("session", SecurityScheme::Http(session));
+        let queue_token = ApiKeyValue::with_description(
+            "X-Queue-Token",
+            "The queue token from joining the schedule's waiting room; it must name the session's user.",
+        );
+        components.add_security_scheme("queue_token", SecurityScheme::ApiKey(ApiKey::Header(queue_token)));
+        let admin = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        components.add_security_scheme("admin_token", SecurityScheme::Http(admin));
     }
 }

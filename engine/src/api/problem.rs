@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use crate::domain::{TokenStatus, TransitionError};
 use crate::engine::EngineError;
 use crate::guards::{LimitScope, Rejection};
+use crate::sessions::SessionError;
 
 /// A problem document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -32,12 +33,20 @@ pub struct ApiError {
     pub code: &'static str,
     pub detail: String,
     pub retry_after_s: Option<u64>,
+    /// A 401's `WWW-Authenticate: Bearer` challenge.
+    pub challenge: bool,
 }
 
 impl ApiError {
     /// A problem with `status`, stable `code` and a human `detail`.
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into(), retry_after_s: None }
+        Self { status, code, detail: detail.into(), retry_after_s: None, challenge: false }
+    }
+
+    /// Adds a `WWW-Authenticate: Bearer` challenge (RFC 6750).
+    pub fn www_authenticate(mut self) -> Self {
+        self.challenge = true;
+        self
     }
 
     /// Adds a `Retry-After` header.
@@ -78,6 +87,9 @@ impl IntoResponse for ApiError {
         if let Some(seconds) = self.retry_after_s {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if self.challenge {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         response
     }
 }
@@ -97,6 +109,8 @@ impl From<EngineError> for ApiError {
                 TokenStatus::Used | TokenStatus::Admitted => Self::new(S::FORBIDDEN, "token_used", detail),
             },
             EngineError::NotOwner => Self::new(S::FORBIDDEN, "not_owner", detail),
+            EngineError::TokenNotYours => Self::new(S::FORBIDDEN, "token_not_yours", detail),
+            EngineError::NotYourAccount => Self::new(S::FORBIDDEN, "not_your_account", detail),
             EngineError::SeatTaken => Self::new(S::CONFLICT, "seat_taken", detail),
             EngineError::SeatLocked => Self::new(S::CONFLICT, "seat_locked", detail).retry_after(1),
             EngineError::Rejected(rejection) => match rejection {
@@ -137,12 +151,24 @@ impl From<Rejection> for ApiError {
             Rejection::RateLimited { scope, retry_after_s } => {
                 let what = match scope {
                     LimitScope::Ip => "this address",
-                    LimitScope::Token => "this queue token",
+                    LimitScope::User => "this user",
+                    LimitScope::Accounts => "this address: too many accounts opened this hour",
                 };
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", format!("too many requests from {what}"))
                     .retry_after(retry_after_s)
             }
         }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        let code = match error {
+            SessionError::Missing => "session_missing",
+            SessionError::Invalid(_) => "session_invalid",
+            SessionError::Expired => "session_expired",
+        };
+        Self::new(StatusCode::UNAUTHORIZED, code, error.to_string()).www_authenticate()
     }
 }
 

@@ -1,36 +1,52 @@
-//! The public API: schedules, users and points, the waiting room, seats, holds and
-//! reservations.
+//! The public API: schedules, accounts and sessions, the waiting room, seats, holds and
+//! reservations, and the payment provider's top-up webhook.
+//!
+//! **Invariant:** every handler that acts for a user takes the user from the verified session
+//! ([`FanSession`]); no body or path names the acting user. Booking calls carry the queue
+//! token in [`QUEUE_TOKEN_HEADER`], and the engine checks it names the same user.
 
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::idempotency::IDEMPOTENCY_KEY;
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, ClientIp, FanSession, QUEUE_TOKEN_HEADER, respond};
 use crate::config::bounds;
 use crate::domain::{Account, Reservation, ReservationStatus, ScheduleSummary, SeatStatus, SeatView};
 use crate::engine::{Joined, QueuePosition};
 use crate::store::SeatFilter;
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
+pub(super) fn routes(state: &AppState) -> Router<AppState> {
+    let config = state.engine.config();
+    let mut routes = Router::new()
         .route("/v1/schedules", get(list_schedules))
         .route("/v1/users", post(create_user))
         .route("/v1/users/{id}", get(get_user))
-        .route("/v1/users/{id}/points", post(charge_points))
         .route("/v1/schedules/{id}/queue", post(join_queue))
         .route("/v1/queue/{token}", get(queue_status))
         .route("/v1/schedules/{id}/seats", get(seat_map))
         .route("/v1/holds", post(hold))
         .route("/v1/reservations/{id}", get(get_reservation))
         .route("/v1/reservations/{id}/confirm", post(confirm))
-        .route("/v1/reservations/{id}/cancel", post(cancel))
+        .route("/v1/reservations/{id}/cancel", post(cancel));
+    if config.sessions.dev_sessions {
+        routes = routes.route("/v1/sessions", post(dev_session));
+    }
+    if config.payment_webhook_secret.is_some() {
+        routes = routes.route("/v1/payments/webhook", post(super::webhook::top_up));
+    }
+    routes
+}
+
+/// The queue token of a booking call.
+fn queue_token(headers: &HeaderMap) -> Option<&str> {
+    headers.get(QUEUE_TOKEN_HEADER)?.to_str().ok().map(str::trim)
 }
 
 /// A user and their balance.
@@ -50,19 +66,23 @@ impl From<Account> for UserView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewUser {
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PointsCharge {
-    amount: u64,
+pub(super) struct DevSessionRequest {
+    #[schema(minimum = 1)]
+    user_id: u64,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(super) struct JoinRequest {
+/// A session credential: send it as `Authorization: Bearer <session>`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct SessionView {
+    session: String,
     user_id: u64,
+    expires_at_s: u64,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -143,59 +163,62 @@ pub(super) async fn list_schedules(State(state): State<AppState>) -> Response {
     respond(StatusCode::OK, state.engine.schedules().await.map_err(ApiError::from))
 }
 
-/// Opens an account with no points.
+/// Opens an account with no points (a limited number per client address and hour).
 #[utoipa::path(post, path = "/v1/users", request_body = NewUser,
-    responses((status = 201, body = UserView), (status = 422, body = super::Problem)))]
-pub(super) async fn create_user(State(state): State<AppState>, ApiJson(body): ApiJson<NewUser>) -> Response {
+    responses((status = 201, body = UserView), (status = 422, body = super::Problem), (status = 429, body = super::Problem)))]
+pub(super) async fn create_user(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    ApiJson(body): ApiJson<NewUser>,
+) -> Response {
+    if let Err(rejection) = state.engine.guards().check_account_creation(ip) {
+        return ApiError::from(rejection).into_response();
+    }
     respond(StatusCode::CREATED, state.engine.create_user(body.name).await.map(UserView::from).map_err(ApiError::from))
 }
 
-/// A user and their balance.
-#[utoipa::path(get, path = "/v1/users/{id}", params(("id" = u64, Path)),
-    responses((status = 200, body = UserView), (status = 404, body = super::Problem)))]
-pub(super) async fn get_user(State(state): State<AppState>, ApiPath(id): ApiPath<u64>) -> Response {
-    respond(StatusCode::OK, state.engine.user(id).await.map(UserView::from).map_err(ApiError::from))
+/// Issues a session for an existing user without any proof of identity: served only by an
+/// engine started with dev sessions, for development and load tests.
+#[utoipa::path(post, path = "/v1/sessions", request_body = DevSessionRequest,
+    responses((status = 201, body = SessionView), (status = 404, body = super::Problem)))]
+pub(super) async fn dev_session(State(state): State<AppState>, ApiJson(body): ApiJson<DevSessionRequest>) -> Response {
+    let result = state.engine.dev_session(body.user_id).await.map(|(session, granted)| SessionView {
+        session,
+        user_id: granted.user_id,
+        expires_at_s: granted.expires_at_s,
+    });
+    respond(StatusCode::CREATED, result.map_err(ApiError::from))
 }
 
-/// Adds points; needs an `Idempotency-Key`, and adds once per key.
-#[utoipa::path(post, path = "/v1/users/{id}/points", params(("id" = u64, Path)), request_body = PointsCharge,
-    responses((status = 200, body = UserView), (status = 400, body = super::Problem), (status = 422, body = super::Problem)))]
-pub(super) async fn charge_points(
+/// The session user's own account and balance.
+#[utoipa::path(get, path = "/v1/users/{id}", params(("id" = u64, Path)), security(("session" = [])),
+    responses((status = 200, body = UserView), (status = 403, body = super::Problem), (status = 404, body = super::Problem)))]
+pub(super) async fn get_user(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     ApiPath(id): ApiPath<u64>,
-    headers: HeaderMap,
-    ApiJson(body): ApiJson<PointsCharge>,
 ) -> Response {
-    let result = async {
-        let key = headers.get(IDEMPOTENCY_KEY).and_then(|value| value.to_str().ok()).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "charging points needs an Idempotency-Key header",
-            )
-        })?;
-        Ok(state.engine.charge_points(id, body.amount, key.to_owned()).await.map(UserView::from)?)
-    }
-    .await;
-    respond(StatusCode::OK, result)
+    respond(StatusCode::OK, state.engine.user(session, id).await.map(UserView::from).map_err(ApiError::from))
 }
 
-/// Joins a schedule's waiting room; the token is signed and names user and schedule.
-#[utoipa::path(post, path = "/v1/schedules/{id}/queue", params(("id" = u64, Path)), request_body = JoinRequest,
+/// Joins a schedule's waiting room as the session's user; the token is signed, names user and
+/// schedule, and joining again returns the same place.
+#[utoipa::path(post, path = "/v1/schedules/{id}/queue", params(("id" = u64, Path)), security(("session" = [])),
     responses((status = 201, body = Joined), (status = 404, body = super::Problem)))]
 pub(super) async fn join_queue(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     ApiPath(id): ApiPath<u64>,
-    ApiJson(body): ApiJson<JoinRequest>,
 ) -> Response {
-    respond(StatusCode::CREATED, state.engine.join_queue(id, body.user_id).await.map_err(ApiError::from))
+    respond(StatusCode::CREATED, state.engine.join_queue(session, id).await.map_err(ApiError::from))
 }
 
 /// Where a token stands; with `wait_s` it answers on a change or after that many seconds.
-#[utoipa::path(get, path = "/v1/queue/{token}", params(("token" = String, Path), StatusQuery),
+#[utoipa::path(get, path = "/v1/queue/{token}", params(("token" = String, Path), StatusQuery), security(("session" = [])),
     responses((status = 200, body = QueuePosition), (status = 401, body = super::Problem)))]
 pub(super) async fn queue_status(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     ApiPath(token): ApiPath<String>,
     ApiQuery(query): ApiQuery<StatusQuery>,
 ) -> Response {
@@ -204,65 +227,83 @@ pub(super) async fn queue_status(
         if !bounds::QUEUE_WAIT_S.contains(&wait_s) {
             return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds", "wait_s must be in 0..=30"));
         }
-        Ok(state.engine.queue_status(&token, Duration::from_secs(wait_s)).await?)
+        Ok(state.engine.queue_status(session, &token, Duration::from_secs(wait_s)).await?)
     }
     .await;
     respond(StatusCode::OK, result)
 }
 
 /// The seat map (admitted token required).
-#[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path), SeatMapQuery), security(("queue_token" = [])),
+#[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path), SeatMapQuery), security(("session" = [], "queue_token" = [])),
     responses((status = 200, body = SeatMap), (status = 403, body = super::Problem)))]
 pub(super) async fn seat_map(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     ApiPath(id): ApiPath<u64>,
     ApiQuery(query): ApiQuery<SeatMapQuery>,
     headers: HeaderMap,
 ) -> Response {
     let filter = SeatFilter { section: query.section, status: query.status, limit: query.limit };
-    let result = state.engine.seat_map(bearer(&headers), id, filter).await.map(|seats| SeatMap { seats });
+    let result = state.engine.seat_map(session, queue_token(&headers), id, filter).await.map(|seats| SeatMap { seats });
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }
 
 /// Takes a seat (admitted token required).
-#[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody, security(("queue_token" = [])),
+#[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody, security(("session" = [], "queue_token" = [])),
     responses((status = 201, body = HoldView), (status = 409, body = super::Problem), (status = 403, body = super::Problem)))]
 pub(super) async fn hold(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     headers: HeaderMap,
     ApiJson(body): ApiJson<HoldRequestBody>,
 ) -> Response {
-    let result = state.engine.hold(bearer(&headers), body.schedule_id, body.seat_id).await.map(|reservation| {
-        HoldView { reservation_id: reservation.id, fence: reservation.fence.0, expires_at: reservation.expires_at_ms }
-    });
+    let result =
+        state.engine.hold(session, queue_token(&headers), body.schedule_id, body.seat_id).await.map(|reservation| {
+            HoldView {
+                reservation_id: reservation.id,
+                fence: reservation.fence.0,
+                expires_at: reservation.expires_at_ms,
+            }
+        });
     respond(StatusCode::CREATED, result.map_err(ApiError::from))
 }
 
 /// Pays for a hold with points and confirms it.
-#[utoipa::path(post, path = "/v1/reservations/{id}/confirm", params(("id" = u64, Path)), security(("queue_token" = [])),
+#[utoipa::path(post, path = "/v1/reservations/{id}/confirm", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
     responses((status = 200, body = ReservationView), (status = 402, body = super::Problem), (status = 410, body = super::Problem)))]
-pub(super) async fn confirm(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, headers: HeaderMap) -> Response {
+pub(super) async fn confirm(
+    State(state): State<AppState>,
+    FanSession(session): FanSession,
+    ApiPath(id): ApiPath<u64>,
+    headers: HeaderMap,
+) -> Response {
     let key = headers.get(IDEMPOTENCY_KEY).and_then(|value| value.to_str().ok()).map(str::to_owned);
-    let result = state.engine.confirm(bearer(&headers), id, key).await.map(ReservationView::from);
+    let result = state.engine.confirm(session, queue_token(&headers), id, key).await.map(ReservationView::from);
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }
 
 /// Cancels a hold, or a confirmed reservation with a refund.
-#[utoipa::path(post, path = "/v1/reservations/{id}/cancel", params(("id" = u64, Path)), security(("queue_token" = [])),
+#[utoipa::path(post, path = "/v1/reservations/{id}/cancel", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
     responses((status = 200, body = ReservationView), (status = 409, body = super::Problem)))]
-pub(super) async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<u64>, headers: HeaderMap) -> Response {
-    let result = state.engine.cancel(bearer(&headers), id).await.map(ReservationView::from);
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    FanSession(session): FanSession,
+    ApiPath(id): ApiPath<u64>,
+    headers: HeaderMap,
+) -> Response {
+    let result = state.engine.cancel(session, queue_token(&headers), id).await.map(ReservationView::from);
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }
 
 /// Reads one's reservation.
-#[utoipa::path(get, path = "/v1/reservations/{id}", params(("id" = u64, Path)), security(("queue_token" = [])),
+#[utoipa::path(get, path = "/v1/reservations/{id}", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
     responses((status = 200, body = ReservationView), (status = 404, body = super::Problem)))]
 pub(super) async fn get_reservation(
     State(state): State<AppState>,
+    FanSession(session): FanSession,
     ApiPath(id): ApiPath<u64>,
     headers: HeaderMap,
 ) -> Response {
-    let result = state.engine.reservation(bearer(&headers), id).await.map(ReservationView::from);
+    let result = state.engine.reservation(session, queue_token(&headers), id).await.map(ReservationView::from);
     respond(StatusCode::OK, result.map_err(ApiError::from))
 }

@@ -9,77 +9,109 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use tcore_engine::clock::ManualClock;
+use tcore_engine::clock::{Clock, ManualClock};
 use tcore_engine::config::{EngineConfig, HoldMode};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::{Engine, app};
 use tower::ServiceExt;
 
-use crate::support::{ADMIN_TOKEN, START_MS, config, engine_with, schedule};
+use crate::support::{ADMIN_TOKEN, START_MS, config, engine_with, schedule, session, session_of};
 
-struct Api {
-    router: Router,
-    engine: Arc<Engine>,
-    clock: ManualClock,
+pub(crate) struct Api {
+    pub(crate) router: Router,
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) clock: ManualClock,
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    bytes: Bytes,
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) bytes: Bytes,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_slice(&self.bytes).unwrap_or_else(|_| panic!("JSON body, got {:?}", self.bytes))
     }
 }
 
 /// A request; the builder keeps each test to the lines that matter.
-struct Call<'a> {
+pub(crate) struct Call<'a> {
     api: &'a Api,
     method: Method,
     uri: String,
     bearer: Option<String>,
+    queue_token: Option<String>,
     key: Option<String>,
     forwarded_for: Option<String>,
+    headers: Vec<(&'static str, String)>,
     body: Option<String>,
 }
 
 impl Call<'_> {
-    fn bearer(mut self, token: &str) -> Self {
+    pub(crate) fn bearer(mut self, token: &str) -> Self {
         self.bearer = Some(token.to_owned());
         self
     }
 
-    fn key(mut self, key: &str) -> Self {
+    /// As the user `user_id`, with a session the engine issued.
+    pub(crate) fn session(mut self, user_id: u64) -> Self {
+        let issued = self.api.engine.sessions().issue(user_id, self.api.clock.now_ms());
+        self.bearer = Some(issued.expect("the test engine signs with HS256").0);
+        self
+    }
+
+    /// Only the queue token, with whatever session the call has (or none).
+    pub(crate) fn queue_token(mut self, token: &str) -> Self {
+        self.queue_token = Some(token.to_owned());
+        self
+    }
+
+    /// As the fan a queue token names: their session, and the token for booking calls.
+    pub(crate) fn fan(mut self, token: &str) -> Self {
+        self.queue_token = Some(token.to_owned());
+        self.session(session_of(token).user_id)
+    }
+
+    pub(crate) fn key(mut self, key: &str) -> Self {
         self.key = Some(key.to_owned());
         self
     }
 
-    fn with_forwarded_ip(mut self, ip: &str) -> Self {
+    pub(crate) fn with_forwarded_ip(mut self, ip: &str) -> Self {
         self.forwarded_for = Some(ip.to_owned());
         self
     }
 
-    fn json(mut self, body: Value) -> Self {
+    pub(crate) fn json(mut self, body: Value) -> Self {
         self.body = Some(body.to_string());
         self
     }
 
-    fn raw(mut self, body: &str) -> Self {
+    pub(crate) fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    pub(crate) fn raw(mut self, body: &str) -> Self {
         self.body = Some(body.to_owned());
         self
     }
 
-    async fn send(self) -> Reply {
+    pub(crate) async fn send(self) -> Reply {
         let mut request = Request::builder().method(self.method).uri(self.uri);
         if let Some(token) = self.bearer {
             request = request.header("authorization", format!("Bearer {token}"));
         }
+        if let Some(token) = self.queue_token {
+            request = request.header("x-queue-token", token);
+        }
         if let Some(key) = self.key {
             request = request.header("idempotency-key", key);
+        }
+        for (name, value) in self.headers {
+            request = request.header(name, value);
         }
         request = request.header("x-forwarded-for", self.forwarded_for.unwrap_or_else(|| "192.0.2.1".into()));
         let body = match self.body {
@@ -98,11 +130,11 @@ impl Call<'_> {
 }
 
 impl Api {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self::with_config(config(HoldMode::Atomic)).await
     }
 
-    async fn with_config(config: EngineConfig) -> Self {
+    pub(crate) async fn with_config(config: EngineConfig) -> Self {
         let clock = ManualClock::starting_at_ms(START_MS);
         let config = EngineConfig { trust_forwarded_for: true, ..config };
         let test = engine_with(config, Arc::new(clock.clone()), Arc::new(NoFaults));
@@ -110,67 +142,77 @@ impl Api {
         Self { router: app(Arc::clone(&test.engine)), engine: test.engine, clock }
     }
 
-    fn call(&self, method: Method, uri: &str) -> Call<'_> {
-        Call { api: self, method, uri: uri.to_owned(), bearer: None, key: None, forwarded_for: None, body: None }
+    pub(crate) fn call(&self, method: Method, uri: &str) -> Call<'_> {
+        Call {
+            api: self,
+            method,
+            uri: uri.to_owned(),
+            bearer: None,
+            queue_token: None,
+            key: None,
+            forwarded_for: None,
+            headers: Vec::new(),
+            body: None,
+        }
     }
 
-    fn get(&self, uri: &str) -> Call<'_> {
+    pub(crate) fn get(&self, uri: &str) -> Call<'_> {
         self.call(Method::GET, uri)
     }
 
-    fn post(&self, uri: &str) -> Call<'_> {
+    pub(crate) fn post(&self, uri: &str) -> Call<'_> {
         self.call(Method::POST, uri)
     }
 
-    fn admin(&self, method: Method, uri: &str) -> Call<'_> {
+    pub(crate) fn admin(&self, method: Method, uri: &str) -> Call<'_> {
         self.call(method, uri).bearer(ADMIN_TOKEN)
     }
 
     /// Blocks `ip` for a minute through the admin API.
-    async fn block(&self, ip: &str) {
+    pub(crate) async fn block(&self, ip: &str) {
         let blocked = self.admin(Method::POST, "/admin/v1/blocks").json(json!({ "ip": ip, "ttl_s": 60 })).send().await;
         assert_eq!(blocked.status, StatusCode::OK, "{:?}", blocked.bytes);
     }
 
     /// Moves time on and lets every line admit.
-    async fn advance(&self, by: Duration) {
+    pub(crate) async fn advance(&self, by: Duration) {
         self.clock.advance(by);
         self.engine.tick_admission().await.expect("admission tick");
     }
 
     /// A user with points, in line for schedule 1; returns (user id, token).
-    async fn user_in_line(&self, name: &str, points: u64) -> (u64, String) {
+    pub(crate) async fn user_in_line(&self, name: &str, points: u64) -> (u64, String) {
         let user = self.post("/v1/users").json(json!({ "name": name })).send().await;
         assert_eq!(user.status, StatusCode::CREATED, "{:?}", user.bytes);
         let id = user.json()["id"].as_u64().expect("id");
         if points > 0 {
             let charged = self
-                .post(&format!("/v1/users/{id}/points"))
+                .admin(Method::POST, &format!("/admin/v1/users/{id}/points"))
                 .key(&format!("top-up-{id}"))
                 .json(json!({ "amount": points }))
                 .send()
                 .await;
             assert_eq!(charged.status, StatusCode::OK, "{:?}", charged.bytes);
         }
-        let joined = self.post("/v1/schedules/1/queue").json(json!({ "user_id": id })).send().await;
+        let joined = self.post("/v1/schedules/1/queue").session(id).send().await;
         assert_eq!(joined.status, StatusCode::CREATED, "{:?}", joined.bytes);
         (id, joined.json()["token"].as_str().expect("token").to_owned())
     }
 
     /// A user admitted to schedule 1.
-    async fn admitted_user(&self, name: &str, points: u64) -> (u64, String) {
+    pub(crate) async fn admitted_user(&self, name: &str, points: u64) -> (u64, String) {
         let user = self.user_in_line(name, points).await;
         self.advance(Duration::from_secs(1)).await;
         user
     }
 
-    async fn hold(&self, token: &str, seat_id: u64) -> Reply {
-        self.post("/v1/holds").bearer(token).json(json!({ "schedule_id": 1, "seat_id": seat_id })).send().await
+    pub(crate) async fn hold(&self, token: &str, seat_id: u64) -> Reply {
+        self.post("/v1/holds").fan(token).json(json!({ "schedule_id": 1, "seat_id": seat_id })).send().await
     }
 }
 
 /// Asserts a problem response with `status` and stable `code`.
-fn check_problem(reply: &Reply, status: StatusCode, code: &str) {
+pub(crate) fn check_problem(reply: &Reply, status: StatusCode, code: &str) {
     assert_eq!(reply.status, status, "body: {}", String::from_utf8_lossy(&reply.bytes));
     assert_eq!(reply.headers["content-type"], "application/problem+json");
     let problem = reply.json();
@@ -183,15 +225,15 @@ fn check_problem(reply: &Reply, status: StatusCode, code: &str) {
 async fn whole_journey_join_admitted_hold_confirm_cancel() {
     let api = Api::new().await;
     let (user_id, token) = api.user_in_line("ada", 1_000).await;
-    let waiting = api.get(&format!("/v1/queue/{token}")).send().await.json();
+    let waiting = api.get(&format!("/v1/queue/{token}")).fan(&token).send().await.json();
     assert_eq!(waiting["status"], "WAITING");
     assert_eq!(waiting["position"], 1);
 
     api.advance(Duration::from_secs(1)).await;
-    let admitted = api.get(&format!("/v1/queue/{token}")).send().await.json();
+    let admitted = api.get(&format!("/v1/queue/{token}")).fan(&token).send().await.json();
     assert_eq!(admitted["status"], "ADMITTED");
 
-    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await;
+    let seats = api.get("/v1/schedules/1/seats").fan(&token).send().await;
     assert_eq!(seats.status, StatusCode::OK);
     assert_eq!(seats.json()["seats"].as_array().map(Vec::len), Some(10));
     assert_eq!(seats.json()["seats"][2]["status"], "AVAILABLE");
@@ -202,26 +244,29 @@ async fn whole_journey_join_admitted_hold_confirm_cancel() {
     let reservation_id = hold.json()["reservation_id"].as_u64().expect("reservation");
     assert_eq!(hold.json()["fence"], 1);
     assert_eq!(hold.json()["expires_at"], START_MS + 1_000 + 60_000);
-    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await.json();
+    let seats = api.get("/v1/schedules/1/seats").fan(&token).send().await.json();
     assert_eq!(seats["seats"][2]["status"], "HELD");
-    let available =
-        api.get("/v1/schedules/1/seats?status=AVAILABLE&section=A&limit=3").bearer(&token).send().await.json();
+    let available = api.get("/v1/schedules/1/seats?status=AVAILABLE&section=A&limit=3").fan(&token).send().await.json();
     let ids: Vec<u64> =
         available["seats"].as_array().expect("seats").iter().map(|seat| seat["id"].as_u64().expect("id")).collect();
     assert_eq!(ids, vec![1, 2, 4], "the held seat 3 is filtered out");
 
     let confirmed =
-        api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).key("pay-1").send().await;
+        api.post(&format!("/v1/reservations/{reservation_id}/confirm")).fan(&token).key("pay-1").send().await;
     assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.bytes);
     assert_eq!(confirmed.json()["status"], "CONFIRMED");
-    assert_eq!(api.get(&format!("/v1/users/{user_id}")).send().await.json()["points"], 900);
-    assert_eq!(api.get(&format!("/v1/queue/{token}")).send().await.json()["status"], "USED");
+    assert_eq!(api.get(&format!("/v1/users/{user_id}")).session(user_id).send().await.json()["points"], 900);
+    assert_eq!(api.get(&format!("/v1/queue/{token}")).fan(&token).send().await.json()["status"], "USED");
 
-    let read = api.get(&format!("/v1/reservations/{reservation_id}")).bearer(&token).send().await;
+    let read = api.get(&format!("/v1/reservations/{reservation_id}")).fan(&token).send().await;
     assert_eq!(read.json()["status"], "CONFIRMED");
-    let cancelled = api.post(&format!("/v1/reservations/{reservation_id}/cancel")).bearer(&token).send().await;
+    let cancelled = api.post(&format!("/v1/reservations/{reservation_id}/cancel")).fan(&token).send().await;
     assert_eq!(cancelled.json()["status"], "CANCELLED");
-    assert_eq!(api.get(&format!("/v1/users/{user_id}")).send().await.json()["points"], 1_000, "refunded");
+    assert_eq!(
+        api.get(&format!("/v1/users/{user_id}")).session(user_id).send().await.json()["points"],
+        1_000,
+        "refunded"
+    );
     let schedules = api.get("/v1/schedules").send().await.json();
     assert_eq!(schedules[0]["seats_available"], 10);
 }
@@ -231,23 +276,23 @@ async fn idempotent_replay_returns_identical_bytes_and_other_body_is_422() {
     let api = Api::new().await;
     let (_, token) = api.admitted_user("ada", 1_000).await;
     let first =
-        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+        api.post("/v1/holds").fan(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
     assert_eq!(first.status, StatusCode::CREATED);
     api.clock.advance(Duration::from_secs(5));
     let replay =
-        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+        api.post("/v1/holds").fan(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
     assert_eq!(replay.status, StatusCode::CREATED);
     assert_eq!(replay.bytes, first.bytes, "same key, same body: the same bytes");
     let other =
-        api.post("/v1/holds").bearer(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 4 })).send().await;
+        api.post("/v1/holds").fan(&token).key("hold-1").json(json!({ "schedule_id": 1, "seat_id": 4 })).send().await;
     check_problem(&other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
 
     let reservation_id = first.json()["reservation_id"].as_u64().expect("id");
     let uri = format!("/v1/reservations/{reservation_id}/confirm");
-    let paid = api.post(&uri).bearer(&token).key("pay").send().await;
-    let paid_again = api.post(&uri).bearer(&token).key("pay").send().await;
+    let paid = api.post(&uri).fan(&token).key("pay").send().await;
+    let paid_again = api.post(&uri).fan(&token).key("pay").send().await;
     assert_eq!(paid.bytes, paid_again.bytes);
-    let ledger = api.engine.user(1).await.expect("user");
+    let ledger = api.engine.user(session(1), 1).await.expect("user");
     assert_eq!(ledger.balance, 900, "charged once");
 }
 
@@ -281,22 +326,27 @@ async fn a_refusal_is_replayed_too_but_a_key_on_a_new_request_runs_it() {
     let (_, second) = api.admitted_user("bob", 1_000).await;
     assert_eq!(api.hold(&first, 3).await.status, StatusCode::CREATED);
     let taken =
-        api.post("/v1/holds").bearer(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+        api.post("/v1/holds").fan(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
     check_problem(&taken, StatusCode::CONFLICT, "seat_taken");
     let again =
-        api.post("/v1/holds").bearer(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
+        api.post("/v1/holds").fan(&second).key("k").json(json!({ "schedule_id": 1, "seat_id": 3 })).send().await;
     assert_eq!(again.bytes, taken.bytes);
 }
 
 #[tokio::test]
 async fn booking_without_a_token_or_with_a_forged_one_is_refused() {
     let api = Api::new().await;
-    let (_, token) = api.admitted_user("ada", 1_000).await;
-    check_problem(&api.get("/v1/schedules/1/seats").send().await, StatusCode::UNAUTHORIZED, "token_missing");
-    let forged = token.replacen("v1.1.1.", "v1.1.2.", 1);
-    check_problem(&api.hold(&forged, 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
-    check_problem(&api.hold("v1.1.1.1.bm90LWEtbWFj", 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
-    check_problem(&api.hold("nonsense", 1).await, StatusCode::UNAUTHORIZED, "token_invalid");
+    let (ada, token) = api.admitted_user("ada", 1_000).await;
+    let seats = api.get("/v1/schedules/1/seats").session(ada).send().await;
+    check_problem(&seats, StatusCode::UNAUTHORIZED, "token_missing");
+    let hold = |token: String| {
+        api.post("/v1/holds").session(ada).queue_token(&token).json(json!({ "schedule_id": 1, "seat_id": 1 })).send()
+    };
+    let forged = token.replacen("v2.1.1.", "v2.1.2.", 1);
+    assert_ne!(forged, token);
+    check_problem(&hold(forged).await, StatusCode::UNAUTHORIZED, "token_invalid");
+    check_problem(&hold("v2.1.1.1.1.bm90LWEtbWFj".into()).await, StatusCode::UNAUTHORIZED, "token_invalid");
+    check_problem(&hold("nonsense".into()).await, StatusCode::UNAUTHORIZED, "token_invalid");
 }
 
 #[tokio::test]
@@ -307,12 +357,12 @@ async fn waiting_expired_used_and_foreign_schedule_tokens_are_refused() {
 
     api.advance(Duration::from_secs(1)).await;
     let wrong_schedule =
-        api.post("/v1/holds").bearer(&waiting).json(json!({ "schedule_id": 2, "seat_id": 1 })).send().await;
+        api.post("/v1/holds").fan(&waiting).json(json!({ "schedule_id": 2, "seat_id": 1 })).send().await;
     check_problem(&wrong_schedule, StatusCode::FORBIDDEN, "token_wrong_schedule");
 
     let hold = api.hold(&waiting, 1).await.json();
     let reservation_id = hold["reservation_id"].as_u64().expect("id");
-    api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&waiting).send().await;
+    api.post(&format!("/v1/reservations/{reservation_id}/confirm")).fan(&waiting).send().await;
     check_problem(&api.hold(&waiting, 2).await, StatusCode::FORBIDDEN, "token_used");
 
     let (_, late) = api.admitted_user("bob", 1_000).await;
@@ -329,27 +379,27 @@ async fn seat_conflicts_ownership_expiry_and_points_have_their_codes() {
     let ada_reservation = held["reservation_id"].as_u64().expect("id");
     check_problem(&api.hold(&bob, 1).await, StatusCode::CONFLICT, "seat_taken");
     check_problem(&api.hold(&bob, 999).await, StatusCode::NOT_FOUND, "not_found");
-    let foreign = api.get(&format!("/v1/reservations/{ada_reservation}")).bearer(&bob).send().await;
+    let foreign = api.get(&format!("/v1/reservations/{ada_reservation}")).fan(&bob).send().await;
     check_problem(&foreign, StatusCode::FORBIDDEN, "not_owner");
 
     let bob_reservation = api.hold(&bob, 2).await.json()["reservation_id"].as_u64().expect("id");
-    let poor = api.post(&format!("/v1/reservations/{bob_reservation}/confirm")).bearer(&bob).send().await;
+    let poor = api.post(&format!("/v1/reservations/{bob_reservation}/confirm")).fan(&bob).send().await;
     check_problem(&poor, StatusCode::PAYMENT_REQUIRED, "insufficient_points");
 
     api.clock.advance(Duration::from_secs(61));
-    let late = api.post(&format!("/v1/reservations/{ada_reservation}/confirm")).bearer(&ada).send().await;
+    let late = api.post(&format!("/v1/reservations/{ada_reservation}/confirm")).fan(&ada).send().await;
     check_problem(&late, StatusCode::GONE, "hold_expired");
-    assert_eq!(api.engine.user(1).await.expect("user").balance, 1_000, "an expired hold takes no points");
-    let again = api.post(&format!("/v1/reservations/{ada_reservation}/cancel")).bearer(&ada).send().await;
+    assert_eq!(api.engine.user(session(1), 1).await.expect("user").balance, 1_000, "an expired hold takes no points");
+    let again = api.post(&format!("/v1/reservations/{ada_reservation}/cancel")).fan(&ada).send().await;
     check_problem(&again, StatusCode::CONFLICT, "already_final");
 }
 
 #[tokio::test]
 async fn malformed_requests_get_problem_bodies() {
     let api = Api::new().await;
-    check_problem(&api.get("/v1/users/999").send().await, StatusCode::NOT_FOUND, "not_found");
+    check_problem(&api.get("/v1/users/999").session(999).send().await, StatusCode::NOT_FOUND, "not_found");
     check_problem(&api.get("/v1/nowhere").send().await, StatusCode::NOT_FOUND, "not_found");
-    check_problem(&api.get("/v1/users/abc").send().await, StatusCode::BAD_REQUEST, "invalid_path");
+    check_problem(&api.get("/v1/users/abc").session(1).send().await, StatusCode::BAD_REQUEST, "invalid_path");
     check_problem(&api.post("/v1/users").raw("{not json").send().await, StatusCode::BAD_REQUEST, "invalid_body");
     let unknown_field = api.post("/v1/users").json(json!({ "name": "ada", "admin": true })).send().await;
     check_problem(&unknown_field, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
@@ -358,12 +408,13 @@ async fn malformed_requests_get_problem_bodies() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "validation_failed",
     );
-    let no_key = api.post("/v1/users/1/points").json(json!({ "amount": 5 })).send().await;
+    let no_key = api.admin(Method::POST, "/admin/v1/users/1/points").json(json!({ "amount": 5 })).send().await;
     check_problem(&no_key, StatusCode::BAD_REQUEST, "idempotency_key_required");
     let user = api.post("/v1/users").json(json!({ "name": "ada" })).send().await.json();
-    let zero = api.post(&format!("/v1/users/{}/points", user["id"])).key("z").json(json!({ "amount": 0 })).send().await;
-    check_problem(&zero, StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount");
-    let long_wait = api.get("/v1/queue/whatever?wait_s=31").send().await;
+    let top_up = format!("/admin/v1/users/{}/points", user["id"]);
+    let zero = api.admin(Method::POST, &top_up).key("z").json(json!({ "amount": 0 })).send().await;
+    check_problem(&zero, StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds");
+    let long_wait = api.get("/v1/queue/whatever?wait_s=31").session(1).send().await;
     check_problem(&long_wait, StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds");
 }
 
@@ -392,7 +443,7 @@ async fn a_long_poll_answers_when_the_token_is_admitted() {
         clock.advance(Duration::from_secs(1));
         engine.tick_admission().await.expect("tick");
     });
-    let reply = api.get(&format!("/v1/queue/{token}?wait_s=5")).send().await;
+    let reply = api.get(&format!("/v1/queue/{token}?wait_s=5")).fan(&token).send().await;
     admitter.await.expect("admitter");
     assert_eq!(reply.json()["status"], "ADMITTED");
 }
@@ -403,7 +454,7 @@ async fn a_long_poll_answers_when_the_token_is_admitted() {
 #[tokio::test]
 async fn joins_read_which_accounts_exist_a_block_at_a_time_and_still_refuse_unknown_users() {
     let api = Api::new().await;
-    let join = |user_id: u64| api.post("/v1/schedules/1/queue").json(json!({ "user_id": user_id })).send();
+    let join = |user_id: u64| api.post("/v1/schedules/1/queue").session(user_id).send();
     let (ada, bob) = (opened(&api, "ada").await, opened(&api, "bob").await);
     assert_eq!(join(ada).await.status, StatusCode::CREATED);
     assert_eq!(store_calls(&api, "existing_users").await, 1);
@@ -453,7 +504,7 @@ async fn a_confirm_reads_no_reservation_first_and_a_repeated_one_is_not_counted_
     let reservation_id = hold.json()["reservation_id"].as_u64().expect("id");
     let confirm = |bearer: String| {
         let api = &api;
-        async move { api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&bearer).send().await }
+        async move { api.post(&format!("/v1/reservations/{reservation_id}/confirm")).fan(&bearer).send().await }
     };
     check_problem(&confirm(other).await, StatusCode::FORBIDDEN, "not_owner");
     let first = confirm(token.clone()).await;
@@ -477,9 +528,9 @@ async fn a_long_poll_nothing_woke_answers_from_its_first_read() {
     api.user_in_line("ada", 0).await;
     let (_, token) = api.user_in_line("bob", 0).await;
     // Not the first poll after the join, which would start from the join's answer.
-    api.get(&format!("/v1/queue/{token}")).send().await;
+    api.get(&format!("/v1/queue/{token}")).fan(&token).send().await;
     let reads_before = queue_status_reads(&api).await;
-    let reply = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    let reply = api.get(&format!("/v1/queue/{token}?wait_s=1")).fan(&token).send().await.json();
     assert_eq!((reply["status"].as_str(), reply["position"].as_u64()), (Some("WAITING"), Some(2)));
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "no second read at the deadline");
 }
@@ -490,10 +541,10 @@ async fn the_first_long_poll_after_a_join_starts_from_the_joins_answer_and_only_
     api.user_in_line("ada", 0).await;
     let (_, token) = api.user_in_line("bob", 0).await;
     let reads_before = queue_status_reads(&api).await;
-    let first = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    let first = api.get(&format!("/v1/queue/{token}?wait_s=1")).fan(&token).send().await.json();
     assert_eq!((first["status"].as_str(), first["position"].as_u64()), (Some("WAITING"), Some(2)));
     assert_eq!(queue_status_reads(&api).await - reads_before, 0, "the join's answer, not a read");
-    let second = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    let second = api.get(&format!("/v1/queue/{token}?wait_s=1")).fan(&token).send().await.json();
     assert_eq!(second["status"], "WAITING");
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "the next poll reads the line");
 
@@ -501,10 +552,10 @@ async fn the_first_long_poll_after_a_join_starts_from_the_joins_answer_and_only_
     // not wait.
     let (_, late) = api.user_in_line("cy", 0).await;
     api.clock.advance(Duration::from_millis(1_001));
-    api.get(&format!("/v1/queue/{late}?wait_s=1")).send().await;
+    api.get(&format!("/v1/queue/{late}?wait_s=1")).fan(&late).send().await;
     assert_eq!(queue_status_reads(&api).await - reads_before, 2, "too old to start from");
     let (_, quick) = api.user_in_line("dee", 0).await;
-    api.get(&format!("/v1/queue/{quick}")).send().await;
+    api.get(&format!("/v1/queue/{quick}")).fan(&quick).send().await;
     assert_eq!(queue_status_reads(&api).await - reads_before, 3, "no wait, a fresh read");
 }
 
@@ -512,10 +563,10 @@ async fn the_first_long_poll_after_a_join_starts_from_the_joins_answer_and_only_
 async fn seat_maps_and_confirms_start_from_a_recent_admission_and_holds_and_used_tokens_read_the_line() {
     let api = Api::new().await;
     let (_, token) = api.admitted_user("ada", 1_000).await;
-    let admitted = api.get(&format!("/v1/queue/{token}?wait_s=1")).send().await.json();
+    let admitted = api.get(&format!("/v1/queue/{token}?wait_s=1")).fan(&token).send().await.json();
     assert_eq!(admitted["status"], "ADMITTED");
     let reads_before = queue_status_reads(&api).await;
-    let seats = api.get("/v1/schedules/1/seats").bearer(&token).send().await;
+    let seats = api.get("/v1/schedules/1/seats").fan(&token).send().await;
     assert_eq!(seats.status, StatusCode::OK, "{:?}", seats.bytes);
     assert_eq!(queue_status_reads(&api).await - reads_before, 0, "admitted a moment ago");
 
@@ -523,22 +574,22 @@ async fn seat_maps_and_confirms_start_from_a_recent_admission_and_holds_and_used
     assert_eq!(hold.status, StatusCode::CREATED, "{:?}", hold.bytes);
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "a hold always reads the line");
     let reservation_id = hold.json()["reservation_id"].as_u64().expect("id");
-    let confirmed = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&token).send().await;
+    let confirmed = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).fan(&token).send().await;
     assert_eq!(confirmed.status, StatusCode::OK, "{:?}", confirmed.bytes);
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "the hold read it a moment ago");
-    let read = api.get(&format!("/v1/reservations/{reservation_id}")).bearer(&token).send().await;
+    let read = api.get(&format!("/v1/reservations/{reservation_id}")).fan(&token).send().await;
     assert_eq!(read.status, StatusCode::OK, "{:?}", read.bytes);
     assert_eq!(queue_status_reads(&api).await - reads_before, 2, "the confirm forgot it");
     let reads_after_confirm = queue_status_reads(&api).await;
-    check_problem(&api.get("/v1/schedules/1/seats").bearer(&token).send().await, StatusCode::FORBIDDEN, "token_used");
+    check_problem(&api.get("/v1/schedules/1/seats").fan(&token).send().await, StatusCode::FORBIDDEN, "token_used");
     assert_eq!(queue_status_reads(&api).await - reads_after_confirm, 1, "a used token is read again");
 
     // An admission read more than five seconds ago is read again.
     let (_, later) = api.admitted_user("bob", 1_000).await;
-    api.get(&format!("/v1/queue/{later}")).send().await;
+    api.get(&format!("/v1/queue/{later}")).fan(&later).send().await;
     api.clock.advance(Duration::from_millis(5_001));
     let reads_before = queue_status_reads(&api).await;
-    assert_eq!(api.get("/v1/schedules/1/seats").bearer(&later).send().await.status, StatusCode::OK);
+    assert_eq!(api.get("/v1/schedules/1/seats").fan(&later).send().await.status, StatusCode::OK);
     assert_eq!(queue_status_reads(&api).await - reads_before, 1, "too old to start from");
 }
 
@@ -713,7 +764,7 @@ async fn admin_changes_apply_and_are_audited_with_before_and_after() {
     let (_, token) = api.user_in_line("ada", 0).await;
     api.advance(Duration::from_secs(5)).await;
     assert_eq!(
-        api.get(&format!("/v1/queue/{token}")).send().await.json()["status"],
+        api.get(&format!("/v1/queue/{token}")).fan(&token).send().await.json()["status"],
         "WAITING",
         "paused line admits nobody"
     );
@@ -790,20 +841,21 @@ async fn waiting_users_learn_when_every_seat_is_sold() {
         let (_, buyer) = api.admitted_user(&format!("buyer-{seat_id}"), 1_000).await;
         let hold = api.hold(&buyer, seat_id).await.json();
         let reservation_id = hold["reservation_id"].as_u64().expect("held");
-        let paid = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).bearer(&buyer).send().await;
+        let paid = api.post(&format!("/v1/reservations/{reservation_id}/confirm")).fan(&buyer).send().await;
         assert_eq!(paid.status, StatusCode::OK);
     }
     let pause = json!({ "rate_per_s": 1.0, "active_max": 1, "paused": true });
     api.admin(Method::PUT, "/admin/v1/schedules/1/admission").json(pause).send().await;
     let (_, waiting) = api.user_in_line("bob", 1_000).await;
-    let before = api.get(&format!("/v1/queue/{waiting}")).send().await.json();
+    let before = api.get(&format!("/v1/queue/{waiting}")).fan(&waiting).send().await.json();
     assert_eq!(before["sold_out"], false, "not known before the sweep");
     api.engine.sweep().await.expect("sweep");
-    let after = api.get(&format!("/v1/queue/{waiting}?wait_s=30")).send().await.json();
+    let after = api.get(&format!("/v1/queue/{waiting}?wait_s=30")).fan(&waiting).send().await.json();
     assert_eq!(after["status"], "WAITING");
     assert_eq!(after["sold_out"], true, "a long poll answers at once when nothing is left");
     let carol = api.post("/v1/users").json(json!({ "name": "carol" })).send().await.json();
-    let joined = api.post("/v1/schedules/1/queue").json(json!({ "user_id": carol["id"] })).send().await;
+    let carol = carol["id"].as_u64().expect("id");
+    let joined = api.post("/v1/schedules/1/queue").session(carol).send().await;
     assert_eq!(joined.status, StatusCode::CREATED);
     assert_eq!(joined.json()["sold_out"], true, "a join after the sale says so too");
 }

@@ -9,7 +9,7 @@ use tcore_engine::domain::ReservationStatus;
 use tcore_engine::store::RecordStore;
 use tcore_engine::{Engine, EngineError};
 
-use crate::support::{START_MS, manual_engine, queued_user, schedule};
+use crate::support::{START_MS, manual_engine, queued_user, schedule, session_of};
 
 async fn admitted_users(
     engine: &Engine,
@@ -36,7 +36,9 @@ async fn ten_thousand_holds_on_a_hundred_seats(mode: HoldMode) {
         .enumerate()
         .map(|(index, (_, token))| {
             let engine = Arc::clone(&engine);
-            tokio::spawn(async move { engine.hold(Some(&token), 1, (index % 100) as u64 + 1).await })
+            tokio::spawn(
+                async move { engine.hold(session_of(&token), Some(&token), 1, (index % 100) as u64 + 1).await },
+            )
         })
         .collect();
     let mut granted = 0;
@@ -73,7 +75,7 @@ async fn confirm_racing_hold_expiry_never_confirms_an_expired_hold() {
     let users = admitted_users(&engine, &clock, 300, 1_000).await;
     let mut holds = Vec::new();
     for (index, (_, token)) in users.iter().enumerate() {
-        holds.push(engine.hold(Some(token), 1, index as u64 + 1).await.expect("hold"));
+        holds.push(engine.hold(session_of(token), Some(token), 1, index as u64 + 1).await.expect("hold"));
     }
     // Every hold expires 60 s from now; stand 2 ms before that and let confirms race the
     // clock and the sweeper.
@@ -83,7 +85,7 @@ async fn confirm_racing_hold_expiry_never_confirms_an_expired_hold() {
         .zip(&holds)
         .map(|((_, token), hold)| {
             let (engine, token, id) = (Arc::clone(&engine), token.clone(), hold.id);
-            tokio::spawn(async move { engine.confirm(Some(&token), id, None).await })
+            tokio::spawn(async move { engine.confirm(session_of(&token), Some(&token), id, None).await })
         })
         .collect();
     for _ in 0..4 {
@@ -124,13 +126,13 @@ async fn concurrent_confirms_never_take_points_below_zero() {
     let token = users[0].1.clone();
     let mut holds = Vec::new();
     for seat in 1..=20 {
-        holds.push(engine.hold(Some(&token), 1, seat).await.expect("hold"));
+        holds.push(engine.hold(session_of(&token), Some(&token), 1, seat).await.expect("hold"));
     }
     let confirms: Vec<_> = holds
         .iter()
         .map(|hold| {
             let (engine, token, id) = (Arc::clone(&engine), token.clone(), hold.id);
-            tokio::spawn(async move { engine.confirm(Some(&token), id, None).await })
+            tokio::spawn(async move { engine.confirm(session_of(&token), Some(&token), id, None).await })
         })
         .collect();
     let mut paid = 0;

@@ -17,7 +17,7 @@ use tcore_engine::store::{
 };
 use tcore_engine::{Engine, EngineError, EngineParts};
 
-use crate::support::{START_MS, config, engine_with, two_admitted_for_one_seat};
+use crate::support::{START_MS, config, engine_with, session_of, two_admitted_for_one_seat};
 
 /// Pauses the first `holders` holds that reach `hold.after_check` (lock taken, seat seen
 /// available).
@@ -53,12 +53,12 @@ async fn race(mode: HoldMode, paused_holders: u32) -> Race {
 
     let slow_engine = Arc::clone(&engine);
     let slow = tokio::spawn(async move {
-        let reservation = slow_engine.hold(Some(&token_a), 1, 1).await?;
-        slow_engine.confirm(Some(&token_a), reservation.id, None).await
+        let reservation = slow_engine.hold(session_of(&token_a), Some(&token_a), 1, 1).await?;
+        slow_engine.confirm(session_of(&token_a), Some(&token_a), reservation.id, None).await
     });
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    if let Ok(reservation) = engine.hold(Some(&token_b), 1, 1).await {
-        let _ = engine.confirm(Some(&token_b), reservation.id, None).await;
+    if let Ok(reservation) = engine.hold(session_of(&token_b), Some(&token_b), 1, 1).await {
+        let _ = engine.confirm(session_of(&token_b), Some(&token_b), reservation.id, None).await;
     }
     let _ = slow.await.expect("task");
 
@@ -253,9 +253,9 @@ async fn the_lock_watchdog_keeps_a_slow_holders_lock() {
     let (token_a, token_b) = two_admitted_for_one_seat(&engine, Duration::from_secs(1)).await;
 
     let slow_engine = Arc::clone(&engine);
-    let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });
+    let slow = tokio::spawn(async move { slow_engine.hold(session_of(&token_a), Some(&token_a), 1, 1).await });
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let second = engine.hold(Some(&token_b), 1, 1).await;
+    let second = engine.hold(session_of(&token_b), Some(&token_b), 1, 1).await;
     assert!(matches!(second, Err(EngineError::SeatLocked)), "the renewed lock is still held: {second:?}");
     let first = slow.await.expect("task").expect("the slow holder keeps its lock and its write stands");
     assert_eq!(first.fence, FenceToken(1));

@@ -9,3 +9,4 @@ mod services;
 mod shared_stores;
 mod store_faults;
 mod support;
+mod trust;

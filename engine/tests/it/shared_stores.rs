@@ -17,7 +17,7 @@ use crate::contract;
 use crate::contract::assert_books_balance;
 use crate::hold_modes::PauseFirstHolders;
 use crate::services::Stores;
-use crate::support::{START_MS, config, schedule, two_admitted_for_one_seat};
+use crate::support::{START_MS, config, schedule, session, session_of, two_admitted_for_one_seat};
 
 /// Engine nodes named `engine-1`, `engine-2`, ... on `stores`, sharing one clock.
 pub fn nodes(stores: &Stores, count: usize, config: &EngineConfig, clock: &ManualClock) -> Vec<Arc<Engine>> {
@@ -48,9 +48,8 @@ async fn race_two_nodes(stores: Stores, mode: HoldMode) {
     let mut users = Vec::new();
     for index in 0..USERS {
         let node = &nodes[index % 2];
-        let user = node.create_user(format!("user-{index}")).await.expect("user");
-        node.charge_points(user.user_id, 1_000, format!("top-up-{}", user.user_id)).await.expect("points");
-        users.push(node.join_queue(1, user.user_id).await.expect("join").token);
+        let user = node.open_account(format!("user-{index}"), 1_000).await.expect("user");
+        users.push(node.join_queue(session(user.user_id), 1).await.expect("join").token);
     }
     clock.advance(Duration::from_secs(1));
     nodes[1].tick_admission().await.expect("tick");
@@ -68,9 +67,12 @@ async fn race_two_nodes(stores: Stores, mode: HoldMode) {
                     }
                     let seat = ((index * 7 + attempt * 3) as u64 % SEATS) + 1;
                     let (holder, payer) = (&nodes[attempt % 2], &nodes[(attempt + 1) % 2]);
-                    match holder.hold(Some(&token), 1, seat).await {
+                    match holder.hold(session_of(&token), Some(&token), 1, seat).await {
                         Ok(reservation) => {
-                            payer.confirm(Some(&token), reservation.id, None).await.expect("confirm");
+                            payer
+                                .confirm(session_of(&token), Some(&token), reservation.id, None)
+                                .await
+                                .expect("confirm");
                             confirmed += 1;
                         }
                         Err(EngineError::SeatTaken | EngineError::SeatLocked) => {}
@@ -141,10 +143,10 @@ contract!(
         .unwrap_or_else(|error| panic!("test config is valid: {error}"));
         let (token_a, token_b) = two_admitted_for_one_seat(&engine, Duration::from_millis(20)).await;
         let slow_engine = Arc::clone(&engine);
-        let slow = tokio::spawn(async move { slow_engine.hold(Some(&token_a), 1, 1).await });
+        let slow = tokio::spawn(async move { slow_engine.hold(session_of(&token_a), Some(&token_a), 1, 1).await });
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let taken = engine.hold(Some(&token_b), 1, 1).await.expect("the next holder takes the seat");
-        engine.confirm(Some(&token_b), taken.id, None).await.expect("and pays");
+        let taken = engine.hold(session_of(&token_b), Some(&token_b), 1, 1).await.expect("the next holder takes the seat");
+        engine.confirm(session_of(&token_b), Some(&token_b), taken.id, None).await.expect("and pays");
         let stale = slow.await.expect("task");
         assert!(
             matches!(stale, Err(EngineError::Rejected(TransitionError::StaleFence { .. }))),

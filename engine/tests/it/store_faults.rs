@@ -24,7 +24,7 @@ use tcore_engine::{Engine, EngineParts, app};
 use tower::ServiceExt;
 
 use crate::services::{CutProxy, Stores, mariadb_server_url, redis_url};
-use crate::support::{START_MS, config, schedule};
+use crate::support::{START_MS, config, schedule, session, session_credential, session_of};
 
 /// `host:port` of a server URL such as `mysql://root@127.0.0.1:3306` or `redis://127.0.0.1:6379/0`.
 fn host_port(url: &str) -> String {
@@ -48,7 +48,8 @@ async fn send(
 ) -> (StatusCode, String, Bytes) {
     let mut request = Request::builder().method(method).uri(uri).header("x-forwarded-for", "192.0.2.1");
     if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+        let session = session_credential(session_of(token).user_id);
+        request = request.header("authorization", format!("Bearer {session}")).header("x-queue-token", token);
     }
     if let Some(key) = key {
         request = request.header("idempotency-key", key);
@@ -82,9 +83,8 @@ fn engine_on(
 
 /// A user with 1,000 points, admitted to schedule 1; returns (user id, token).
 async fn admitted_user(engine: &Engine, clock: &ManualClock) -> (u64, String) {
-    let user = engine.create_user("ada".into()).await.expect("user");
-    engine.charge_points(user.user_id, 1_000, format!("top-up-{}", user.user_id)).await.expect("points");
-    let token = engine.join_queue(1, user.user_id).await.expect("join").token;
+    let user = engine.open_account("ada".into(), 1_000).await.expect("user");
+    let token = engine.join_queue(session(user.user_id), 1).await.expect("join").token;
     clock.advance(Duration::from_secs(1));
     engine.tick_admission().await.expect("tick");
     (user.user_id, token)
@@ -158,7 +158,7 @@ async fn mariadb_lost_in_the_middle_of_a_confirm_answers_503_and_the_retry_charg
     let engine = engine_on(record, Arc::clone(&stores.cache), &clock, faults.clone());
     engine.add_schedule(schedule(START_MS, 5)).await.expect("schedule");
     let (user_id, token) = admitted_user(&engine, &clock).await;
-    let held = engine.hold(Some(&token), 1, 1).await.expect("hold");
+    let held = engine.hold(session_of(&token), Some(&token), 1, 1).await.expect("hold");
     let router = app(Arc::clone(&engine));
     let confirm = format!("/v1/reservations/{}/confirm", held.id);
 

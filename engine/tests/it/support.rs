@@ -7,11 +7,13 @@ use tcore_engine::clock::{Clock, ManualClock};
 use tcore_engine::config::{EngineConfig, HoldMode};
 use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultHook, NoFaults};
+use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, Session, SessionClaims, SessionConfig, SessionKey, sign_hs256};
 use tcore_engine::store::{MemoryStore, MemoryStoreConfig};
 use tcore_engine::{Engine, EngineParts};
 
 pub const START_MS: u64 = 1_800_000_000_000;
 pub const ADMIN_TOKEN: &str = "admin-secret";
+pub const WEBHOOK_SECRET: &[u8] = b"the-payment-providers-webhook-key";
 
 /// An engine on the memory store, with the store kept for inspection.
 pub struct TestEngine {
@@ -28,6 +30,9 @@ pub fn config(hold_mode: HoldMode) -> EngineConfig {
         admission: AdmissionPolicy { rate_per_s: 100_000.0, active_max: 1_000_000, ..AdmissionPolicy::default() },
         admin_token: Some(ADMIN_TOKEN.into()),
         token_secret: b"test-secret-0123456789".to_vec(),
+        sessions: SessionConfig { dev_sessions: true, ..SessionConfig::default() },
+        payment_webhook_secret: Some(WEBHOOK_SECRET.to_vec()),
+        accounts_per_ip_per_hour: 1_000,
         ..EngineConfig::default()
     }
 }
@@ -54,13 +59,35 @@ pub fn schedule(opens_at_ms: u64, seats: u32) -> Schedule {
     }
 }
 
+/// A session for `user_id`, as the API hands the engine one it verified.
+pub fn session(user_id: u64) -> Session {
+    Session { user_id, expires_at_s: u64::MAX }
+}
+
+/// A signed session credential for `user_id`, as a fan sends it to an engine with the test
+/// configuration's session key; it lasts until 2096, whatever clock the engine reads.
+pub fn session_credential(user_id: u64) -> String {
+    let SessionKey::Hs256 { secret } = SessionConfig::default().key else { unreachable!("the default key is HS256") };
+    let claims = SessionClaims {
+        sub: user_id.to_string(),
+        aud: SESSION_AUDIENCE_DEFAULT.into(),
+        iat: 0,
+        exp: 4_000_000_000,
+        iss: None,
+    };
+    sign_hs256(&secret, &claims).expect("signs")
+}
+
+/// The session of the user a queue token names (`v2.<schedule>.<user>.…`).
+pub fn session_of(token: &str) -> Session {
+    let user_id = token.split('.').nth(2).and_then(|id| id.parse().ok());
+    session(user_id.unwrap_or_else(|| panic!("{token} is not a queue token")))
+}
+
 /// A user with `points`, joined to schedule 1; returns (user id, token).
 pub async fn queued_user(engine: &Engine, name: &str, points: u64) -> (u64, String) {
-    let user = engine.create_user(name.into()).await.expect("user");
-    if points > 0 {
-        engine.charge_points(user.user_id, points, format!("top-up-{}", user.user_id)).await.expect("points");
-    }
-    let joined = engine.join_queue(1, user.user_id).await.expect("join");
+    let user = engine.open_account(name.into(), points).await.expect("user");
+    let joined = engine.join_queue(session(user.user_id), 1).await.expect("join");
     (user.user_id, joined.token)
 }
 

@@ -28,6 +28,8 @@ const NODES_MAX: u64 = 16;
 pub(crate) const BOTS_MAX: usize = 64;
 /// The most addresses one bot uses.
 const BOT_IPS_MAX: usize = 4_000;
+/// The most accounts one bot may have.
+const BOT_ACCOUNTS_MAX: u32 = 100_000;
 /// The highest request rate of one bot.
 const BOT_RATE_PER_S_MAX: f64 = 1_000_000.0;
 /// The longest latency `[network]` may configure.
@@ -274,6 +276,10 @@ pub struct Bot {
     pub end_s: f64,
     /// The calls it makes, in turn.
     pub targets: Vec<BotTarget>,
+    /// Accounts of its own (a scalper's farm of real accounts), whose sessions it takes turns
+    /// with; 0, the default: it has no session, and every call that needs one refuses it.
+    #[serde(default)]
+    pub accounts: u32,
 }
 
 /// A bot's addresses: a count (`ips = 8`) or a list (`ips = ["198.51.100.7"]`).
@@ -312,6 +318,7 @@ impl Bot {
 
     fn check(&self, checks: &mut Checks, path: &KeyPath, duration_s: f64) {
         checks.not_blank(path.key("name"), &self.name);
+        checks.in_range(path.key("accounts"), self.accounts, 0..=BOT_ACCOUNTS_MAX);
         match &self.ips {
             BotIps::Count(count) => checks.count(path.key("ips"), u64::from(*count), BOT_IPS_MAX as u64),
             BotIps::List(addresses) => {
@@ -594,6 +601,7 @@ mod tests {
             start_s: 0.0,
             end_s: 1.0,
             targets: vec![BotTarget::SeatMap],
+            accounts: 0,
         };
         let first: Vec<String> = bot.addresses(0).iter().map(ToString::to_string).collect();
         assert_eq!(first, ["100.64.0.1", "100.64.0.2", "100.64.0.3"]);

@@ -29,6 +29,7 @@ use tcore_engine::clock::ManualClock;
 use tcore_engine::config::{EngineConfig, RateLimits};
 use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultPoint, NoFaults};
+use tcore_engine::sessions::{SessionConfig, SessionKey};
 use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
@@ -287,29 +288,35 @@ pub fn run_with(
             nodes: engine_hosts.clone(),
             users: scenario.users.clone(),
             schedules: schedules.clone(),
+            session_secret: session_secret(seed),
         });
         let arrivals = Rc::clone(&arrivals);
-        let bots: Vec<(scenario::Bot, IpAddr, f64, u64, u64)> = scenario
+        let first_accounts = bot_first_accounts(scenario, users_total);
+        let bots: Vec<(scenario::Bot, IpAddr, f64, u64, u64, u64)> = scenario
             .bots
             .iter()
             .enumerate()
             .flat_map(|(bot_index, bot)| {
                 let addresses = bot.addresses(bot_index);
                 let per_ip = bot.rate_per_s / addresses.len().max(1) as f64;
+                let first_account = first_accounts[bot_index];
                 addresses
                     .into_iter()
                     .enumerate()
                     .filter(move |(ip_index, _)| (*ip_index as u32) % clients == client - 1)
-                    .map(move |(_, ip)| (bot.clone(), ip, per_ip, (bot.start_s * 1e6) as u64, (bot.end_s * 1e6) as u64))
+                    .map(move |(_, ip)| {
+                        let (start_us, end_us) = ((bot.start_s * 1e6) as u64, (bot.end_s * 1e6) as u64);
+                        (bot.clone(), ip, per_ip, start_us, end_us, first_account)
+                    })
             })
             .collect();
         sim.client(scenario::client_host(client).as_str(), async move {
             let running = Rc::new(Running::default());
-            for (bot, ip, rate, start_us, end_us) in bots {
+            for (bot, ip, rate, start_us, end_us, first_account) in bots {
                 let context = Rc::clone(&context);
                 running.spawn(async move {
                     sleep_until_us(start_us).await;
-                    context.bot(bot, ip, rate, end_us).await;
+                    context.bot(bot, ip, rate, end_us, first_account).await;
                 });
             }
             for (index, &arrival_us) in arrivals.iter().enumerate() {
@@ -507,10 +514,31 @@ fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
             },
         ),
         token_secret: format!("tcore-simulation-secret-{seed:016x}").into_bytes(),
+        sessions: SessionConfig { key: SessionKey::Hs256 { secret: session_secret(seed) }, ..SessionConfig::default() },
         admin_token: Some(agent::ADMIN_TOKEN.into()),
         trust_forwarded_for: true,
         ..EngineConfig::default()
     }
+}
+
+/// The user id of each bot's first account: the record store numbers accounts from 1 in the
+/// order they are opened, users first, then each bot's accounts in `[[bots]]` order.
+fn bot_first_accounts(scenario: &Scenario, users: u64) -> Vec<u64> {
+    let mut next = users + 1;
+    scenario
+        .bots
+        .iter()
+        .map(|bot| {
+            let first = next;
+            next += u64::from(bot.accounts);
+            first
+        })
+        .collect()
+}
+
+/// The secret the engine nodes of a run verify sessions with, and its fans sign them with.
+fn session_secret(seed: u64) -> Vec<u8> {
+    format!("tcore-simulation-session-secret-{seed:016x}").into_bytes()
 }
 
 /// Puts the venue on sale and registers every user with their points, before the run starts.
@@ -551,6 +579,12 @@ fn setup_stores(
         }
         for index in 0..users {
             record.create_user(format!("user-{index}"), scenario.users.points, EPOCH_MS).await?;
+        }
+        // Bots' accounts come after the users', in `[[bots]]` order (see `bot_first_accounts`).
+        for bot in &scenario.bots {
+            for index in 0..bot.accounts {
+                record.create_user(format!("{}-{index}", bot.name), 0, EPOCH_MS).await?;
+            }
         }
         anyhow::Ok(())
     })

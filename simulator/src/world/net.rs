@@ -72,7 +72,10 @@ pub enum HttpFailure {
 pub struct HttpRequest {
     pub method: &'static str,
     pub path: String,
+    /// The fan's session, sent as `Authorization: Bearer`.
     pub bearer: Option<String>,
+    /// The queue token of a booking call, sent as `X-Queue-Token`.
+    pub queue_token: Option<String>,
     pub idempotency_key: Option<String>,
     pub forwarded_for: String,
     pub body: Option<String>,
@@ -134,6 +137,9 @@ impl HttpRequest {
             .header("x-forwarded-for", per_user(self.forwarded_for)?);
         if let Some(token) = self.bearer {
             builder = builder.header("authorization", per_user(format!("Bearer {token}"))?);
+        }
+        if let Some(token) = self.queue_token {
+            builder = builder.header("x-queue-token", per_user(token)?);
         }
         if let Some(key) = self.idempotency_key {
             builder = builder.header("idempotency-key", per_user(key)?);

@@ -1,6 +1,7 @@
 //! Virtual users and bots on the client hosts.
 //!
-//! A user joins the line, waits with long polls until admitted (or until their patience runs
+//! A user logs in (a session signed with the engine's session secret, as an identity provider
+//! would sign it), joins the line, waits with long polls until admitted (or until their patience runs
 //! out, or the join or a long poll says the schedule is sold out), asks for the available seats
 //! of a section, holds one, pays with an idempotency key, retries with the same key when the
 //! outcome is unknown, and sometimes cancels. Every call is recorded in the history with its
@@ -20,6 +21,7 @@ use super::node::sim_now_us;
 use super::reply::Reply;
 use crate::history::{Digest, HistoryRecorder, OkResponse, OpKind, Outcome, ReportedStatus, UnknownReason};
 use crate::scenario::{Bot, BotTarget, SeatChoice, Users};
+use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, SESSION_TTL_S_MAX, SessionClaims, sign_hs256};
 
 /// The most hold attempts one user makes before giving up.
 const HOLD_ATTEMPTS_MAX: u32 = 6;
@@ -48,6 +50,8 @@ pub struct ClientContext {
     pub nodes: Vec<String>,
     pub users: Users,
     pub schedules: Vec<(u64, Vec<SectionChoice>)>,
+    /// The HS256 secret the engine nodes verify sessions with.
+    pub session_secret: Vec<u8>,
 }
 
 /// How users' journeys ended, and what bots got, for the score.
@@ -75,12 +79,14 @@ enum Answer {
 
 /// One virtual user.
 struct VirtualUser {
+    /// The user's index; the engine's user id is one more.
     index: u64,
-    user_id: u64,
     ip: IpAddr,
     /// `ip` as its requests carry it, written once: formatting an address costs more than
     /// copying its text.
     ip_text: String,
+    /// The session every call of the journey carries.
+    session: String,
     node_cursor: usize,
     rng: StdRng,
 }
@@ -97,9 +103,9 @@ impl ClientContext {
         let ip = user_ip(index);
         let mut user = VirtualUser {
             index,
-            user_id: index + 1,
             ip,
             ip_text: ip.to_string(),
+            session: self.log_in(index + 1),
             node_cursor: (index as usize) % self.nodes.len().max(1),
             rng: StdRng::seed_from_u64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
         };
@@ -138,6 +144,20 @@ impl ClientContext {
         "bought"
     }
 
+    /// A session for `user_id` from now on the simulated clock, lasting the longest a session
+    /// may: an identity provider's login, done where the fan is.
+    fn log_in(&self, user_id: u64) -> String {
+        let iat = (super::EPOCH_MS + sim_now_us() / 1_000) / 1_000;
+        let claims = SessionClaims {
+            sub: user_id.to_string(),
+            aud: SESSION_AUDIENCE_DEFAULT.into(),
+            iat,
+            exp: iat + SESSION_TTL_S_MAX,
+            iss: None,
+        };
+        sign_hs256(&self.session_secret, &claims).unwrap_or_default()
+    }
+
     fn pick_schedule(&self, user: &mut VirtualUser) -> (u64, Vec<SectionChoice>) {
         let index = user.rng.random_range(0..self.schedules.len().max(1));
         self.schedules.get(index).cloned().unwrap_or((1, Vec::new()))
@@ -151,11 +171,10 @@ impl ClientContext {
 
     async fn join(&self, user: &mut VirtualUser, schedule_id: u64) -> Option<Joined> {
         for _ in 0..=self.users.retries_max {
-            let body = format!("{{\"user_id\":{}}}", user.user_id);
             let path = format!("/v1/schedules/{schedule_id}/queue");
             // No Idempotency-Key: joining is idempotent by user (a user keeps their place), so
             // a retried join needs none, and the key's two store round trips would be waste.
-            match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, None, Some(body)).await {
+            match self.call(user, OpKind::JoinQueue { schedule_id }, "POST", path, None, None, None).await {
                 Answer::Ok(reply) => {
                     let sold_out = reply.sold_out;
                     return reply.token.map(|token| Joined { token, sold_out });
@@ -317,16 +336,17 @@ impl ClientContext {
         kind: OpKind,
         method: &'static str,
         path: String,
-        bearer: Option<&str>,
+        queue_token: Option<&str>,
         key: Option<String>,
         body: Option<String>,
     ) -> Answer {
         let timeout = Duration::from_millis(self.users.request_timeout_ms);
-        self.call_with_timeout(user, kind, method, path, bearer, key, body, timeout).await
+        self.call_with_timeout(user, kind, method, path, queue_token, key, body, timeout).await
     }
 
-    /// Sends one request to the user's current node, records it, and moves the user to the
-    /// next node when the answer is unknown or the node is unavailable.
+    /// Sends one request to the user's current node with the user's session (and the queue
+    /// token, for a booking call), records it, and moves the user to the next node when the
+    /// answer is unknown or the node is unavailable.
     #[allow(clippy::too_many_arguments)]
     fn call_with_timeout<'a>(
         &'a self,
@@ -334,7 +354,7 @@ impl ClientContext {
         kind: OpKind,
         method: &'static str,
         path: String,
-        bearer: Option<&'a str>,
+        queue_token: Option<&'a str>,
         key: Option<String>,
         body: Option<String>,
         timeout: Duration,
@@ -348,7 +368,8 @@ impl ClientContext {
             HttpRequest {
                 method,
                 path,
-                bearer: bearer.map(str::to_owned),
+                bearer: Some(user.session.clone()),
+                queue_token: queue_token.map(str::to_owned),
                 idempotency_key: key,
                 forwarded_for: user.ip_text.clone(),
                 body,
@@ -384,9 +405,12 @@ impl ClientContext {
         }
     }
 
-    /// Runs one bot address from `start` to `end`, open loop.
-    pub async fn bot(self: Rc<Self>, bot: Bot, ip: IpAddr, rate_per_s: f64, end_us: u64) {
+    /// Runs one bot address from `start` to `end`, open loop, taking turns with the sessions
+    /// of the bot's accounts (user ids from `first_account`), if it has any.
+    pub async fn bot(self: Rc<Self>, bot: Bot, ip: IpAddr, rate_per_s: f64, end_us: u64, first_account: u64) {
         let interval = Duration::from_micros((1e6 / rate_per_s.max(0.001)) as u64);
+        let sessions: Vec<String> =
+            (0..u64::from(bot.accounts)).map(|index| self.log_in(first_account + index)).collect();
         let in_flight = Rc::new(RefCell::new(0_u32));
         let mut sequence = 0_u64;
         let schedule_id = self.schedules.first().map_or(1, |(id, _)| *id);
@@ -396,7 +420,8 @@ impl ClientContext {
                 self.outcomes.borrow_mut().bot_dropped += 1;
             } else {
                 let target = bot.targets[(sequence as usize) % bot.targets.len().max(1)];
-                let request = bot_request(target, schedule_id, sequence, ip);
+                let session = (!sessions.is_empty()).then(|| sessions[(sequence as usize) % sessions.len()].clone());
+                let request = bot_request(target, schedule_id, sequence, ip, session);
                 let node = self.nodes[(sequence as usize) % self.nodes.len()].clone();
                 let (context, in_flight) = (Rc::clone(&self), Rc::clone(&in_flight));
                 *in_flight.borrow_mut() += 1;
@@ -439,17 +464,21 @@ enum PayOutcome {
     Unknown,
 }
 
-fn bot_request(target: BotTarget, schedule_id: u64, sequence: u64, ip: IpAddr) -> HttpRequest {
+fn bot_request(target: BotTarget, schedule_id: u64, sequence: u64, ip: IpAddr, session: Option<String>) -> HttpRequest {
     let (method, path, body) = match target {
-        BotTarget::QueueJoin => (
-            "POST",
-            format!("/v1/schedules/{schedule_id}/queue"),
-            Some(format!("{{\"user_id\":{}}}", 1 + sequence % 1_000)),
-        ),
+        BotTarget::QueueJoin => ("POST", format!("/v1/schedules/{schedule_id}/queue"), None),
         BotTarget::SeatMap => ("GET", format!("/v1/schedules/{schedule_id}/seats?limit=100"), None),
-        BotTarget::QueueStatus => ("GET", format!("/v1/queue/v1.{schedule_id}.1.{sequence}.forged"), None),
+        BotTarget::QueueStatus => ("GET", format!("/v1/queue/v2.{schedule_id}.1.{sequence}.0.forged"), None),
     };
-    HttpRequest { method, path, bearer: None, idempotency_key: None, forwarded_for: ip.to_string(), body }
+    HttpRequest {
+        method,
+        path,
+        bearer: session,
+        queue_token: None,
+        idempotency_key: None,
+        forwarded_for: ip.to_string(),
+        body,
+    }
 }
 
 /// Whether a refusal is worth retrying after a pause.

@@ -23,27 +23,30 @@ fn figure(run: &Value, pointer: &str) -> f64 {
     run.pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("{pointer} in {run}"))
 }
 
+/// Scalpers without sessions can no longer take places in line for other users' ids: the
+/// engine refuses every join of theirs, so fans get every seat with or without the agent, and
+/// the rules agent still blocks the scalpers' addresses without harming a fan.
 #[test]
-fn in_the_bot_storm_the_rules_agent_serves_fans_better_than_none_with_zero_oversell() {
+fn in_the_bot_storm_sessionless_scalpers_take_no_seat_and_the_rules_agent_blocks_them_harmlessly() {
     let storm = scenario("bot-storm.toml");
     let (rules, _) = run(&with_policy(storm.clone(), AgentPolicy::Rules));
     let (none, _) = run(&with_policy(storm.clone(), AgentPolicy::None));
     let (rules, none) = (json_of(&rules), json_of(&none));
     let seed = storm.seed;
-    assert_eq!(figure(&rules, "/score/oversell"), 0.0, "seed {seed}");
-    assert_eq!(figure(&none, "/score/oversell"), 0.0, "seed {seed}");
+    let seats: f64 =
+        storm.venue.schedules.iter().flat_map(|s| &s.sections).map(|section| f64::from(section.seats)).sum();
+    for run in [&rules, &none] {
+        assert_eq!(figure(run, "/score/oversell"), 0.0, "seed {seed}");
+        assert_eq!(figure(run, "/score/seats/sold"), seats, "seed {seed}: fans bought every seat");
+    }
     assert!(figure(&rules, "/score/agent/actions_applied") > 0.0, "seed {seed}: the agent acted");
     assert_eq!(figure(&rules, "/score/agent/harm/legitimate_users_blocked"), 0.0, "seed {seed}");
     assert_eq!(rules["score"]["agent"]["caused_safety_violation"], json!(false));
     assert!(
-        figure(&rules, "/score/goodput/confirm_per_s") > figure(&none, "/score/goodput/confirm_per_s"),
-        "seed {seed}: goodput"
+        none["score"]["bots"]["answers"]["401"].as_f64().is_some_and(|refused| refused > 0.0),
+        "seed {seed}: the scalpers' sessionless calls are refused: {}",
+        none["score"]["bots"]
     );
-    assert!(figure(&rules, "/score/seats/sold") > figure(&none, "/score/seats/sold"), "seed {seed}: seats sold");
-    for quantile in ["p50_us", "p90_us"] {
-        let pointer = format!("/score/queue_wait_fans/{quantile}");
-        assert!(figure(&rules, &pointer) < figure(&none, &pointer), "seed {seed}: fans' queue wait {quantile}");
-    }
     assert_eq!(none["agent_actions"], json!([]));
     assert_eq!(none["score"]["agent"]["time_to_detect_s"], Value::Null);
     assert!(rules["agent_actions"].as_array().is_some_and(|actions| {
