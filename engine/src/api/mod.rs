@@ -137,7 +137,7 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         public::list_schedules, public::create_user, public::get_user, public::charge_points, public::join_queue,
         public::queue_status, public::seat_map, public::hold, public::confirm, public::cancel, public::get_reservation,
         admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
-        admin::set_hold_ttl, admin::audit, admin::record_decision,
+        admin::set_hold_ttl, admin::set_seat_limit, admin::audit, admin::record_decision,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes),
