@@ -116,6 +116,9 @@ fn engine_command(listen: SocketAddr, store: &str, seats: u64, users: u64, extra
         .args(["--demo-seats", &seats.to_string(), "--demo-users", &users.to_string()])
         .args(["--admission-rate-per-s", "100000", "--active-max", "1000000", "--token-secret", SECRET])
         .args(["--rate-limit-per-ip", "100000", "--rate-limit-per-token", "100000", "--rate-limit-burst", "100000"])
+        // Random users on random seats: with the default of 4 seats a user, 1,000 users could not
+        // fill the map the measurement is about.
+        .args(["--seats-per-user-max", "100"])
         .args(extra);
     command
 }
@@ -203,7 +206,14 @@ async fn redis_benchmark_reference(redis_url: &str, prefix: &str, seats: u64) {
     .expect("Redis URL");
     let gate = redis.seat_gate();
     let schedule_id: ScheduleId = 2;
-    let request = HoldRequest { schedule_id, seat_id: 0, user_id: 1, hold_ttl_ms: 300_000, node: "bench".into() };
+    let request = HoldRequest {
+        schedule_id,
+        seat_id: 0,
+        user_id: 1,
+        hold_ttl_ms: 300_000,
+        node: "bench".into(),
+        seats_per_user_max: u32::MAX,
+    };
     gate.take(&request, 0).await.expect("the gate script loads");
     let host_port = redis_url.trim_start_matches("redis://").trim_end_matches('/');
     let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "6379"));

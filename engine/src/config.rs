@@ -67,6 +67,9 @@ pub mod bounds {
     pub const TOP_UP_POINTS: RangeInclusive<u64> = 1..=10_000_000;
     /// Accounts one client address may open per hour.
     pub const ACCOUNTS_PER_IP_PER_HOUR: RangeInclusive<u32> = 1..=100_000;
+    pub const SEATS_PER_USER_MAX: RangeInclusive<u32> = 1..=100;
+    /// From a minute (longer than a request's lease) to thirty days.
+    pub const IDEMPOTENCY_TTL_S: RangeInclusive<u64> = 60..=2_592_000;
 }
 
 /// Settings an admin call may change while the engine runs (on this node).
@@ -74,6 +77,8 @@ pub mod bounds {
 pub struct RuntimeSettings {
     pub hold_ttl_ms: u64,
     pub rate_limits: RateLimits,
+    /// The most seats one user may hold or buy per schedule.
+    pub seats_per_user_max: u32,
 }
 
 /// What is fixed when an engine node starts.
@@ -107,6 +112,12 @@ pub struct EngineConfig {
     pub trust_forwarded_for: bool,
     /// How long an idempotency key stays claimed by a request that never finishes.
     pub idempotency_lease_ms: u64,
+    /// How long an idempotency record is kept: after it, the key counts as never seen, and the
+    /// sweep purges the record.
+    pub idempotency_ttl_ms: u64,
+    /// The most seats one user may hold (live holds) or buy per schedule, at start; an admin
+    /// call may change it on a node.
+    pub seats_per_user_max: u32,
     /// How often each waiting line is moved forward.
     pub admission_tick_ms: u64,
     /// How often expired holds are swept.
@@ -134,6 +145,8 @@ impl Default for EngineConfig {
             admin_token: None,
             trust_forwarded_for: false,
             idempotency_lease_ms: 30_000,
+            idempotency_ttl_ms: 24 * 3_600 * 1_000,
+            seats_per_user_max: 4,
             admission_tick_ms: 100,
             sweep_interval_ms: 1_000,
             sweep_batch_max: 10_000,
@@ -180,12 +193,18 @@ impl EngineConfig {
         check_bound("rate limit per IP (per s)", self.rate_limits.per_ip_per_s, &bounds::RATE_LIMIT_PER_S)?;
         check_bound("rate limit per token (per s)", self.rate_limits.per_token_per_s, &bounds::RATE_LIMIT_PER_S)?;
         check_bound("rate limit burst", self.rate_limits.burst, &bounds::RATE_LIMIT_BURST)?;
+        check_bound("seats per user", self.seats_per_user_max, &bounds::SEATS_PER_USER_MAX)?;
+        check_bound("idempotency TTL (s)", self.idempotency_ttl_ms / 1000, &bounds::IDEMPOTENCY_TTL_S)?;
         Ok(())
     }
 
     /// The settings this node starts with.
     pub fn runtime_settings(&self) -> RuntimeSettings {
-        RuntimeSettings { hold_ttl_ms: self.hold_ttl_ms, rate_limits: self.rate_limits }
+        RuntimeSettings {
+            hold_ttl_ms: self.hold_ttl_ms,
+            rate_limits: self.rate_limits,
+            seats_per_user_max: self.seats_per_user_max,
+        }
     }
 }
 

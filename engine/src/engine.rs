@@ -193,6 +193,9 @@ pub struct Engine {
     /// process stopping (a long garbage collection, a VM stall): lock watchdogs renew nothing
     /// meanwhile, so a holder paused past its lock's TTL loses the lock as it would there.
     paused_until_us: AtomicU64,
+    /// When (engine ms) the next purge of expired idempotency records is due; 0 before the
+    /// first sweep.
+    idempotency_purge_due_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -206,6 +209,13 @@ pub const ACCOUNT_NAME_CHARS_MAX: usize = 100;
 
 /// The most a long poll on queue status waits.
 pub const QUEUE_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// The most expired idempotency records one sweep purges; more wait for the next sweep.
+const IDEMPOTENCY_PURGE_MAX: u32 = 10_000;
+/// How often the sweep purges expired idempotency records. Records live a day by default and
+/// an expired one already counts as never seen, so purging is about space, not meaning; seldom
+/// purges keep the store calls of every sweep, and so a simulated run, as they were.
+pub const IDEMPOTENCY_PURGE_INTERVAL_MS: u64 = 10 * 60 * 1_000;
 
 impl Engine {
     /// Builds a node; refuses an invalid or unsafe configuration.
@@ -225,6 +235,7 @@ impl Engine {
             confirmed_this_ms: Mutex::new((0, Vec::new())),
             on_sale: Mutex::new(BTreeMap::new()),
             paused_until_us: AtomicU64::new(0),
+            idempotency_purge_due_ms: AtomicU64::new(0),
             guards,
             config: parts.config,
             clock: parts.clock,
@@ -620,12 +631,14 @@ impl Engine {
     ) -> Result<Reservation, EngineError> {
         let claim = self.authorize(session, token, TokenNeed::Admitted).await?;
         Self::check_schedule(claim, schedule_id)?;
+        let settings = *self.settings.read();
         let request = HoldRequest {
             schedule_id,
             seat_id,
             user_id: claim.user_id,
-            hold_ttl_ms: self.settings.read().hold_ttl_ms,
+            hold_ttl_ms: settings.hold_ttl_ms,
             node: self.config.node.clone(),
+            seats_per_user_max: settings.seats_per_user_max,
         };
         let reservation = match self.config.hold_mode {
             HoldMode::Atomic => self.timed("try_hold", self.record.try_hold(request, self.now_ms())).await?,
@@ -806,15 +819,36 @@ impl Engine {
         Ok(())
     }
 
-    /// Expires holds past their time and forgets stale guard state.
+    /// Expires holds past their time, purges expired idempotency records and forgets stale
+    /// guard state.
     pub async fn sweep(&self) -> Result<u32, EngineError> {
         self.guards.sweep();
+        self.purge_idempotency_when_due().await;
         let expired =
             self.timed("expire_holds", self.record.expire_holds(self.now_ms(), self.config.sweep_batch_max)).await?;
         let held: u64 =
             self.refresh_on_sale().await?.iter().map(|s| s.seats_total - s.seats_available - s.seats_sold).sum();
         self.telemetry.set_holds_active(held);
         Ok(expired)
+    }
+
+    /// Purges expired idempotency records once every [`IDEMPOTENCY_PURGE_INTERVAL_MS`] (the
+    /// first an interval after the first sweep), and at every sweep while a full batch shows
+    /// that more are left, so the purge keeps up with any rate of new keys.
+    async fn purge_idempotency_when_due(&self) {
+        let now_ms = self.now_ms();
+        let due_ms = self.idempotency_purge_due_ms.load(Ordering::Relaxed);
+        if due_ms == 0 || now_ms < due_ms {
+            if due_ms == 0 {
+                self.idempotency_purge_due_ms.store(now_ms + IDEMPOTENCY_PURGE_INTERVAL_MS, Ordering::Relaxed);
+            }
+            return;
+        }
+        match self.timed("purge_idempotency", self.record.purge_idempotency(now_ms, IDEMPOTENCY_PURGE_MAX)).await {
+            Ok(purged) if purged >= IDEMPOTENCY_PURGE_MAX => {}
+            Ok(_) => self.idempotency_purge_due_ms.store(now_ms + IDEMPOTENCY_PURGE_INTERVAL_MS, Ordering::Relaxed),
+            Err(error) => tracing::warn!(%error, "expired idempotency records not purged; the next sweep tries again"),
+        }
     }
 
     /// Runs admission ticks and hold sweeps until the task is dropped.
@@ -1006,6 +1040,17 @@ impl Engine {
         .await
     }
 
+    /// Sets the most seats one user may hold or buy per schedule, for new holds on this node.
+    pub async fn set_seat_limit(&self, actor: &str, seats_per_user_max: u32) -> Result<serde_json::Value, EngineError> {
+        let requested = serde_json::json!({ "seats_per_user_max": seats_per_user_max });
+        self.audited(actor, "set_seat_limit", "seat-limit".into(), &requested, async {
+            check_bound("seats_per_user_max", seats_per_user_max, &bounds::SEATS_PER_USER_MAX)?;
+            let before = std::mem::replace(&mut self.settings.write().seats_per_user_max, seats_per_user_max);
+            Ok((serde_json::json!({ "seats_per_user_max": before }), requested.clone()))
+        })
+        .await
+    }
+
     /// Writes an ops agent's decision to the audit log.
     pub async fn record_decision(&self, actor: &str, decision: &crate::agent::DecisionRecord) {
         let target = format!("decision/{}", decision.observation_digest);
@@ -1019,7 +1064,9 @@ impl Engine {
         fingerprint: [u8; 32],
         lease_ms: u64,
     ) -> Result<IdempotencyDecision, EngineError> {
-        self.timed("idempotency_begin", self.record.idempotency_begin(key, fingerprint, lease_ms, self.now_ms())).await
+        let ttl_ms = self.config.idempotency_ttl_ms;
+        let begin = self.record.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, self.now_ms());
+        self.timed("idempotency_begin", begin).await
     }
 
     /// Stores the final response of a claimed key.
@@ -1029,8 +1076,9 @@ impl Engine {
         fingerprint: [u8; 32],
         response: StoredResponse,
     ) -> Result<(), EngineError> {
-        self.timed("idempotency_complete", self.record.idempotency_complete(key, fingerprint, response, self.now_ms()))
-            .await
+        let ttl_ms = self.config.idempotency_ttl_ms;
+        let complete = self.record.idempotency_complete(key, fingerprint, response, ttl_ms, self.now_ms());
+        self.timed("idempotency_complete", complete).await
     }
 
     /// Gives a claimed key up so the request can be retried.

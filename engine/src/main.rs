@@ -254,6 +254,13 @@ struct ServeArgs {
     /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
     #[arg(long, env = "TCORE_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
+    /// The most seats one user may hold or buy per schedule (an admin call may change it).
+    #[arg(long, env = "TCORE_SEATS_PER_USER_MAX", default_value_t = 4)]
+    seats_per_user_max: u32,
+    /// How long an idempotency key's record is kept, in seconds; after it, the key counts as
+    /// never seen and the record is purged.
+    #[arg(long, env = "TCORE_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
+    idempotency_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -337,6 +344,8 @@ impl ServeArgs {
             accounts_per_ip_per_hour: self.accounts_per_ip_per_hour,
             admin_token: self.admin_token.clone(),
             trust_forwarded_for: self.trust_forwarded_for,
+            seats_per_user_max: self.seats_per_user_max,
+            idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
             ..EngineConfig::default()
         })
     }
@@ -407,7 +416,8 @@ async fn migrate(database_url: &str, config: MariaDbStoreConfig) -> anyhow::Resu
     Ok(store)
 }
 
-/// What a node's stores are: both roles, and the outbox relay when there is a stream to feed.
+/// What a node's stores are: both roles, and the outbox relay (to the Redis stream, or to the
+/// log when there is none).
 struct Stores {
     record: Arc<dyn RecordStore>,
     cache: Arc<dyn CacheStore>,
@@ -419,7 +429,9 @@ async fn stores(args: &ServeArgs) -> anyhow::Result<Stores> {
     match args.store {
         StoreKind::Memory => {
             let store = Arc::new(MemoryStore::new(MemoryStoreConfig { seed, ..MemoryStoreConfig::default() }));
-            Ok(Stores { record: store.clone(), cache: store, relay: None })
+            // No stream to publish to: the relay drains the outbox to the log, so it stays bounded.
+            let relay = OutboxRelay::to_log(store.clone(), OutboxRelayConfig::default());
+            Ok(Stores { record: store.clone(), cache: store, relay: Some(relay) })
         }
         StoreKind::RedisMariadb => {
             let redis = RedisStore::connect_lazy(

@@ -400,6 +400,20 @@ decay_s = 5
     }
 
     #[test]
+    fn the_seat_limit_is_read_and_bounded_as_the_engines() {
+        let text = format!("{MINIMAL}\n[engine]\nseats_per_user_max = 2\n");
+        assert_eq!(parse(&text).expect("valid").engine.seats_per_user_max, 2);
+        check_error(
+            "\n[engine]\nseats_per_user_max = 0\n",
+            "t.toml:25:1: key `engine.seats_per_user_max`: must be in 1..=100 (got 0)",
+        );
+        check_error(
+            "\n[engine]\nseats_per_user_max = 101\n",
+            "t.toml:25:1: key `engine.seats_per_user_max`: must be in 1..=100 (got 101)",
+        );
+    }
+
+    #[test]
     fn replay_without_a_cassette_is_refused() {
         check_error(
             "\n[agent]\npolicy = \"replay\"\n",

@@ -35,6 +35,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/blocks/{ip}", delete(unblock))
         .route("/hold-ttl", put(set_hold_ttl))
         .route("/users/{id}/points", post(top_up))
+        .route("/seat-limit", put(set_seat_limit))
         .route("/audit", get(audit))
         .route("/decisions", post(record_decision))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
@@ -108,6 +109,14 @@ pub(super) struct HoldTtl {
 pub(super) struct TopUp {
     #[schema(minimum = 1, maximum = 10_000_000)]
     amount: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SeatLimit {
+    /// The most seats one user may hold or buy per schedule.
+    #[schema(minimum = 1, maximum = 100)]
+    seats_per_user_max: u32,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -203,6 +212,17 @@ pub(super) async fn top_up(
     };
     let result = state.engine.top_up(&actor, id, body.amount, format!("admin:{key}")).await;
     respond(StatusCode::OK, result.map(super::public::UserView::from).map_err(ApiError::from))
+}
+
+/// Sets the most seats one user may hold or buy per schedule, for new holds on this node.
+#[utoipa::path(put, path = "/admin/v1/seat-limit", request_body = SeatLimit,
+    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+pub(super) async fn set_seat_limit(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(body): ApiJson<SeatLimit>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.set_seat_limit(&actor, body.seats_per_user_max).await.map_err(ApiError::from))
 }
 
 /// The audit log: when, what, value before and after.

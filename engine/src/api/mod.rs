@@ -179,7 +179,7 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         public::queue_status, public::seat_map, public::hold, public::confirm, public::cancel, public::get_reservation,
         webhook::top_up,
         admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
-        admin::set_hold_ttl, admin::top_up, admin::audit, admin::record_decision,
+        admin::set_hold_ttl, admin::top_up, admin::set_seat_limit, admin::audit, admin::record_decision,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes),

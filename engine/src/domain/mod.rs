@@ -15,7 +15,7 @@ pub use catalog::{Concert, Schedule, ScheduleSummary, Seat, SeatStatus, SeatView
 pub use points::{Account, LedgerEntry, LedgerReason};
 pub use queue::{AdmissionPolicy, Admitted, QueueEntry, QueueOrder, QueueStatus, TokenStatus, WaitingLine};
 pub use rate::RateLimit;
-pub use reservation::{FenceToken, Reservation, ReservationStatus, SeatSlot, WriteGuard};
+pub use reservation::{FenceToken, Reservation, ReservationStatus, SeatLimit, SeatSlot, WriteGuard, takes_a_seat};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,8 @@ pub enum TransitionError {
     SeatUnavailable,
     #[error("amount must be positive and at most {max}")]
     InvalidAmount { max: u64 },
+    #[error("at most {max} seats per user per schedule, held or bought")]
+    SeatLimitReached { max: u32 },
 }
 
 /// The kinds of change the outbox carries to the outside world.
@@ -82,24 +84,36 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
-/// What an idempotency key currently stands for.
+/// What an idempotency key currently stands for. Every record expires at `expires_at_ms`:
+/// from then on its key is treated as never seen, and stores purge it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IdempotencyRecord {
     /// A request with this key is being processed; the lease lets a crashed holder be replaced.
-    InProgress { fingerprint: [u8; 32], lease_until_ms: u64 },
+    InProgress { fingerprint: [u8; 32], lease_until_ms: u64, expires_at_ms: u64 },
     /// The request completed; replays return exactly this response.
-    Completed { fingerprint: [u8; 32], response: StoredResponse, completed_at_ms: u64 },
+    Completed { fingerprint: [u8; 32], response: StoredResponse, completed_at_ms: u64, expires_at_ms: u64 },
+}
+
+impl IdempotencyRecord {
+    /// When the record stops counting.
+    pub fn expires_at_ms(&self) -> u64 {
+        match self {
+            IdempotencyRecord::InProgress { expires_at_ms, .. }
+            | IdempotencyRecord::Completed { expires_at_ms, .. } => *expires_at_ms,
+        }
+    }
 }
 
 /// Decides what a new request carrying an idempotency key may do, given the key's record.
+/// An expired record counts as none.
 pub fn idempotency_decision(
     record: Option<&IdempotencyRecord>,
     fingerprint: &[u8; 32],
     now_ms: u64,
 ) -> IdempotencyDecision {
-    match record {
+    match record.filter(|record| record.expires_at_ms() > now_ms) {
         None => IdempotencyDecision::Proceed,
-        Some(IdempotencyRecord::InProgress { fingerprint: held, lease_until_ms }) => {
+        Some(IdempotencyRecord::InProgress { fingerprint: held, lease_until_ms, .. }) => {
             if held != fingerprint {
                 IdempotencyDecision::Mismatch
             } else if *lease_until_ms <= now_ms {
@@ -140,6 +154,7 @@ mod tests {
             fingerprint,
             response: StoredResponse { status: 201, content_type: "application/json".into(), body: b"{}".to_vec() },
             completed_at_ms: 5,
+            expires_at_ms: 1_000,
         }
     }
 
@@ -152,8 +167,16 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_record_counts_as_never_seen() {
+        let record = completed([1; 32]);
+        assert!(matches!(idempotency_decision(Some(&record), &[1; 32], 999), IdempotencyDecision::Replay(_)));
+        assert_eq!(idempotency_decision(Some(&record), &[1; 32], 1_000), IdempotencyDecision::Proceed);
+        assert_eq!(idempotency_decision(Some(&record), &[2; 32], 1_000), IdempotencyDecision::Proceed);
+    }
+
+    #[test]
     fn in_progress_lease_blocks_until_it_lapses() {
-        let record = IdempotencyRecord::InProgress { fingerprint: [1; 32], lease_until_ms: 100 };
+        let record = IdempotencyRecord::InProgress { fingerprint: [1; 32], lease_until_ms: 100, expires_at_ms: 1_000 };
         assert_eq!(idempotency_decision(Some(&record), &[1; 32], 99), IdempotencyDecision::InProgress);
         assert_eq!(idempotency_decision(Some(&record), &[1; 32], 100), IdempotencyDecision::Proceed);
         assert_eq!(idempotency_decision(Some(&record), &[3; 32], 50), IdempotencyDecision::Mismatch);

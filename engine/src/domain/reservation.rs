@@ -82,6 +82,12 @@ impl Reservation {
         }
     }
 
+    /// Whether the reservation takes one of its user's seats on the schedule at `now_ms`: bought,
+    /// or held and not yet expired. Cancelled and expired reservations take none.
+    pub fn takes_a_seat(&self, now_ms: u64) -> bool {
+        takes_a_seat(self.status, self.expires_at_ms, now_ms)
+    }
+
     /// Checks that the hold may be paid for now, without changing anything.
     pub fn check_confirmable(&self, now_ms: u64) -> Result<(), TransitionError> {
         match self.status {
@@ -125,6 +131,25 @@ impl Reservation {
             status => Err(TransitionError::AlreadyFinal { status }),
         }
     }
+}
+
+/// Whether a reservation in `status`, held until `expires_at_ms`, takes one of its user's seats
+/// at `now_ms` (see [`Reservation::takes_a_seat`]), for stores that read only those columns.
+pub fn takes_a_seat(status: ReservationStatus, expires_at_ms: u64, now_ms: u64) -> bool {
+    match status {
+        ReservationStatus::Confirmed => true,
+        ReservationStatus::Held => now_ms < expires_at_ms,
+        ReservationStatus::Expired | ReservationStatus::Cancelled => false,
+    }
+}
+
+/// How many seats a user already has on a schedule, and how many they may have: what a hold
+/// is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeatLimit {
+    /// Seats the user holds (live holds) or bought on the schedule.
+    pub taken: u32,
+    pub max: u32,
 }
 
 /// How a hold write is guarded when it reaches the store.
@@ -197,6 +222,29 @@ impl SeatSlot {
             WriteGuard::Fenced(fence) | WriteGuard::Unfenced(fence) => fence,
         };
         self.set_holder(reservation_id, fence, hold_ttl_ms, now_ms);
+        Ok(fence)
+    }
+
+    /// A hold for a user with `limit`: atomic without a guard, else written as `guard` says.
+    /// The seat's own refusal comes first, then the user's seat limit; a refused hold changes
+    /// nothing, so every store answers the same refusal to the same hold.
+    pub fn hold_within_limit(
+        &mut self,
+        reservation_id: ReservationId,
+        guard: Option<WriteGuard>,
+        limit: SeatLimit,
+        hold_ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<FenceToken, TransitionError> {
+        let mut decided = self.clone();
+        let fence = match guard {
+            None => decided.try_hold(reservation_id, hold_ttl_ms, now_ms)?,
+            Some(guard) => decided.write_hold(reservation_id, guard, hold_ttl_ms, now_ms)?,
+        };
+        if limit.taken >= limit.max {
+            return Err(TransitionError::SeatLimitReached { max: limit.max });
+        }
+        *self = decided;
         Ok(fence)
     }
 
@@ -304,6 +352,33 @@ mod tests {
         slot.mark_sold();
         assert_eq!(slot.write_hold(1, WriteGuard::Unfenced(FenceToken(5)), 1_000, 2), Ok(FenceToken(5)));
         assert_eq!(slot.status(3), SeatStatus::Held, "the unsafe write un-sold the seat");
+    }
+
+    #[test]
+    fn a_hold_past_the_seat_limit_is_refused_after_the_seat_and_changes_nothing() {
+        let mut slot = SeatSlot::new(seat());
+        let full = SeatLimit { taken: 4, max: 4 };
+        assert_eq!(slot.hold_within_limit(1, None, full, 1_000, 0), Err(TransitionError::SeatLimitReached { max: 4 }));
+        assert_eq!((slot.holder, slot.fence_last), (None, FenceToken(0)));
+        let fence = slot.hold_within_limit(1, None, SeatLimit { taken: 3, max: 4 }, 1_000, 0).expect("room for one");
+        assert_eq!(fence, FenceToken(1));
+        assert_eq!(slot.hold_within_limit(2, None, full, 1_000, 10), Err(TransitionError::SeatUnavailable));
+        let stale = Some(WriteGuard::Fenced(FenceToken(0)));
+        assert_eq!(
+            slot.hold_within_limit(2, stale, full, 1_000, 10),
+            Err(TransitionError::StaleFence { presented: 0, current: 1 })
+        );
+    }
+
+    #[test]
+    fn only_bought_seats_and_live_holds_take_a_seat() {
+        let mut hold = held(0);
+        assert!(hold.takes_a_seat(999));
+        assert!(!hold.takes_a_seat(1_000), "an expired hold, swept or not, takes none");
+        hold.confirm(100, 10).expect("confirm");
+        assert!(hold.takes_a_seat(5_000));
+        hold.cancel(20).expect("cancel");
+        assert!(!hold.takes_a_seat(20));
     }
 
     #[test]

@@ -2,12 +2,17 @@
 //! changes state is one transaction, with the row locks taken in one order everywhere (seat,
 //! then reservation, then account) so that transactions queue rather than deadlock.
 //!
+//! **Invariant:** a hold is written only under its user's account row lock, taken after the
+//! seat's and before the user's seats on the schedule are counted, so two holds of one user,
+//! on any node and in any batch, are counted one after the other: a user's seat limit holds.
+//!
 //! **Invariant:** the schema backs the code up: two active reservations of one seat, or two
 //! charges of one reservation, cannot be written (unique keys on generated columns); such a
 //! violation is a domain refusal, never a 500.
 //! **Invariant:** every call is bounded by `call_timeout`; a call that times out or loses its
 //! connection is `Unavailable` (outcome unknown, safe to retry with the same idempotency key).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,7 +26,8 @@ use super::{AcceptedFence, AuditEntry, HoldRequest, RecordDump, RecordStore, Sea
 use crate::domain::{
     Account, Concert, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, LedgerReason, OutboxEvent,
     OutboxKind, Reservation, ReservationId, ReservationStatus, Schedule, ScheduleId, ScheduleSummary, Seat, SeatId,
-    SeatSlot, SeatStatus, SeatView, Section, StoredResponse, TransitionError, UserId, WriteGuard, idempotency_decision,
+    SeatLimit, SeatSlot, SeatStatus, SeatView, Section, StoredResponse, TransitionError, UserId, WriteGuard,
+    idempotency_decision, takes_a_seat,
 };
 
 /// The schema, embedded in the binary and applied by [`MariaDbStore::migrate`].
@@ -485,6 +491,69 @@ async fn lock_account(tx: &mut Tx, user_id: UserId) -> Result<Account, Failure> 
     Ok(account_from(&row)?)
 }
 
+/// The seats each user of a hold (or a batch of holds) has per schedule: the reservations read
+/// under the users' account locks, then the holds granted since in the same transaction.
+#[derive(Debug, Default)]
+struct SeatsTaken {
+    /// Status and hold expiry of each held or confirmed reservation.
+    stored: BTreeMap<(UserId, ScheduleId), Vec<(ReservationStatus, u64)>>,
+    granted: BTreeMap<(UserId, ScheduleId), u32>,
+}
+
+impl SeatsTaken {
+    /// What `request` is checked against at `now_ms`.
+    fn limit(&self, request: &HoldRequest, now_ms: u64) -> SeatLimit {
+        let key = (request.user_id, request.schedule_id);
+        let stored = self.stored.get(&key).map_or(0, |reservations| {
+            reservations.iter().filter(|&&(status, expires_at_ms)| takes_a_seat(status, expires_at_ms, now_ms)).count()
+        });
+        let taken =
+            u32::try_from(stored).unwrap_or(u32::MAX).saturating_add(self.granted.get(&key).copied().unwrap_or(0));
+        SeatLimit { taken, max: request.seats_per_user_max }
+    }
+
+    /// `request` was granted in this transaction.
+    fn granted(&mut self, request: &HoldRequest) {
+        *self.granted.entry((request.user_id, request.schedule_id)).or_default() += 1;
+    }
+}
+
+/// Locks the accounts of `user_ids` in id order (after any seat: the lock order), then reads
+/// their held and confirmed reservations; returns the users that exist and their seats.
+///
+/// The read is the transaction's first plain read, so its snapshot is taken once the account
+/// locks are held (InnoDB takes a repeatable-read snapshot at the first consistent read, not at
+/// `BEGIN`): it sees every hold committed by whoever held those locks before.
+async fn lock_users(tx: &mut Tx, user_ids: &BTreeSet<UserId>) -> Result<(BTreeSet<UserId>, SeatsTaken), sqlx::Error> {
+    let mut query = QueryBuilder::<MySql>::new("SELECT id FROM accounts WHERE id IN (");
+    let mut list = query.separated(", ");
+    for id in user_ids {
+        list.push_bind(*id);
+    }
+    query.push(") ORDER BY id FOR UPDATE");
+    let rows = query.build().fetch_all(&mut **tx).await?;
+    let existing = rows.iter().map(|row| row.try_get::<u64, _>("id")).collect::<Result<BTreeSet<_>, _>>()?;
+    let mut seats = SeatsTaken::default();
+    if existing.is_empty() {
+        return Ok((existing, seats));
+    }
+    let mut query = QueryBuilder::<MySql>::new(
+        "SELECT user_id, schedule_id, status, expires_at_ms FROM reservations WHERE status IN ('HELD', 'CONFIRMED') \
+         AND user_id IN (",
+    );
+    let mut list = query.separated(", ");
+    for id in &existing {
+        list.push_bind(*id);
+    }
+    query.push(")");
+    for row in query.build().fetch_all(&mut **tx).await? {
+        let key = (row.try_get("user_id")?, row.try_get("schedule_id")?);
+        let taken = (parse_status(row.try_get("status")?)?, row.try_get("expires_at_ms")?);
+        seats.stored.entry(key).or_default().push(taken);
+    }
+    Ok((existing, seats))
+}
+
 async fn lock_seat(tx: &mut Tx, schedule_id: ScheduleId, seat_id: SeatId) -> Result<SeatSlot, Failure> {
     let row =
         sqlx::query(concat!("SELECT ", seat_columns!(), " FROM seats WHERE id = ? AND schedule_id = ? FOR UPDATE"))
@@ -554,18 +623,22 @@ impl MariaDbStore {
         now_ms: u64,
     ) -> Result<Reservation, Failure> {
         let mut tx = self.pool.begin().await?;
-        let user =
-            sqlx::query("SELECT id FROM accounts WHERE id = ?").bind(request.user_id).fetch_optional(&mut *tx).await?;
-        if user.is_none() {
+        // Seat, then account: the lock order. A missing user is named before a missing seat,
+        // as a batch does.
+        let slot = match lock_seat(&mut tx, request.schedule_id, request.seat_id).await {
+            Ok(slot) => Some(slot),
+            Err(Failure::Store(StoreError::NotFound { .. })) => None,
+            Err(error) => return Err(error),
+        };
+        let (users, seats) = lock_users(&mut tx, &BTreeSet::from([request.user_id])).await?;
+        if !users.contains(&request.user_id) {
             return Err(StoreError::NotFound { entity: "user", id: request.user_id }.into());
         }
-        let mut slot = lock_seat(&mut tx, request.schedule_id, request.seat_id).await?;
+        let mut slot = slot.ok_or(StoreError::NotFound { entity: "seat", id: request.seat_id })?;
         let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
         // The domain decides on the slot; the reservation's id is known only after its insert.
-        let fence = match guard {
-            None => slot.try_hold(0, request.hold_ttl_ms, now_ms)?,
-            Some(guard) => slot.write_hold(0, guard, request.hold_ttl_ms, now_ms)?,
-        };
+        let limit = seats.limit(request, now_ms);
+        let fence = slot.hold_within_limit(0, guard, limit, request.hold_ttl_ms, now_ms)?;
         if let Some(previous) = previous {
             expire_reservation(&mut tx, previous, now_ms).await?;
         }
@@ -620,11 +693,17 @@ impl MariaDbStore {
         key: &str,
         fingerprint: &[u8; 32],
         response: &StoredResponse,
+        now_ms: u64,
     ) -> Result<(), StoreError> {
         let stored = self.call(|| self.idempotency_record(key)).await?;
-        let matches = matches!(&stored, Some(IdempotencyRecord::Completed { fingerprint: held, response: kept, .. })
-            if held == fingerprint && kept == response);
-        if matches { cache.put(key, fingerprint, response).await } else { Ok(()) }
+        match stored {
+            Some(IdempotencyRecord::Completed { fingerprint: held, response: kept, expires_at_ms, .. })
+                if held == *fingerprint && kept == *response && expires_at_ms > now_ms =>
+            {
+                cache.put(key, fingerprint, response, expires_at_ms, now_ms).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Reads a reservation without locking it, to learn which seat to lock first.
@@ -882,17 +961,20 @@ impl MariaDbStore {
         key: &str,
         fingerprint: &[u8; 32],
         lease_ms: u64,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, Failure> {
         let lease_until_ms = now_ms.saturating_add(lease_ms);
+        let expires_at_ms = now_ms.saturating_add(ttl_ms);
         for _ in 0..IDEMPOTENCY_CLAIM_ATTEMPTS_MAX {
             let claimed = sqlx::query(
-                "INSERT IGNORE INTO idempotency_records (idempotency_key, fingerprint, state, lease_until_ms) \
-                 VALUES (?, ?, 'in_progress', ?)",
+                "INSERT IGNORE INTO idempotency_records (idempotency_key, fingerprint, state, lease_until_ms, \
+                 expires_at_ms) VALUES (?, ?, 'in_progress', ?, ?)",
             )
             .bind(key)
             .bind(&fingerprint[..])
             .bind(lease_until_ms)
+            .bind(expires_at_ms)
             .execute(&self.pool)
             .await?;
             if claimed.rows_affected() == 1 {
@@ -903,13 +985,18 @@ impl MariaDbStore {
             if decision != IdempotencyDecision::Proceed {
                 return Ok(decision);
             }
-            // The lease lapsed: take it over, unless another caller just did.
+            // The record expired, or its lease lapsed: take it over, unless another caller just did.
             let taken = sqlx::query(
-                "UPDATE idempotency_records SET lease_until_ms = ? WHERE idempotency_key = ? AND fingerprint = ? \
-                 AND state = 'in_progress' AND lease_until_ms <= ?",
+                "UPDATE idempotency_records SET fingerprint = ?, state = 'in_progress', lease_until_ms = ?, \
+                 expires_at_ms = ?, response_status = NULL, response_content_type = NULL, response_body = NULL, \
+                 completed_at_ms = NULL WHERE idempotency_key = ? AND (expires_at_ms <= ? OR (fingerprint = ? \
+                 AND state = 'in_progress' AND lease_until_ms <= ?))",
             )
+            .bind(&fingerprint[..])
             .bind(lease_until_ms)
+            .bind(expires_at_ms)
             .bind(key)
+            .bind(now_ms)
             .bind(&fingerprint[..])
             .bind(now_ms)
             .execute(&self.pool)
@@ -924,7 +1011,7 @@ impl MariaDbStore {
     async fn idempotency_record(&self, key: &str) -> Result<Option<IdempotencyRecord>, Failure> {
         let Some(row) = sqlx::query(
             "SELECT fingerprint, state, lease_until_ms, response_status, response_content_type, response_body, \
-             completed_at_ms FROM idempotency_records WHERE idempotency_key = ?",
+             completed_at_ms, expires_at_ms FROM idempotency_records WHERE idempotency_key = ?",
         )
         .bind(key)
         .fetch_optional(&self.pool)
@@ -936,6 +1023,7 @@ impl MariaDbStore {
         let fingerprint: [u8; 32] =
             stored.try_into().map_err(|_| sqlx::Error::Decode("an idempotency fingerprint is not 32 bytes".into()))?;
         let state: String = row.try_get("state")?;
+        let expires_at_ms = row.try_get("expires_at_ms")?;
         Ok(Some(if state == "completed" {
             IdempotencyRecord::Completed {
                 fingerprint,
@@ -945,9 +1033,10 @@ impl MariaDbStore {
                     body: row.try_get::<Option<Vec<u8>>, _>("response_body")?.unwrap_or_default(),
                 },
                 completed_at_ms: row.try_get::<Option<u64>, _>("completed_at_ms")?.unwrap_or(0),
+                expires_at_ms,
             }
         } else {
-            IdempotencyRecord::InProgress { fingerprint, lease_until_ms: row.try_get("lease_until_ms")? }
+            IdempotencyRecord::InProgress { fingerprint, lease_until_ms: row.try_get("lease_until_ms")?, expires_at_ms }
         }))
     }
 
@@ -1205,22 +1294,22 @@ impl RecordStore for MariaDbStore {
         key: String,
         fingerprint: [u8; 32],
         lease_ms: u64,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError> {
         if let Some(cache) = &self.idempotency_cache {
             match cache.get(&key).await {
-                Ok(Some((stored_fingerprint, response))) => {
-                    let completed =
-                        IdempotencyRecord::Completed { fingerprint: stored_fingerprint, response, completed_at_ms: 0 };
+                // An expired record is claimed anew in the database, which decides between callers.
+                Ok(Some(completed)) if completed.expires_at_ms() > now_ms => {
                     return Ok(idempotency_decision(Some(&completed), &fingerprint, now_ms));
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "idempotency cache unavailable; asking the database"),
             }
         }
-        let decision = self.call(|| self.idempotency_begin_once(&key, &fingerprint, lease_ms, now_ms)).await?;
+        let decision = self.call(|| self.idempotency_begin_once(&key, &fingerprint, lease_ms, ttl_ms, now_ms)).await?;
         if let (Some(cache), IdempotencyDecision::Replay(response)) = (&self.idempotency_cache, &decision)
-            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, response).await
+            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, response, now_ms).await
         {
             tracing::warn!(%error, "completed idempotency record not cached");
         }
@@ -1232,18 +1321,20 @@ impl RecordStore for MariaDbStore {
         key: String,
         fingerprint: [u8; 32],
         response: StoredResponse,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         self.call(|| async {
             sqlx::query(
                 "UPDATE idempotency_records SET state = 'completed', response_status = ?, response_content_type = ?, \
-                 response_body = ?, completed_at_ms = ? \
+                 response_body = ?, completed_at_ms = ?, expires_at_ms = ? \
                  WHERE idempotency_key = ? AND fingerprint = ? AND state = 'in_progress'",
             )
             .bind(response.status)
             .bind(&response.content_type)
             .bind(&response.body)
             .bind(now_ms)
+            .bind(now_ms.saturating_add(ttl_ms))
             .bind(&key)
             .bind(&fingerprint[..])
             .execute(&self.pool)
@@ -1252,7 +1343,7 @@ impl RecordStore for MariaDbStore {
         })
         .await?;
         if let Some(cache) = &self.idempotency_cache
-            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, &response).await
+            && let Err(error) = self.cache_completed(cache, &key, &fingerprint, &response, now_ms).await
         {
             tracing::warn!(%error, "completed idempotency record not cached");
         }
@@ -1269,6 +1360,21 @@ impl RecordStore for MariaDbStore {
             .execute(&self.pool)
             .await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        // Nodes purging at once lock the same oldest rows in the same order: one waits for the
+        // other and then finds them gone. A key claimed again meanwhile no longer matches.
+        self.call(|| async {
+            let purged =
+                sqlx::query("DELETE FROM idempotency_records WHERE expires_at_ms <= ? ORDER BY expires_at_ms LIMIT ?")
+                    .bind(now_ms)
+                    .bind(limit)
+                    .execute(&self.pool)
+                    .await?;
+            Ok(u32::try_from(purged.rows_affected()).unwrap_or(u32::MAX))
         })
         .await
     }

@@ -1,6 +1,10 @@
 //! The embedded store: both roles in one process, each behind one mutex, so every trait call
 //! is one atomic step. It is the default for `serve` and the state machine the simulator's
 //! store hosts serve over the simulated network.
+//!
+//! **Invariant:** what a caller can grow is bounded: idempotency records (a maximum, and each
+//! expires), audit entries, rate-limit keys, and the outbox (sent events kept, pending events
+//! kept; see [`MemoryStoreConfig`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -19,8 +23,8 @@ use crate::clock::Clock;
 use crate::domain::{
     Account, AdmissionPolicy, Admitted, FenceToken, IdempotencyDecision, IdempotencyRecord, LedgerEntry, OutboxEvent,
     OutboxKind, QueueOrder, QueueStatus, RateLimit, Reservation, ReservationId, ReservationStatus, Schedule,
-    ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId, WaitingLine,
-    WriteGuard, idempotency_decision,
+    ScheduleId, ScheduleSummary, SeatId, SeatLimit, SeatSlot, SeatStatus, SeatView, StoredResponse, UserId,
+    WaitingLine, WriteGuard, idempotency_decision,
 };
 
 /// Sizes, seed and clock of the embedded store.
@@ -35,13 +39,41 @@ pub struct MemoryStoreConfig {
     pub cache_clock: Option<Arc<dyn Clock>>,
     /// The most audit entries kept; older ones are dropped first.
     pub audit_entries_max: usize,
-    /// The most idempotency records kept; the oldest completed ones are dropped first.
+    /// The most idempotency records kept; past it, those expiring soonest are dropped first.
     pub idempotency_records_max: usize,
+    /// The most outbox events kept once they are marked sent; older sent ones are forgotten.
+    pub outbox_sent_kept_max: usize,
+    /// The most outbox events kept while not yet sent; past it, the oldest are dropped, counted
+    /// and logged (nothing drains an outbox whose relay stopped).
+    pub outbox_pending_max: usize,
 }
+
+/// [`MemoryStoreConfig::idempotency_records_max`] unless configured.
+pub const IDEMPOTENCY_RECORDS_MAX_DEFAULT: usize = 2_000_000;
+/// [`MemoryStoreConfig::outbox_sent_kept_max`] unless configured.
+pub const OUTBOX_SENT_KEPT_MAX_DEFAULT: usize = 10_000;
+/// [`MemoryStoreConfig::outbox_pending_max`] unless configured.
+pub const OUTBOX_PENDING_MAX_DEFAULT: usize = 1_000_000;
 
 impl Default for MemoryStoreConfig {
     fn default() -> Self {
-        Self { seed: 0, cache_clock: None, audit_entries_max: 10_000, idempotency_records_max: 2_000_000 }
+        Self {
+            seed: 0,
+            cache_clock: None,
+            audit_entries_max: 10_000,
+            idempotency_records_max: IDEMPOTENCY_RECORDS_MAX_DEFAULT,
+            outbox_sent_kept_max: OUTBOX_SENT_KEPT_MAX_DEFAULT,
+            outbox_pending_max: OUTBOX_PENDING_MAX_DEFAULT,
+        }
+    }
+}
+
+impl MemoryStoreConfig {
+    /// The same store, keeping every outbox event: for a store whose whole outbox is read at
+    /// the end (the simulator's checker counts one event per confirmation from
+    /// [`RecordStore::dump`]), where nothing marks events sent and a run is finite.
+    pub fn keeping_the_whole_outbox(self) -> Self {
+        Self { outbox_sent_kept_max: usize::MAX, outbox_pending_max: usize::MAX, ..self }
     }
 }
 
@@ -73,11 +105,25 @@ struct Records {
     reservations: BTreeMap<ReservationId, Reservation>,
     next_reservation_id: ReservationId,
     held_by_expiry: BTreeSet<(u64, ReservationId)>,
+    /// The reservations of each user and schedule that are held or confirmed, so that a hold
+    /// counts the user's seats without walking every reservation. Kept in step by
+    /// [`Records::insert_hold`] and [`Records::end_reservation`].
+    seats_by_user: BTreeMap<(UserId, ScheduleId), Vec<ReservationId>>,
     fences: Vec<AcceptedFence>,
     idempotency: HashMap<String, IdempotencyRecord>,
-    idempotency_order: VecDeque<String>,
-    outbox: Vec<OutboxEvent>,
+    /// Every idempotency key by the expiry of its record: purges take the expired ones from
+    /// the front, and past the maximum the soonest to expire go first.
+    idempotency_by_expiry: BTreeSet<(u64, String)>,
+    /// The outbox from its oldest kept event, whose id is `outbox_first_id`; ids are
+    /// consecutive, so an event's place is its id minus that.
+    outbox: VecDeque<OutboxEvent>,
+    outbox_first_id: u64,
+    /// Every event before this place is sent.
     outbox_unsent_from: usize,
+    outbox_sent_kept_max: usize,
+    outbox_pending_max: usize,
+    /// Pending events dropped because there were more than `outbox_pending_max`.
+    outbox_dropped: u64,
     audit: VecDeque<AuditEntry>,
 }
 
@@ -109,7 +155,15 @@ impl MemoryStore {
 
     /// An empty store.
     pub fn new(config: MemoryStoreConfig) -> Self {
-        let records = Records { next_seat_id: 1, next_user_id: 1, next_reservation_id: 1, ..Records::default() };
+        let records = Records {
+            next_seat_id: 1,
+            next_user_id: 1,
+            next_reservation_id: 1,
+            outbox_first_id: 1,
+            outbox_sent_kept_max: config.outbox_sent_kept_max,
+            outbox_pending_max: config.outbox_pending_max,
+            ..Records::default()
+        };
         let cache = Cache {
             lines: BTreeMap::new(),
             admissions: Vec::new(),
@@ -118,6 +172,11 @@ impl MemoryStore {
             rng: StdRng::seed_from_u64(config.seed),
         };
         Self { config, records: Mutex::new(records), cache: Mutex::new(cache) }
+    }
+
+    /// How many pending outbox events were dropped because the outbox was full.
+    pub fn outbox_dropped(&self) -> u64 {
+        self.records.lock().outbox_dropped
     }
 }
 
@@ -187,8 +246,48 @@ impl Records {
     }
 
     fn emit(&mut self, kind: OutboxKind, reservation_id: Option<ReservationId>, user_id: UserId, at_ms: u64) {
-        let id = self.outbox.len() as u64 + 1;
-        self.outbox.push(OutboxEvent { id, kind, reservation_id, user_id, at_ms, sent: false });
+        let id = self.outbox_first_id + self.outbox.len() as u64;
+        self.outbox.push_back(OutboxEvent { id, kind, reservation_id, user_id, at_ms, sent: false });
+        while self.outbox.len() - self.outbox_unsent_from > self.outbox_pending_max {
+            // Sent events go first; then the oldest pending one is lost, and said so.
+            let Some(dropped) = self.outbox.pop_front() else { break };
+            self.outbox_first_id += 1;
+            self.outbox_unsent_from = self.outbox_unsent_from.saturating_sub(1);
+            if !dropped.sent {
+                self.outbox_dropped += 1;
+                if self.outbox_dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = self.outbox_dropped,
+                        pending_max = self.outbox_pending_max,
+                        "outbox full: the oldest unsent events are dropped; is its relay running?"
+                    );
+                }
+            }
+        }
+        self.advance_outbox_cursor();
+    }
+
+    fn advance_outbox_cursor(&mut self) {
+        while self.outbox.get(self.outbox_unsent_from).is_some_and(|event| event.sent) {
+            self.outbox_unsent_from += 1;
+        }
+    }
+
+    /// How many seats the user has on the schedule at `now_ms`, held or bought.
+    fn seats_taken(&self, user_id: UserId, schedule_id: ScheduleId, now_ms: u64) -> u32 {
+        let Some(ids) = self.seats_by_user.get(&(user_id, schedule_id)) else { return 0 };
+        let taken = ids.iter().filter(|id| self.reservations.get(id).is_some_and(|r| r.takes_a_seat(now_ms)));
+        u32::try_from(taken.count()).unwrap_or(u32::MAX)
+    }
+
+    /// A reservation ended (expired or cancelled): it no longer counts among its user's seats.
+    fn end_reservation(&mut self, user_id: UserId, schedule_id: ScheduleId, reservation_id: ReservationId) {
+        if let Some(ids) = self.seats_by_user.get_mut(&(user_id, schedule_id)) {
+            ids.retain(|&id| id != reservation_id);
+            if ids.is_empty() {
+                self.seats_by_user.remove(&(user_id, schedule_id));
+            }
+        }
     }
 
     /// Ends a hold that ran out of time: the reservation expires and its seat is freed.
@@ -200,6 +299,7 @@ impl Records {
         let (schedule_id, seat_id, user_id, expires_at_ms) =
             (reservation.schedule_id, reservation.seat_id, reservation.user_id, reservation.expires_at_ms);
         self.held_by_expiry.remove(&(expires_at_ms, reservation_id));
+        self.end_reservation(user_id, schedule_id, reservation_id);
         let _ = self.change_slot(schedule_id, seat_id, |slot| slot.release(reservation_id));
         self.emit(OutboxKind::ReservationExpired, Some(reservation_id), user_id, now_ms);
     }
@@ -214,12 +314,13 @@ impl Records {
             return Err(StoreError::NotFound { entity: "user", id: request.user_id });
         }
         let reservation_id = self.next_reservation_id;
+        let limit = SeatLimit {
+            taken: self.seats_taken(request.user_id, request.schedule_id, now_ms),
+            max: request.seats_per_user_max,
+        };
         let (previous, fence, seat) = self.change_slot(request.schedule_id, request.seat_id, |slot| {
             let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
-            let fence = match guard {
-                None => slot.try_hold(reservation_id, request.hold_ttl_ms, now_ms),
-                Some(guard) => slot.write_hold(reservation_id, guard, request.hold_ttl_ms, now_ms),
-            };
+            let fence = slot.hold_within_limit(reservation_id, guard, limit, request.hold_ttl_ms, now_ms);
             (previous, fence, slot.seat)
         })?;
         let fence = fence?;
@@ -238,6 +339,7 @@ impl Records {
             at_ms: now_ms,
         });
         self.reservations.insert(reservation_id, reservation.clone());
+        self.seats_by_user.entry((request.user_id, request.schedule_id)).or_default().push(reservation_id);
         self.emit(OutboxKind::ReservationHeld, Some(reservation_id), request.user_id, now_ms);
         Ok(reservation)
     }
@@ -288,6 +390,7 @@ impl Records {
         let refund = stored.cancel(now_ms)?;
         let cancelled = stored.clone();
         self.held_by_expiry.remove(&(reservation.expires_at_ms, reservation_id));
+        self.end_reservation(user_id, reservation.schedule_id, reservation_id);
         self.change_slot(reservation.schedule_id, reservation.seat_id, |slot| slot.release(reservation_id))?;
         if refund > 0 {
             let entry = self.account_mut(user_id)?.refund(refund, reservation_id, now_ms);
@@ -299,12 +402,20 @@ impl Records {
     }
 
     fn remember_idempotency(&mut self, key: String, record: IdempotencyRecord, records_max: usize) {
-        if self.idempotency.insert(key.clone(), record).is_none() {
-            self.idempotency_order.push_back(key);
+        let expires_at_ms = record.expires_at_ms();
+        if let Some(before) = self.idempotency.insert(key.clone(), record) {
+            self.idempotency_by_expiry.remove(&(before.expires_at_ms(), key.clone()));
         }
+        self.idempotency_by_expiry.insert((expires_at_ms, key));
         while self.idempotency.len() > records_max {
-            let Some(oldest) = self.idempotency_order.pop_front() else { break };
-            self.idempotency.remove(&oldest);
+            let Some((_, soonest)) = self.idempotency_by_expiry.pop_first() else { break };
+            self.idempotency.remove(&soonest);
+        }
+    }
+
+    fn forget_idempotency(&mut self, key: String) {
+        if let Some(record) = self.idempotency.remove(&key) {
+            self.idempotency_by_expiry.remove(&(record.expires_at_ms(), key));
         }
     }
 }
@@ -534,12 +645,17 @@ impl RecordStore for MemoryStore {
         key: String,
         fingerprint: [u8; 32],
         lease_ms: u64,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError> {
         let mut records = self.records.lock();
         let decision = idempotency_decision(records.idempotency.get(&key), &fingerprint, now_ms);
         if decision == IdempotencyDecision::Proceed {
-            let lease = IdempotencyRecord::InProgress { fingerprint, lease_until_ms: now_ms.saturating_add(lease_ms) };
+            let lease = IdempotencyRecord::InProgress {
+                fingerprint,
+                lease_until_ms: now_ms.saturating_add(lease_ms),
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+            };
             records.remember_idempotency(key, lease, self.config.idempotency_records_max);
         }
         Ok(decision)
@@ -550,12 +666,15 @@ impl RecordStore for MemoryStore {
         key: String,
         fingerprint: [u8; 32],
         response: StoredResponse,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
         let mut records = self.records.lock();
         let holds_lease = matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
         if holds_lease {
-            let completed = IdempotencyRecord::Completed { fingerprint, response, completed_at_ms: now_ms };
+            let expires_at_ms = now_ms.saturating_add(ttl_ms);
+            let completed =
+                IdempotencyRecord::Completed { fingerprint, response, completed_at_ms: now_ms, expires_at_ms };
             records.remember_idempotency(key, completed, self.config.idempotency_records_max);
         }
         Ok(())
@@ -565,15 +684,31 @@ impl RecordStore for MemoryStore {
         let mut records = self.records.lock();
         let holds_lease = matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);
         if holds_lease {
-            records.idempotency.remove(&key);
+            records.forget_idempotency(key);
         }
         Ok(())
     }
 
+    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        let mut records = self.records.lock();
+        let mut purged = 0;
+        while purged < limit {
+            let Some((expires_at_ms, _)) = records.idempotency_by_expiry.first() else { break };
+            if *expires_at_ms > now_ms {
+                break;
+            }
+            let Some((_, key)) = records.idempotency_by_expiry.pop_first() else { break };
+            records.idempotency.remove(&key);
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         let records = self.records.lock();
-        Ok(records.outbox[records.outbox_unsent_from..]
-            .iter()
+        Ok(records
+            .outbox
+            .range(records.outbox_unsent_from..)
             .filter(|event| !event.sent)
             .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .cloned()
@@ -583,12 +718,16 @@ impl RecordStore for MemoryStore {
     async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError> {
         let mut records = self.records.lock();
         for id in ids {
-            if let Some(event) = usize::try_from(id).ok().and_then(|id| records.outbox.get_mut(id.wrapping_sub(1))) {
+            let place = id.checked_sub(records.outbox_first_id).and_then(|place| usize::try_from(place).ok());
+            if let Some(event) = place.and_then(|place| records.outbox.get_mut(place)) {
                 event.sent = true;
             }
         }
-        while records.outbox.get(records.outbox_unsent_from).is_some_and(|event| event.sent) {
-            records.outbox_unsent_from += 1;
+        records.advance_outbox_cursor();
+        while records.outbox_unsent_from > records.outbox_sent_kept_max {
+            records.outbox.pop_front();
+            records.outbox_first_id += 1;
+            records.outbox_unsent_from -= 1;
         }
         Ok(())
     }
@@ -616,7 +755,7 @@ impl RecordStore for MemoryStore {
             ledger: records.ledger.clone(),
             reservations: records.reservations.values().cloned().collect(),
             fences: records.fences.clone(),
-            outbox: records.outbox.clone(),
+            outbox: records.outbox.iter().cloned().collect(),
         })
     }
 }
@@ -801,14 +940,7 @@ mod tests {
         };
         store.put_schedule(schedule).await.expect("schedule");
         let user = store.create_user("ada".into(), 0, 0).await.expect("user");
-        let request = HoldRequest {
-            schedule_id: 1,
-            seat_id: 3,
-            user_id: user.user_id,
-            hold_ttl_ms: 1_000,
-            node: "engine-1".into(),
-        };
-        store.try_hold(request, 0).await.expect("hold");
+        store.try_hold(hold_request(3, user.user_id), 0).await.expect("hold");
         let filter = SeatFilter { section: Some("B".into()), status: Some(SeatStatus::Available), limit: Some(2) };
         let page = store.seat_map(1, filter, 10).await.expect("seat map");
         let ids: Vec<SeatId> = page.iter().map(|seat| seat.id).collect();
@@ -816,6 +948,18 @@ mod tests {
         assert!(page.iter().all(|seat| seat.section == "B"));
         let unknown = SeatFilter { section: Some("Z".into()), ..SeatFilter::default() };
         assert!(store.seat_map(1, unknown, 10).await.expect("seat map").is_empty());
+    }
+
+    /// A hold of a second on schedule 1, with no seat limit in the way.
+    fn hold_request(seat_id: SeatId, user_id: UserId) -> HoldRequest {
+        HoldRequest {
+            schedule_id: 1,
+            seat_id,
+            user_id,
+            hold_ttl_ms: 1_000,
+            node: "n".into(),
+            seats_per_user_max: u32::MAX,
+        }
     }
 
     /// A store with schedule 1 of `seats` seats in one section, and a user with `points`.
@@ -835,11 +979,7 @@ mod tests {
     #[tokio::test]
     async fn seat_maps_by_status_follow_sales_cancellations_and_expiries() {
         let (store, user) = &one_section_store(4, 100).await;
-        let hold = |seat_id, now_ms| {
-            let request =
-                HoldRequest { schedule_id: 1, seat_id, user_id: user.user_id, hold_ttl_ms: 1_000, node: "n".into() };
-            store.try_hold(request, now_ms)
-        };
+        let hold = |seat_id, now_ms| store.try_hold(hold_request(seat_id, user.user_id), now_ms);
         let ids = |status, now_ms| async move {
             let filter = SeatFilter { section: None, status: Some(status), limit: None };
             store.seat_map(1, filter, now_ms).await.expect("seat map").iter().map(|seat| seat.id).collect::<Vec<_>>()
@@ -885,11 +1025,8 @@ mod tests {
             match rng.random_range(0..5) {
                 0 | 1 => {
                     let request = HoldRequest {
-                        schedule_id: 1,
-                        seat_id: rng.random_range(1..=12),
-                        user_id: user.user_id,
                         hold_ttl_ms: rng.random_range(1..2_000),
-                        node: "n".into(),
+                        ..hold_request(rng.random_range(1..=12), user.user_id)
                     };
                     if let Ok(reservation) = store.try_hold(request, now_ms).await {
                         reservations.push(reservation.id);
@@ -916,6 +1053,72 @@ mod tests {
                 "at {now_ms} ms"
             );
         }
+    }
+
+    /// A store with small outbox bounds, schedule 1 of `seats` seats, and one user with points
+    /// for all of them and no seat limit in the way.
+    async fn small_outbox_store(seats: u32) -> (Arc<MemoryStore>, Account) {
+        use crate::domain::{Concert, Schedule, Section};
+        let config =
+            MemoryStoreConfig { outbox_sent_kept_max: 10, outbox_pending_max: 100, ..MemoryStoreConfig::default() };
+        let store = Arc::new(MemoryStore::new(config));
+        let section = Section { name: "A".into(), price_points: 1, seats_count: seats };
+        let schedule =
+            Schedule { id: 1, concert: Concert { id: 1, name: "x".into() }, opens_at_ms: 0, sections: vec![section] };
+        store.put_schedule(schedule).await.expect("schedule");
+        let user = store.create_user("ada".into(), u64::from(seats), 0).await.expect("user");
+        (store, user)
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_confirmations_drained_by_the_log_relay_leaves_the_outbox_within_its_bound() {
+        use crate::store::{OutboxRelay, OutboxRelayConfig};
+        let (store, user) = small_outbox_store(1_000).await;
+        let relay = OutboxRelay::to_log(store.clone(), OutboxRelayConfig::default());
+        for seat_id in 1..=1_000 {
+            let held = store.try_hold(hold_request(seat_id, user.user_id), seat_id).await.expect("hold");
+            store.confirm(held.id, user.user_id, None, seat_id).await.expect("confirm");
+            if seat_id % 20 == 0 {
+                relay.relay_once().await.expect("relay");
+            }
+            assert!(store.dump().await.expect("dump").outbox.len() <= 10 + 100, "bounded after {seat_id} sales");
+        }
+        relay.relay_once().await.expect("relay");
+        let outbox = store.dump().await.expect("dump").outbox;
+        // Three events a sale (held, charged, confirmed): every one relayed, the newest kept.
+        assert_eq!(relay.logged(), 3_000);
+        assert_eq!(outbox.iter().map(|event| event.id).collect::<Vec<_>>(), (2_991..=3_000).collect::<Vec<_>>());
+        assert!(outbox.iter().all(|event| event.sent));
+        assert_eq!(store.outbox_dropped(), 0, "the relay kept up: nothing pending was lost");
+    }
+
+    #[tokio::test]
+    async fn past_its_pending_maximum_the_outbox_drops_the_oldest_events_and_counts_them() {
+        let (store, user) = small_outbox_store(1).await;
+        for index in 0..103 {
+            store.top_up(user.user_id, 1, format!("k{index}"), 1).await.expect("top up");
+        }
+        // The opening top-up of `create_user` emits no event: 103 events, ids 1..=103.
+        let pending = store.outbox_pending(1_000).await.expect("pending");
+        assert_eq!(pending.len(), 100);
+        assert_eq!((pending[0].id, pending[99].id), (4, 103));
+        assert_eq!(store.outbox_dropped(), 3);
+        store.outbox_mark_sent(vec![4, 5, 103]).await.expect("mark");
+        let left: Vec<u64> = store.outbox_pending(1_000).await.expect("pending").iter().map(|e| e.id).collect();
+        assert_eq!(left, (6..=102).collect::<Vec<_>>(), "ids keep their meaning after a drop");
+    }
+
+    #[tokio::test]
+    async fn the_simulators_store_keeps_every_outbox_event() {
+        let config =
+            MemoryStoreConfig { outbox_pending_max: 1, outbox_sent_kept_max: 1, ..MemoryStoreConfig::default() };
+        let store = MemoryStore::new(config.keeping_the_whole_outbox());
+        let user = store.create_user("ada".into(), 0, 0).await.expect("user");
+        for index in 0..50 {
+            store.top_up(user.user_id, 1, format!("k{index}"), 1).await.expect("top up");
+        }
+        store.outbox_mark_sent((1..=25).collect()).await.expect("mark");
+        assert_eq!(store.dump().await.expect("dump").outbox.len(), 50);
     }
 
     #[tokio::test]

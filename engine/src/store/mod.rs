@@ -82,6 +82,11 @@ pub struct HoldRequest {
     pub hold_ttl_ms: u64,
     /// The engine node writing the hold, recorded with the fence it is accepted with.
     pub node: String,
+    /// The most seats the user may have on this schedule, held (live holds) or bought,
+    /// counting this one: a hold beyond it is refused with
+    /// [`TransitionError::SeatLimitReached`]. The engine sets it from its runtime settings;
+    /// the store counts the user's reservations, so re-joining the line resets nothing.
+    pub seats_per_user_max: u32,
 }
 
 /// A fence the store accepted for a seat, in the order it accepted them.
@@ -221,28 +226,35 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
     /// Expires up to `limit` holds past their time and frees their seats; returns how many.
     async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError>;
 
-    /// Claims an idempotency key for a request with `fingerprint`, or says why not.
+    /// Claims an idempotency key for a request with `fingerprint`, or says why not. The claim
+    /// expires `ttl_ms` from now; a key whose record expired counts as never seen.
     async fn idempotency_begin(
         &self,
         key: String,
         fingerprint: [u8; 32],
         lease_ms: u64,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError>;
-    /// Stores the response for a claimed key.
+    /// Stores the response for a claimed key, kept until `ttl_ms` from now.
     async fn idempotency_complete(
         &self,
         key: String,
         fingerprint: [u8; 32],
         response: StoredResponse,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError>;
     /// Gives up a claimed key without a response (the request may be retried).
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError>;
+    /// Deletes up to `limit` idempotency records expired as of `now_ms`; returns how many.
+    /// Several nodes may purge at once.
+    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError>;
 
     /// Outbox events not yet published, oldest first.
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError>;
-    /// Marks outbox events published.
+    /// Marks outbox events published. A store may forget sent events beyond what it keeps
+    /// (the memory store does, see [`MemoryStoreConfig`]).
     async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError>;
     /// Appends to the admin audit log.
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;

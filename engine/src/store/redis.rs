@@ -22,8 +22,8 @@ use redis::{FromRedisValue, Script};
 use super::seat_hints::SeatHints;
 use super::{AdmitReport, CacheStore, HoldRequest, LockGrant, StoreError};
 use crate::domain::{
-    AdmissionPolicy, Admitted, FenceToken, OutboxEvent, QueueOrder, QueueStatus, RateLimit, ReservationId, ScheduleId,
-    SeatId, StoredResponse, TokenStatus, TransitionError, UserId,
+    AdmissionPolicy, Admitted, FenceToken, IdempotencyRecord, OutboxEvent, QueueOrder, QueueStatus, RateLimit,
+    ReservationId, ScheduleId, SeatId, StoredResponse, TokenStatus, TransitionError, UserId,
 };
 
 /// Where the Redis store keeps its keys, how long a call may take, and its seed.
@@ -800,18 +800,21 @@ impl SeatGate {
 }
 
 /// Completed idempotency records, cached in front of the record store: a replay is answered
-/// from Redis without a database round trip. A completed record never changes, so the cache
-/// cannot go stale; a record it lost (evicted, expired, server restarted) is read from the
-/// record store again.
+/// from Redis without a database round trip. A completed record never changes until it
+/// expires, so the cache cannot go stale: it keeps the record's expiry, answers nothing for an
+/// expired record (the caller asks the record store, which claims the key anew), and lets Redis
+/// drop the entry by then. A record it lost (evicted, expired, server restarted) is read from
+/// the record store again.
 #[derive(Debug, Clone)]
 pub struct IdempotencyCache {
     redis: RedisStore,
 }
 
-/// Fingerprint, status, content type and body of a cached record, each missing if not cached.
-type CachedIdempotencyFields = (Option<Vec<u8>>, Option<u16>, Option<String>, Option<Vec<u8>>);
+/// Fingerprint, status, content type, body and expiry of a cached record, each missing if not
+/// cached.
+type CachedIdempotencyFields = (Option<Vec<u8>>, Option<u16>, Option<String>, Option<Vec<u8>>, Option<u64>);
 
-/// How long a completed idempotency record stays cached.
+/// How long a completed idempotency record stays cached at most.
 const IDEMPOTENCY_CACHE_TTL_MS: u64 = 24 * 3_600 * 1_000;
 
 impl IdempotencyCache {
@@ -819,8 +822,8 @@ impl IdempotencyCache {
         format!("{}idem:{key}", self.redis.config.prefix)
     }
 
-    /// The completed record of `key`, if cached: its fingerprint and response.
-    pub async fn get(&self, key: &str) -> Result<Option<([u8; 32], StoredResponse)>, StoreError> {
+    /// The completed record of `key`, if cached (its `completed_at_ms` is not kept: 0).
+    pub async fn get(&self, key: &str) -> Result<Option<IdempotencyRecord>, StoreError> {
         let mut connection = self.redis.connection.clone();
         let cache_key = self.key(key);
         let fields: CachedIdempotencyFields = self
@@ -828,18 +831,29 @@ impl IdempotencyCache {
             .bounded(async move {
                 redis::cmd("HMGET")
                     .arg(cache_key)
-                    .arg(&["fingerprint", "status", "content_type", "body"])
+                    .arg(&["fingerprint", "status", "content_type", "body", "expires_at_ms"])
                     .query_async(&mut connection)
                     .await
             })
             .await?;
-        let (Some(fingerprint), Some(status), Some(content_type), Some(body)) = fields else { return Ok(None) };
+        let (Some(fingerprint), Some(status), Some(content_type), Some(body), Some(expires_at_ms)) = fields else {
+            return Ok(None);
+        };
         let Ok(fingerprint) = <[u8; 32]>::try_from(fingerprint) else { return Ok(None) };
-        Ok(Some((fingerprint, StoredResponse { status, content_type, body })))
+        let response = StoredResponse { status, content_type, body };
+        Ok(Some(IdempotencyRecord::Completed { fingerprint, response, completed_at_ms: 0, expires_at_ms }))
     }
 
-    /// Caches the completed record of `key`.
-    pub async fn put(&self, key: &str, fingerprint: &[u8; 32], response: &StoredResponse) -> Result<(), StoreError> {
+    /// Caches the completed record of `key`, which expires at `expires_at_ms`.
+    pub async fn put(
+        &self,
+        key: &str,
+        fingerprint: &[u8; 32],
+        response: &StoredResponse,
+        expires_at_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let ttl_ms = expires_at_ms.saturating_sub(now_ms).clamp(1, IDEMPOTENCY_CACHE_TTL_MS);
         let cache_key = self.key(key);
         let mut pipe = redis::pipe();
         pipe.cmd("HSET")
@@ -852,10 +866,12 @@ impl IdempotencyCache {
             .arg(&response.content_type)
             .arg("body")
             .arg(&response.body)
+            .arg("expires_at_ms")
+            .arg(expires_at_ms)
             .ignore()
             .cmd("PEXPIRE")
             .arg(&cache_key)
-            .arg(IDEMPOTENCY_CACHE_TTL_MS)
+            .arg(ttl_ms)
             .ignore();
         let mut connection = self.redis.connection.clone();
         self.redis.bounded(async move { pipe.query_async::<()>(&mut connection).await }).await

@@ -859,3 +859,34 @@ async fn waiting_users_learn_when_every_seat_is_sold() {
     assert_eq!(joined.status, StatusCode::CREATED);
     assert_eq!(joined.json()["sold_out"], true, "a join after the sale says so too");
 }
+
+#[tokio::test]
+async fn the_seat_limit_is_an_audited_bounded_admin_setting_and_a_hold_past_it_is_409() {
+    let api = Api::new().await;
+    for refused in [0, 101] {
+        let reply =
+            api.admin(Method::PUT, "/admin/v1/seat-limit").json(json!({ "seats_per_user_max": refused })).send().await;
+        check_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds");
+    }
+    let (_, token) = api.admitted_user("ada", 0).await;
+    for seat_id in 1..=4 {
+        assert_eq!(api.hold(&token, seat_id).await.status, StatusCode::CREATED, "the default of 4 applies");
+    }
+    check_problem(&api.hold(&token, 5).await, StatusCode::CONFLICT, "seat_limit_reached");
+    let reply = api.admin(Method::PUT, "/admin/v1/seat-limit").json(json!({ "seats_per_user_max": 5 })).send().await;
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.bytes);
+    assert_eq!(api.hold(&token, 5).await.status, StatusCode::CREATED);
+    check_problem(&api.hold(&token, 6).await, StatusCode::CONFLICT, "seat_limit_reached");
+
+    let audit = api.admin(Method::GET, "/admin/v1/audit").send().await.json();
+    let entries = audit.as_array().expect("entries");
+    let actions: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|entry| (entry["action"].as_str().expect("action"), entry["outcome"].as_str().expect("outcome")))
+        .collect();
+    assert_eq!(actions.len(), 3);
+    assert!(actions.iter().all(|(action, _)| *action == "set_seat_limit"), "{actions:?}");
+    assert!(actions[0].1.starts_with("rejected") && actions[1].1.starts_with("rejected"), "{actions:?}");
+    assert_eq!(entries[2]["before"], json!({ "seats_per_user_max": 4 }));
+    assert_eq!(entries[2]["after"], json!({ "seats_per_user_max": 5 }));
+}

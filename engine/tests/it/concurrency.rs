@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tcore_engine::config::HoldMode;
+use tcore_engine::clock::ManualClock;
+use tcore_engine::config::{EngineConfig, HoldMode};
 use tcore_engine::domain::ReservationStatus;
+use tcore_engine::faults::NoFaults;
 use tcore_engine::store::RecordStore;
 use tcore_engine::{Engine, EngineError};
 
-use crate::support::{START_MS, manual_engine, queued_user, schedule, session_of};
+use crate::support::{START_MS, config, engine_with, manual_engine, queued_user, schedule, session_of};
 
 async fn admitted_users(
     engine: &Engine,
@@ -119,7 +121,10 @@ async fn confirm_racing_hold_expiry_never_confirms_an_expired_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_confirms_never_take_points_below_zero() {
-    let (test, clock) = manual_engine(HoldMode::Atomic);
+    // One user holds all twenty seats: the seat limit is not what this is about.
+    let clock = ManualClock::starting_at_ms(START_MS);
+    let config = EngineConfig { seats_per_user_max: 20, ..config(HoldMode::Atomic) };
+    let test = engine_with(config, Arc::new(clock.clone()), Arc::new(NoFaults));
     let engine = Arc::clone(&test.engine);
     engine.add_schedule(schedule(START_MS, 20)).await.expect("schedule");
     let users = admitted_users(&engine, &clock, 1, 250).await;

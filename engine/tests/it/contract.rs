@@ -28,8 +28,20 @@ fn schedule(a: u32, b: u32) -> Schedule {
     }
 }
 
+/// The seat limit of holds whose test is not about it: the engine's highest.
+const SEATS_PER_USER_MAX: u32 = 100;
+/// How long idempotency records are kept, unless a test says otherwise.
+const IDEMPOTENCY_TTL_MS: u64 = 86_400_000;
+
 fn hold(seat_id: u64, user_id: u64) -> HoldRequest {
-    HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms: TTL_MS, node: "engine-1".into() }
+    HoldRequest {
+        schedule_id: 1,
+        seat_id,
+        user_id,
+        hold_ttl_ms: TTL_MS,
+        node: "engine-1".into(),
+        seats_per_user_max: SEATS_PER_USER_MAX,
+    }
 }
 
 async fn seat_ids(record: &dyn RecordStore) -> Vec<u64> {
@@ -328,15 +340,15 @@ contract!(
         let record = stores.record.as_ref();
         let response = StoredResponse { status: 201, content_type: "application/json".into(), body: b"{\"a\":1}\n".to_vec() };
         let begin = |key: &str, fingerprint: u8, now_ms: u64| {
-            record.idempotency_begin(key.into(), [fingerprint; 32], 1_000, now_ms)
+            record.idempotency_begin(key.into(), [fingerprint; 32], 1_000, IDEMPOTENCY_TTL_MS, now_ms)
         };
         assert_eq!(begin("k", 1, T0).await, Ok(IdempotencyDecision::Proceed));
         assert_eq!(begin("k", 1, T0 + 999).await, Ok(IdempotencyDecision::InProgress));
         assert_eq!(begin("k", 2, T0 + 10).await, Ok(IdempotencyDecision::Mismatch));
         assert_eq!(begin("k", 1, T0 + 1_000).await, Ok(IdempotencyDecision::Proceed), "the lease lapsed");
-        record.idempotency_complete("k".into(), [2; 32], response.clone(), T0).await.expect("not the holder");
+        record.idempotency_complete("k".into(), [2; 32], response.clone(), IDEMPOTENCY_TTL_MS, T0).await.expect("not the holder");
         assert_eq!(begin("k", 1, T0 + 1_500).await, Ok(IdempotencyDecision::InProgress));
-        record.idempotency_complete("k".into(), [1; 32], response.clone(), T0 + 1_600).await.expect("complete");
+        record.idempotency_complete("k".into(), [1; 32], response.clone(), IDEMPOTENCY_TTL_MS, T0 + 1_600).await.expect("complete");
         assert_eq!(begin("k", 1, T0 + 99_000).await, Ok(IdempotencyDecision::Replay(response.clone())));
         assert_eq!(begin("k", 3, T0 + 99_000).await, Ok(IdempotencyDecision::Mismatch));
         record.idempotency_release("k".into(), [1; 32]).await.expect("release of a completed key");
@@ -691,5 +703,138 @@ contract!(
         assert!(dump.reservations.iter().all(|reservation| reservation.status == ReservationStatus::Expired));
         let events = dump.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationExpired).count();
         assert_eq!(events, 40, "one expiry event per hold");
+    }
+);
+
+/// A hold with a seat limit of `max`.
+fn limited(seat_id: u64, user_id: u64, max: u32) -> HoldRequest {
+    HoldRequest { seats_per_user_max: max, ..hold(seat_id, user_id) }
+}
+
+contract!(
+    async fn ten_holds_by_one_user_at_once_grant_exactly_the_seat_limit(stores) {
+        let record = Arc::clone(&stores.record);
+        record.put_schedule(schedule(10, 0)).await.expect("schedule");
+        let seats = seat_ids(record.as_ref()).await;
+        let ada = user(record.as_ref(), "ada", 0).await;
+        let attempts: Vec<_> = seats
+            .iter()
+            .map(|&seat| {
+                let record = Arc::clone(&record);
+                tokio::spawn(async move { record.try_hold(limited(seat, ada, 4), T0).await })
+            })
+            .collect();
+        let (mut granted, mut refused) = (Vec::new(), 0);
+        for attempt in attempts {
+            match attempt.await.expect("task") {
+                Ok(reservation) => granted.push(reservation.seat_id),
+                Err(error) => {
+                    assert_eq!(error, rejected(TransitionError::SeatLimitReached { max: 4 }));
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((granted.len(), refused), (4, 6), "exactly the limit ({})", stores.backend);
+        let dump = record.dump().await.expect("dump");
+        assert_eq!(dump.reservations.len(), 4, "nothing written for the refused holds");
+        // A seat refused for the limit is free for someone else at once: no gate stays closed.
+        let bob = user(record.as_ref(), "bob", 0).await;
+        for seat in seats.iter().filter(|seat| !granted.contains(seat)) {
+            record.try_hold(limited(*seat, bob, 10), T0 + 1).await.expect("free for bob");
+        }
+    }
+);
+
+contract!(
+    async fn cancelled_and_expired_reservations_free_a_place_under_the_seat_limit_and_bought_ones_do_not(stores) {
+        let record = stores.record.as_ref();
+        record.put_schedule(schedule(8, 0)).await.expect("schedule");
+        let seats = seat_ids(record).await;
+        let ada = user(record, "ada", 1_000).await;
+        let at_limit = || rejected(TransitionError::SeatLimitReached { max: 2 });
+        let first = record.try_hold(limited(seats[0], ada, 2), T0).await.expect("first");
+        let second = record.try_hold(limited(seats[1], ada, 2), T0 + 1).await.expect("second");
+        assert_eq!(record.try_hold(limited(seats[2], ada, 2), T0 + 2).await, Err(at_limit()));
+        // The limit travels with each hold: a higher one lets this hold through.
+        let third = record.try_hold(limited(seats[2], ada, 3), T0 + 3).await.expect("under a limit of 3");
+        record.cancel(third.id, ada, T0 + 4).await.expect("cancel");
+        assert_eq!(record.try_hold(limited(seats[3], ada, 2), T0 + 5).await, Err(at_limit()));
+        record.cancel(first.id, ada, T0 + 6).await.expect("cancel");
+        let fourth = record.try_hold(limited(seats[3], ada, 2), T0 + 7).await.expect("a cancelled hold frees a place");
+        // The lock modes' write is held to the same limit.
+        let guard = WriteGuard::Fenced(FenceToken(9));
+        assert_eq!(record.write_hold(limited(seats[4], ada, 2), guard, T0 + 8).await, Err(at_limit()));
+        // `second` runs out at T0 + 1 + TTL: a place is free then, swept or not.
+        assert_eq!(record.try_hold(limited(seats[4], ada, 2), T0 + TTL_MS).await, Err(at_limit()));
+        let fifth = record.try_hold(limited(seats[4], ada, 2), T0 + 1 + TTL_MS).await.expect("an expired hold frees a place");
+        assert_eq!(record.reservation(second.id).await.expect("read").status, ReservationStatus::Held, "not swept");
+        // Bought seats count for as long as they are bought.
+        record.confirm(fourth.id, ada, None, T0 + 2 + TTL_MS).await.expect("confirm");
+        record.confirm(fifth.id, ada, None, T0 + 2 + TTL_MS).await.expect("confirm");
+        assert_eq!(record.try_hold(limited(seats[5], ada, 2), T0 + 100 * TTL_MS).await, Err(at_limit()));
+        record.cancel(fourth.id, ada, T0 + 100 * TTL_MS).await.expect("cancel a bought seat");
+        record.try_hold(limited(seats[5], ada, 2), T0 + 100 * TTL_MS + 1).await.expect("a refund frees a place");
+        // Another user's seats are counted apart.
+        let bob = user(record, "bob", 0).await;
+        record.try_hold(limited(seats[6], bob, 1), T0 + 100 * TTL_MS + 1).await.expect("bob's own limit");
+        assert_books_balance(record).await;
+    }
+);
+
+contract!(
+    async fn expired_idempotency_records_count_as_never_seen_and_are_purged(stores) {
+        let record = stores.record.as_ref();
+        const TTL: u64 = 10_000;
+        let response = StoredResponse { status: 201, content_type: "application/json".into(), body: b"{}".to_vec() };
+        let begin = |key: &str, fingerprint: u8, now_ms: u64| {
+            record.idempotency_begin(key.into(), [fingerprint; 32], 1_000, TTL, now_ms)
+        };
+        let complete = |key: &str, now_ms: u64| {
+            record.idempotency_complete(key.into(), [1; 32], response.clone(), TTL, now_ms)
+        };
+        for (key, at_ms) in [("old-1", T0), ("old-2", T0 + 1), ("old-3", T0 + 2), ("young", T0 + 5_000)] {
+            assert_eq!(begin(key, 1, at_ms).await, Ok(IdempotencyDecision::Proceed));
+            complete(key, at_ms + 1).await.expect("complete");
+        }
+        assert_eq!(begin("old-1", 1, T0 + TTL).await, Ok(IdempotencyDecision::Replay(response.clone())), "still kept");
+        // Past its expiry a record counts as none even before a purge, whatever the request.
+        assert_eq!(begin("old-1", 2, T0 + 1 + TTL).await, Ok(IdempotencyDecision::Proceed), "runs anew");
+        assert_eq!(begin("old-1", 2, T0 + 2 + TTL).await, Ok(IdempotencyDecision::InProgress), "claimed anew");
+        assert_eq!(record.purge_idempotency(T0 + 3 + TTL, 1).await, Ok(1), "the limit holds");
+        assert_eq!(record.purge_idempotency(T0 + 3 + TTL, 10).await, Ok(1), "old-1 was claimed again");
+        assert_eq!(record.purge_idempotency(T0 + 3 + TTL, 10).await, Ok(0));
+        assert_eq!(begin("old-2", 2, T0 + 4 + TTL).await, Ok(IdempotencyDecision::Proceed), "purged: never seen");
+        assert_eq!(begin("young", 1, T0 + 4 + TTL).await, Ok(IdempotencyDecision::Replay(response.clone())));
+        assert_eq!(begin("young", 3, T0 + 4 + TTL).await, Ok(IdempotencyDecision::Mismatch));
+        assert_eq!(begin("old-1", 2, T0 + 4 + TTL).await, Ok(IdempotencyDecision::InProgress), "not purged");
+    }
+);
+
+contract!(
+    async fn idempotency_purges_of_several_nodes_delete_each_record_once(stores) {
+        let record = Arc::clone(&stores.record);
+        let response = StoredResponse { status: 200, content_type: "application/json".into(), body: b"{}".to_vec() };
+        for index in 0..50 {
+            let key = format!("k-{index}");
+            record.idempotency_begin(key.clone(), [1; 32], 1_000, 1_000, T0).await.expect("begin");
+            record.idempotency_complete(key, [1; 32], response.clone(), 1_000, T0).await.expect("complete");
+        }
+        let purgers: Vec<_> = (0..4)
+            .map(|_| {
+                let record = Arc::clone(&record);
+                tokio::spawn(async move {
+                    let mut purged = 0;
+                    for _ in 0..10 {
+                        purged += record.purge_idempotency(T0 + 1_000, 7).await.expect("purge");
+                    }
+                    purged
+                })
+            })
+            .collect();
+        let mut purged = 0;
+        for purger in purgers {
+            purged += purger.await.expect("task");
+        }
+        assert_eq!(purged, 50, "each record deleted by exactly one purge");
     }
 );

@@ -197,21 +197,26 @@ impl RecordStore for SlowFirstLockedRead {
         key: String,
         fingerprint: [u8; 32],
         lease_ms: u64,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<IdempotencyDecision, StoreError> {
-        self.inner.idempotency_begin(key, fingerprint, lease_ms, now_ms).await
+        self.inner.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, now_ms).await
     }
     async fn idempotency_complete(
         &self,
         key: String,
         fingerprint: [u8; 32],
         response: StoredResponse,
+        ttl_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        self.inner.idempotency_complete(key, fingerprint, response, now_ms).await
+        self.inner.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await
     }
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
         self.inner.idempotency_release(key, fingerprint).await
+    }
+    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        self.inner.purge_idempotency(now_ms, limit).await
     }
     async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
         self.inner.outbox_pending(limit).await

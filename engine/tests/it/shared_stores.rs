@@ -212,8 +212,14 @@ async fn seat_hints_refuse_only_what_a_node_saw_closed_and_never_past_the_hold()
         node_a.seat_map(1, SeatFilter::default(), START_MS).await.expect("seats").iter().map(|seat| seat.id).collect();
     let ada = node_a.create_user("ada".into(), 500, START_MS).await.expect("ada").user_id;
     let bob = node_a.create_user("bob".into(), 500, START_MS).await.expect("bob").user_id;
-    let hold =
-        |user_id, seat_id, hold_ttl_ms| HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms, node: "n".into() };
+    let hold = |user_id, seat_id, hold_ttl_ms| HoldRequest {
+        schedule_id: 1,
+        seat_id,
+        user_id,
+        hold_ttl_ms,
+        node: "n".into(),
+        seats_per_user_max: 4,
+    };
     let refused =
         |result: Result<_, StoreError>| matches!(result, Err(StoreError::Rejected(TransitionError::SeatUnavailable)));
 
@@ -241,3 +247,77 @@ async fn seat_hints_refuse_only_what_a_node_saw_closed_and_never_past_the_hold()
     let after = node_b.try_hold(hold(bob, seats[2], 60_000), t0 + 35_000).await.expect("the hold lapsed");
     assert_eq!(after.user_id, bob);
 }
+
+contract!(
+    async fn one_fan_racing_a_thousand_holds_at_two_nodes_gets_the_seat_limit_and_rejoining_resets_nothing(stores) {
+        const SEATS: u32 = 1_000;
+        let clock = ManualClock::starting_at_ms(START_MS);
+        let nodes = nodes(&stores, 2, &config(HoldMode::Atomic), &clock);
+        let max = EngineConfig::default().seats_per_user_max;
+        nodes[0].add_schedule(schedule(START_MS, SEATS)).await.expect("schedule");
+        let fan = nodes[0].open_account("fan".into(), 10_000).await.expect("user").user_id;
+        let admitted = || async {
+            let token = nodes[1].join_queue(session(fan), 1).await.expect("join").token;
+            clock.advance(Duration::from_secs(1));
+            nodes[0].tick_admission().await.expect("tick");
+            token
+        };
+        let token = admitted().await;
+        let holds: Vec<_> = (1..=u64::from(SEATS))
+            .map(|seat| {
+                let (node, token) = (Arc::clone(&nodes[seat as usize % 2]), token.clone());
+                tokio::spawn(async move { node.hold(session_of(&token), Some(&token), 1, seat).await })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for hold in holds {
+            match hold.await.expect("task") {
+                Ok(reservation) => held.push(reservation),
+                Err(error) => assert_eq!(error, EngineError::Rejected(TransitionError::SeatLimitReached { max })),
+            }
+        }
+        assert_eq!(held.len(), max as usize, "exactly the limit ({})", stores.backend);
+        for (index, reservation) in held.iter().enumerate() {
+            nodes[index % 2].confirm(session_of(&token), Some(&token), reservation.id, None).await.expect("pay");
+        }
+        // Bought seats stay counted: a new place in line brings no new seats.
+        let again = admitted().await;
+        let free = (1..=u64::from(SEATS)).find(|seat| held.iter().all(|r| r.seat_id != *seat)).expect("a free seat");
+        assert_eq!(
+            nodes[1].hold(session_of(&again), Some(&again), 1, free).await,
+            Err(EngineError::Rejected(TransitionError::SeatLimitReached { max }))
+        );
+        nodes[0].cancel(session_of(&again), Some(&again), held[0].id).await.expect("cancel a bought seat");
+        nodes[1].hold(session_of(&again), Some(&again), 1, free).await.expect("a refunded seat frees a place");
+        audit(&stores).await;
+    }
+);
+
+contract!(
+    async fn the_sweep_purges_expired_idempotency_records_once_an_interval_and_keeps_the_rest(stores) {
+        use tcore_engine::engine::IDEMPOTENCY_PURGE_INTERVAL_MS;
+        let clock = ManualClock::starting_at_ms(START_MS);
+        let ttl_ms = 60_000;
+        let config = EngineConfig { idempotency_ttl_ms: ttl_ms, ..config(HoldMode::Atomic) };
+        let node = nodes(&stores, 1, &config, &clock).remove(0);
+        let response = tcore_engine::domain::StoredResponse {
+            status: 200,
+            content_type: "application/json".into(),
+            body: b"{}".to_vec(),
+        };
+        let keep = |key: &'static str| async {
+            node.idempotency_begin(key.into(), [1; 32], 1_000).await.expect("begin");
+            node.idempotency_complete(key.into(), [1; 32], response.clone()).await.expect("complete");
+        };
+        node.sweep().await.expect("the first sweep sets the purge's time");
+        keep("old").await;
+        clock.advance(Duration::from_millis(IDEMPOTENCY_PURGE_INTERVAL_MS - ttl_ms + 1));
+        keep("young").await;
+        clock.advance(Duration::from_millis(ttl_ms - 2));
+        node.sweep().await.expect("sweep");
+        let far_future = START_MS + 100 * IDEMPOTENCY_PURGE_INTERVAL_MS;
+        clock.advance(Duration::from_millis(1));
+        node.sweep().await.expect("sweep: the purge is due");
+        assert_eq!(stores.record.purge_idempotency(far_future, 10).await, Ok(1), "only the young record was left");
+    }
+);

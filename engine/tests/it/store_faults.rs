@@ -100,8 +100,14 @@ async fn the_database_refuses_a_second_active_reservation_of_a_seat_even_from_th
         let seat = record.seat_map(1, SeatFilter::default(), START_MS).await.expect("seats")[0].id;
         let ada = record.create_user("ada".into(), 500, START_MS).await.expect("ada").user_id;
         let bob = record.create_user("bob".into(), 500, START_MS).await.expect("bob").user_id;
-        let request =
-            |user_id| HoldRequest { schedule_id: 1, seat_id: seat, user_id, hold_ttl_ms: 60_000, node: "n".into() };
+        let request = |user_id| HoldRequest {
+            schedule_id: 1,
+            seat_id: seat,
+            user_id,
+            hold_ttl_ms: 60_000,
+            node: "n".into(),
+            seats_per_user_max: 4,
+        };
         let sold = record.write_hold(request(ada), WriteGuard::Fenced(FenceToken(2)), START_MS).await.expect("hold");
         record.confirm(sold.id, ada, None, START_MS + 1).await.expect("confirm");
         // A paused lock holder with an older fence writes without a fence check.
@@ -300,14 +306,20 @@ async fn a_completed_idempotency_key_is_replayed_from_the_redis_cache() {
     let Some(stores) = Stores::redis_mariadb().await else { return };
     let record = stores.record.as_ref();
     let response = StoredResponse { status: 200, content_type: "application/json".into(), body: b"{}".to_vec() };
-    assert_eq!(record.idempotency_begin("k".into(), [1; 32], 1_000, START_MS).await, Ok(IdempotencyDecision::Proceed));
-    record.idempotency_complete("k".into(), [1; 32], response.clone(), START_MS).await.expect("complete");
+    assert_eq!(
+        record.idempotency_begin("k".into(), [1; 32], 1_000, 86_400_000, START_MS).await,
+        Ok(IdempotencyDecision::Proceed)
+    );
+    record.idempotency_complete("k".into(), [1; 32], response.clone(), 86_400_000, START_MS).await.expect("complete");
     let pool = stores.mariadb.as_ref().expect("mariadb").pool();
     sqlx::query("DELETE FROM idempotency_records").execute(pool).await.expect("delete");
     assert_eq!(
-        record.idempotency_begin("k".into(), [1; 32], 1_000, START_MS).await,
+        record.idempotency_begin("k".into(), [1; 32], 1_000, 86_400_000, START_MS).await,
         Ok(IdempotencyDecision::Replay(response)),
         "answered from the cache"
     );
-    assert_eq!(record.idempotency_begin("k".into(), [2; 32], 1_000, START_MS).await, Ok(IdempotencyDecision::Mismatch));
+    assert_eq!(
+        record.idempotency_begin("k".into(), [2; 32], 1_000, 86_400_000, START_MS).await,
+        Ok(IdempotencyDecision::Mismatch)
+    );
 }

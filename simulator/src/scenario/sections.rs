@@ -90,6 +90,8 @@ pub struct Engine {
     pub hold_ttl_s: u64,
     /// The TTL of a seat lock (lock hold modes only).
     pub lock_ttl_ms: u64,
+    /// The most seats one user may hold or buy per schedule.
+    pub seats_per_user_max: u32,
     /// The waiting room's admission policy.
     pub admission: Admission,
     /// Request rate limits; absent, the engine's defaults.
@@ -105,6 +107,7 @@ impl Default for Engine {
             hold_mode: HoldMode::Atomic,
             hold_ttl_s: 300,
             lock_ttl_ms: 2_000,
+            seats_per_user_max: 4,
             admission: Admission::default(),
             rate_limits: None,
         }
@@ -513,6 +516,8 @@ impl Engine {
         checks.count(path.key("nodes"), u64::from(self.nodes), NODES_MAX);
         checks.in_range(path.key("hold_ttl_s"), self.hold_ttl_s, HOLD_TTL_S);
         checks.count(path.key("lock_ttl_ms"), self.lock_ttl_ms, 600_000);
+        let seats_per_user_max = tcore_engine::config::bounds::SEATS_PER_USER_MAX;
+        checks.in_range(path.key("seats_per_user_max"), self.seats_per_user_max, seats_per_user_max);
         let admission = path.key("admission");
         checks.in_range_f64(admission.key("rate_per_s"), self.admission.rate_per_s, ADMISSION_RATE_PER_S);
         checks.count(admission.key("active_max"), u64::from(self.admission.active_max), ACTIVE_MAX);
@@ -613,6 +618,7 @@ mod tests {
     fn defaults_match_the_engine_defaults() {
         let engine = Engine::default();
         assert_eq!((engine.hold_ttl_s, engine.lock_ttl_ms), (300, 2_000));
+        assert_eq!(engine.seats_per_user_max, tcore_engine::config::EngineConfig::default().seats_per_user_max);
         assert_eq!((engine.admission.rate_per_s, engine.admission.active_max), (200.0, 2_000));
         let mut checks = Checks::default();
         engine.check(&mut checks, &KeyPath::root().key("engine"));

@@ -150,12 +150,15 @@ pub fn run_with(
     };
     let store_host = |seed: u64, host: &str| {
         StoreControl::new(StoreHostConfig {
-            // A store host judges admission and locks by its own, unskewed clock.
+            // A store host judges admission and locks by its own, unskewed clock. It keeps the
+            // whole outbox: no relay runs in a simulated world, and the checker reads every
+            // event at the end.
             store: MemoryStoreConfig {
                 seed,
                 cache_clock: Some(Arc::new(SimClock::new(EPOCH_MS, Arc::new(AtomicI64::new(0))))),
                 ..MemoryStoreConfig::default()
-            },
+            }
+            .keeping_the_whole_outbox(),
             replication_window: REPLICATION_WINDOW,
             failovers_max: failovers(host),
             clock: JournalClock::Simulation,
@@ -498,6 +501,7 @@ fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
         allow_unsafe_hold_mode: hold_mode.is_unsafe(),
         lock_ttl_ms: engine.lock_ttl_ms,
         hold_ttl_ms: engine.hold_ttl_s * 1000,
+        seats_per_user_max: engine.seats_per_user_max,
         queue_order: engine.admission.order,
         admission: AdmissionPolicy {
             rate_per_s: engine.admission.rate_per_s,

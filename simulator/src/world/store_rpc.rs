@@ -132,9 +132,10 @@ enum StoreRequest {
     Cancel { reservation_id: ReservationId, user_id: UserId, now_ms: u64 },
     Reservation { reservation_id: ReservationId },
     ExpireHolds { now_ms: u64, limit: u32 },
-    IdempotencyBegin { key: String, fingerprint: [u8; 32], lease_ms: u64, now_ms: u64 },
-    IdempotencyComplete { key: String, fingerprint: [u8; 32], response: StoredResponse, now_ms: u64 },
+    IdempotencyBegin { key: String, fingerprint: [u8; 32], lease_ms: u64, ttl_ms: u64, now_ms: u64 },
+    IdempotencyComplete { key: String, fingerprint: [u8; 32], response: StoredResponse, ttl_ms: u64, now_ms: u64 },
     IdempotencyRelease { key: String, fingerprint: [u8; 32] },
+    PurgeIdempotency { now_ms: u64, limit: u32 },
     OutboxPending { limit: u32 },
     OutboxMarkSent { ids: Vec<u64> },
     AppendAudit { entry: WireAudit },
@@ -188,6 +189,7 @@ impl StoreRequest {
             | Q::IdempotencyBegin { .. }
             | Q::IdempotencyComplete { .. }
             | Q::IdempotencyRelease { .. }
+            | Q::PurgeIdempotency { .. }
             | Q::OutboxMarkSent { .. }
             | Q::AppendAudit { .. }
             | Q::CreateLine { .. }
@@ -298,6 +300,7 @@ enum WireTransition {
     TokenNotAdmitted { status: TokenStatus },
     SeatUnavailable,
     InvalidAmount { max: u64 },
+    SeatLimitReached { max: u32 },
 }
 
 impl From<StoreError> for WireError {
@@ -340,6 +343,7 @@ impl From<TransitionError> for WireTransition {
             T::TokenNotAdmitted { status } => Self::TokenNotAdmitted { status },
             T::SeatUnavailable => Self::SeatUnavailable,
             T::InvalidAmount { max } => Self::InvalidAmount { max },
+            T::SeatLimitReached { max } => Self::SeatLimitReached { max },
         }
     }
 }
@@ -357,6 +361,7 @@ impl From<WireTransition> for TransitionError {
             W::TokenNotAdmitted { status } => Self::TokenNotAdmitted { status },
             W::SeatUnavailable => Self::SeatUnavailable,
             W::InvalidAmount { max } => Self::InvalidAmount { max },
+            W::SeatLimitReached { max } => Self::SeatLimitReached { max },
         }
     }
 }
@@ -474,13 +479,14 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         }
         Q::Reservation { reservation_id } => A::Reservation(wire(store.reservation(reservation_id).await)),
         Q::ExpireHolds { now_ms, limit } => A::Count(wire(store.expire_holds(now_ms, limit).await)),
-        Q::IdempotencyBegin { key, fingerprint, lease_ms, now_ms } => {
-            A::Idempotency(wire(store.idempotency_begin(key, fingerprint, lease_ms, now_ms).await))
+        Q::IdempotencyBegin { key, fingerprint, lease_ms, ttl_ms, now_ms } => {
+            A::Idempotency(wire(store.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, now_ms).await))
         }
-        Q::IdempotencyComplete { key, fingerprint, response, now_ms } => {
-            A::Unit(wire(store.idempotency_complete(key, fingerprint, response, now_ms).await))
+        Q::IdempotencyComplete { key, fingerprint, response, ttl_ms, now_ms } => {
+            A::Unit(wire(store.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await))
         }
         Q::IdempotencyRelease { key, fingerprint } => A::Unit(wire(store.idempotency_release(key, fingerprint).await)),
+        Q::PurgeIdempotency { now_ms, limit } => A::Count(wire(store.purge_idempotency(now_ms, limit).await)),
         Q::OutboxPending { limit } => A::Outbox(wire(store.outbox_pending(limit).await)),
         Q::OutboxMarkSent { ids } => A::Unit(wire(store.outbox_mark_sent(ids).await)),
         Q::AppendAudit { entry } => A::Unit(wire(store.append_audit(entry.into()).await)),
@@ -611,7 +617,7 @@ pub struct StoreHostConfig {
 impl Default for StoreHostConfig {
     fn default() -> Self {
         Self {
-            store: MemoryStoreConfig::default(),
+            store: MemoryStoreConfig::default().keeping_the_whole_outbox(),
             replication_window: Duration::from_secs(30),
             failovers_max: 2,
             clock: JournalClock::Simulation,
@@ -1542,9 +1548,14 @@ macro_rules! impl_store_traits {
                 key: String,
                 fingerprint: [u8; 32],
                 lease_ms: u64,
+                ttl_ms: u64,
                 now_ms: u64,
             ) -> Result<IdempotencyDecision, StoreError> {
-                answer!(self, StoreRequest::IdempotencyBegin { key, fingerprint, lease_ms, now_ms }, Idempotency)
+                answer!(
+                    self,
+                    StoreRequest::IdempotencyBegin { key, fingerprint, lease_ms, ttl_ms, now_ms },
+                    Idempotency
+                )
             }
 
             async fn idempotency_complete(
@@ -1552,13 +1563,18 @@ macro_rules! impl_store_traits {
                 key: String,
                 fingerprint: [u8; 32],
                 response: StoredResponse,
+                ttl_ms: u64,
                 now_ms: u64,
             ) -> Result<(), StoreError> {
-                answer!(self, StoreRequest::IdempotencyComplete { key, fingerprint, response, now_ms }, Unit)
+                answer!(self, StoreRequest::IdempotencyComplete { key, fingerprint, response, ttl_ms, now_ms }, Unit)
             }
 
             async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
                 answer!(self, StoreRequest::IdempotencyRelease { key, fingerprint }, Unit)
+            }
+
+            async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+                answer!(self, StoreRequest::PurgeIdempotency { now_ms, limit }, Count)
             }
 
             async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {

@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 const SEED: u64 = 7;
 const PORT: u16 = 7000;
 const HOLD_TTL_MS: u64 = 60_000;
+const SEATS_PER_USER_MAX: u32 = 100;
+const IDEMPOTENCY_TTL_MS: u64 = 86_400_000;
 /// A computed rate that serde_json's default float parsing would bring back one ulp off.
 const AWKWARD_RATE_PER_S: f64 = 3.0 * 0.37 + 0.123456789;
 
@@ -46,7 +48,14 @@ fn schedule(id: u64, seats: u32) -> Schedule {
 }
 
 fn hold(seat_id: u64, user_id: u64) -> HoldRequest {
-    HoldRequest { schedule_id: 1, seat_id, user_id, hold_ttl_ms: HOLD_TTL_MS, node: "engine-1".into() }
+    HoldRequest {
+        schedule_id: 1,
+        seat_id,
+        user_id,
+        hold_ttl_ms: HOLD_TTL_MS,
+        node: "engine-1".into(),
+        seats_per_user_max: SEATS_PER_USER_MAX,
+    }
 }
 
 /// Connections handed over in memory: tokio's paused clock only moves when every task waits,
@@ -142,15 +151,15 @@ async fn every_call(record: &dyn RecordStore, cache: &dyn CacheStore) -> Vec<Str
     step!(record.cancel(1, 1, 100_001));
     step!(record.reservation(1));
     step!(record.reservation(99));
-    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, 100));
-    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, 101));
-    step!(record.idempotency_begin("key".into(), [2; 32], 5_000, 101));
+    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 100));
+    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 101));
+    step!(record.idempotency_begin("key".into(), [2; 32], 5_000, IDEMPOTENCY_TTL_MS, 101));
     let response = StoredResponse { status: 201, content_type: "application/json".into(), body: b"{}".to_vec() };
-    step!(record.idempotency_complete("key".into(), [1; 32], response, 102));
-    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, 103));
-    step!(record.idempotency_begin("other".into(), [3; 32], 5_000, 103));
+    step!(record.idempotency_complete("key".into(), [1; 32], response, IDEMPOTENCY_TTL_MS, 102));
+    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 103));
+    step!(record.idempotency_begin("other".into(), [3; 32], 5_000, IDEMPOTENCY_TTL_MS, 103));
     step!(record.idempotency_release("other".into(), [3; 32]));
-    step!(record.idempotency_begin("other".into(), [4; 32], 5_000, 104));
+    step!(record.idempotency_begin("other".into(), [4; 32], 5_000, IDEMPOTENCY_TTL_MS, 104));
     step!(record.outbox_pending(100));
     step!(record.outbox_mark_sent(vec![1, 2]));
     step!(record.outbox_pending(2));

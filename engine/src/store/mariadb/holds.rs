@@ -3,9 +3,10 @@
 //! of statements and one commit (one log flush) per batch instead of six statements and a
 //! commit per hold.
 //!
-//! A batch locks its seats in one statement, in seat order, so two batches (on this node or
-//! another) never wait on each other in a cycle. The domain decides each hold on the locked
-//! slots exactly as a single hold does (a later hold of the same seat in the batch sees the
+//! A batch locks its seats in one statement, in seat order, then its users' accounts in id
+//! order, so two batches (on this node or another) never wait on each other in a cycle. The
+//! domain decides each hold on the locked slots and the users' counted seats exactly as a
+//! single hold does (a later hold of the same seat, or by the same user, in the batch sees the
 //! earlier one); refused holds are answered alone and take no part in the writes. Every hold
 //! of a batch is answered only after the commit, so nobody learns of a hold that could still
 //! be rolled back.
@@ -23,7 +24,10 @@ use sqlx::mysql::MySqlPool;
 use sqlx::{MySql, QueryBuilder, Row};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Failure, MariaDbStore, Tx, code, error_number, expire_reservation, outbox_kind_name, slot_from};
+use super::{
+    Failure, MariaDbStore, SeatsTaken, Tx, code, error_number, expire_reservation, lock_users, outbox_kind_name,
+    slot_from,
+};
 use crate::domain::{OutboxKind, Reservation, ReservationId, SeatId, SeatSlot, WriteGuard};
 use crate::store::{HoldRequest, StoreError};
 
@@ -189,13 +193,13 @@ struct Granted {
 /// error rolls everything back (the transaction is dropped unfinished).
 async fn write_batch(pool: &MySqlPool, batch: &[Job]) -> Result<Vec<Result<Reservation, StoreError>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let users = known_users(&mut tx, batch).await?;
     let mut slots = lock_seats(&mut tx, batch).await?;
+    let (users, mut seats) = lock_users(&mut tx, &batch.iter().map(|job| job.request.user_id).collect()).await?;
     let mut answers: Vec<Option<Result<Reservation, StoreError>>> = Vec::with_capacity(batch.len());
     let mut granted = Vec::new();
     for (index, job) in batch.iter().enumerate() {
         let request = &job.request;
-        let decided = decide(&users, &mut slots, job);
+        let decided = decide(&users, &mut slots, &mut seats, job);
         match decided {
             Ok((reservation, previous)) => {
                 if let Some(previous) = previous {
@@ -234,11 +238,13 @@ fn unanswered() -> StoreError {
     StoreError::Unavailable { reason: "a batched hold was left without an answer".into() }
 }
 
-/// The domain's decision on one hold, on the slots as the batch has changed them so far:
-/// the reservation to write (its id not yet known) and the expired hold it replaces.
+/// The domain's decision on one hold, on the slots and the users' seats as the batch has
+/// changed them so far: the reservation to write (its id not yet known) and the expired hold it
+/// replaces.
 fn decide(
     users: &BTreeSet<u64>,
     slots: &mut BTreeMap<SeatId, SeatSlot>,
+    seats: &mut SeatsTaken,
     job: &Job,
 ) -> Result<(Reservation, Option<ReservationId>), StoreError> {
     let request = &job.request;
@@ -250,27 +256,13 @@ fn decide(
         .filter(|slot| slot.seat.schedule_id == request.schedule_id)
         .ok_or(StoreError::NotFound { entity: "seat", id: request.seat_id })?;
     let previous = slot.holder.filter(|_| !slot.sold).map(|(holder, _)| holder);
-    let fence = match job.guard {
-        None => slot.try_hold(0, request.hold_ttl_ms, job.now_ms),
-        Some(guard) => slot.write_hold(0, guard, request.hold_ttl_ms, job.now_ms),
-    }
-    .map_err(StoreError::Rejected)?;
+    let limit = seats.limit(request, job.now_ms);
+    let fence = slot.hold_within_limit(0, job.guard, limit, request.hold_ttl_ms, job.now_ms)?;
+    seats.granted(request);
     // A hold granted earlier in this batch has no row yet: it cannot have run out already.
     let previous = previous.filter(|&id| id != 0);
     let reservation = Reservation::hold(0, &slot.seat, request.user_id, fence, request.hold_ttl_ms, job.now_ms);
     Ok((reservation, previous))
-}
-
-async fn known_users(tx: &mut Tx, batch: &[Job]) -> Result<BTreeSet<u64>, sqlx::Error> {
-    let ids: BTreeSet<u64> = batch.iter().map(|job| job.request.user_id).collect();
-    let mut query = QueryBuilder::<MySql>::new("SELECT id FROM accounts WHERE id IN (");
-    let mut list = query.separated(", ");
-    for id in &ids {
-        list.push_bind(*id);
-    }
-    query.push(")");
-    let rows = query.build().fetch_all(&mut **tx).await?;
-    rows.iter().map(|row| row.try_get::<u64, _>("id")).collect()
 }
 
 /// Locks the batch's seats, in seat order.
