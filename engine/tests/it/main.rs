@@ -3,9 +3,11 @@
 mod agent;
 mod api;
 mod concurrency;
+mod connections;
 mod contract;
 mod hold_modes;
 mod services;
 mod shared_stores;
 mod store_faults;
 mod support;
+mod trust;
