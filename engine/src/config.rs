@@ -1,6 +1,9 @@
 //! The engine's settings: what is fixed at start ([`EngineConfig`]), what admin calls may
 //! change at run time ([`RuntimeSettings`]), and the bounds every admin change must respect.
 
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -106,10 +109,13 @@ pub struct EngineConfig {
     pub payment_webhook_secret: Option<Vec<u8>>,
     /// Accounts one client address may open per hour (`POST /v1/users`).
     pub accounts_per_ip_per_hour: u32,
-    /// The bearer token of the admin API; without one the admin API is not served.
-    pub admin_token: Option<String>,
-    /// Take the client address from `X-Forwarded-For` (behind a trusted proxy, or in the simulator).
-    pub trust_forwarded_for: bool,
+    /// The bearer tokens of the admin API, each named for the audit log; without one the
+    /// admin API is not served.
+    pub admin_tokens: Vec<AdminToken>,
+    /// The proxies whose `X-Forwarded-For` is believed (see [`TrustedProxies`]).
+    pub trusted_proxies: TrustedProxies,
+    /// Timeouts and the maximum of client connections.
+    pub connections: ConnectionLimits,
     /// How long an idempotency key stays claimed by a request that never finishes.
     pub idempotency_lease_ms: u64,
     /// How long an idempotency record is kept: after it, the key counts as never seen, and the
@@ -142,14 +148,134 @@ impl Default for EngineConfig {
             sessions: SessionConfig::default(),
             payment_webhook_secret: None,
             accounts_per_ip_per_hour: 20,
-            admin_token: None,
-            trust_forwarded_for: false,
+            admin_tokens: Vec::new(),
+            trusted_proxies: TrustedProxies::default(),
+            connections: ConnectionLimits::default(),
             idempotency_lease_ms: 30_000,
             idempotency_ttl_ms: 24 * 3_600 * 1_000,
             seats_per_user_max: 4,
             admission_tick_ms: 100,
             sweep_interval_ms: 1_000,
             sweep_batch_max: 10_000,
+        }
+    }
+}
+
+/// One bearer token of the admin API. The audit log names whoever used it by `name`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub secret: String,
+}
+
+/// The name a token given without one (`--admin-token SECRET`) goes by.
+pub const ADMIN_TOKEN_NAME_DEFAULT: &str = "admin";
+/// The longest name of an admin token.
+pub const ADMIN_TOKEN_NAME_CHARS_MAX: usize = 64;
+
+impl AdminToken {
+    /// Reads `name=secret`, or a bare secret named [`ADMIN_TOKEN_NAME_DEFAULT`]. A name is 1 to
+    /// 64 letters, digits, `-`, `_`, `:` or `.`; a secret is not empty.
+    pub fn parse(text: &str) -> Result<AdminToken, ConfigError> {
+        let (name, secret) = match text.split_once('=') {
+            Some((name, secret)) => (name, secret),
+            None => (ADMIN_TOKEN_NAME_DEFAULT, text),
+        };
+        let name_valid = (1..=ADMIN_TOKEN_NAME_CHARS_MAX).contains(&name.len())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'));
+        if !name_valid {
+            return Err(ConfigError::AdminTokenName { name: name.to_owned() });
+        }
+        if secret.is_empty() {
+            return Err(ConfigError::AdminTokenEmpty { name: name.to_owned() });
+        }
+        Ok(AdminToken { name: name.to_owned(), secret: secret.to_owned() })
+    }
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken").field("name", &self.name).field("secret", &"…").finish()
+    }
+}
+
+/// The proxies (address ranges) whose `X-Forwarded-For` header is believed. A request's
+/// client is its connection's peer, unless the peer is a trusted proxy: then it is the
+/// rightmost address of `X-Forwarded-For` that is not itself a trusted proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Trusts every address in `ranges` (an [`IpAddr`] is a range of one).
+    pub fn new(ranges: impl IntoIterator<Item = impl Into<IpNet>>) -> Self {
+        Self(ranges.into_iter().map(|range| range.into().trunc()).collect())
+    }
+
+    /// Whether `ip` (in either form, IPv4 or IPv4-mapped IPv6) is a trusted proxy.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|range| range.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The client of a request from `peer` that carries the `X-Forwarded-For` values
+    /// `forwarded` (each a comma-separated list, in header order): see the type's
+    /// documentation. An unreadable entry ends the walk at the last trusted address, as does
+    /// a list of trusted proxies only; the answer is canonical (IPv4-mapped IPv6 as IPv4).
+    pub fn client_ip<'a>(&self, peer: IpAddr, forwarded: impl DoubleEndedIterator<Item = &'a str>) -> IpAddr {
+        let mut client = peer.to_canonical();
+        if !self.contains(client) {
+            return client;
+        }
+        for value in forwarded.rev() {
+            for entry in value.rsplit(',') {
+                let Ok(hop) = entry.trim().parse::<IpAddr>() else { return client };
+                client = hop.to_canonical();
+                if !self.contains(client) {
+                    return client;
+                }
+            }
+        }
+        client
+    }
+}
+
+/// Limits on every client connection, so that slow and idle clients cannot hold the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// How long a client may take to send a request's headers once the server waits for
+    /// them; an HTTP/1.1 connection idle between requests waits for headers, so it is closed
+    /// after this too. With an idle timeout, also how long a new connection may take to start
+    /// its first request.
+    pub header_read_timeout_ms: u64,
+    /// How long a client may take to send a request's whole body; then it is answered 408.
+    pub body_read_timeout_ms: u64,
+    /// How long a connection may stay open with no request in flight; `None`: no limit (no
+    /// HTTP/2 pings, and no limit on the time to a first request).
+    pub idle_timeout_ms: Option<u64>,
+    /// The most connections open at once; one more is answered 503 and closed.
+    pub connections_max: u32,
+}
+
+/// Defaults of [`ConnectionLimits`].
+pub mod connection_defaults {
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    pub const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+    pub const IDLE_TIMEOUT_MS: u64 = 60_000;
+    pub const CONNECTIONS_MAX: u32 = 10_000;
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: connection_defaults::HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: connection_defaults::BODY_READ_TIMEOUT_MS,
+            idle_timeout_ms: Some(connection_defaults::IDLE_TIMEOUT_MS),
+            connections_max: connection_defaults::CONNECTIONS_MAX,
         }
     }
 }
@@ -171,6 +297,16 @@ pub enum ConfigError {
     SessionKey { reason: String },
     #[error("the payment webhook secret must be at least 32 bytes")]
     WeakWebhookSecret,
+    #[error("admin token name `{name}` must be 1 to 64 letters, digits, `-`, `_`, `:` or `.`")]
+    AdminTokenName { name: String },
+    #[error("admin token `{name}` has an empty secret")]
+    AdminTokenEmpty { name: String },
+    #[error("admin token name `{name}` is given twice")]
+    AdminTokenTwice { name: String },
+    #[error("admin tokens `{first}` and `{second}` share a secret: the audit log could not tell them apart")]
+    AdminTokenSecretShared { first: String, second: String },
+    #[error("{name} must be at least 1")]
+    Zero { name: &'static str },
 }
 
 impl EngineConfig {
@@ -195,7 +331,37 @@ impl EngineConfig {
         check_bound("rate limit burst", self.rate_limits.burst, &bounds::RATE_LIMIT_BURST)?;
         check_bound("seats per user", self.seats_per_user_max, &bounds::SEATS_PER_USER_MAX)?;
         check_bound("idempotency TTL (s)", self.idempotency_ttl_ms / 1000, &bounds::IDEMPOTENCY_TTL_S)?;
+        self.check_admin_tokens()?;
+        self.check_connections()
+    }
+
+    fn check_admin_tokens(&self) -> Result<(), ConfigError> {
+        for (index, token) in self.admin_tokens.iter().enumerate() {
+            for earlier in &self.admin_tokens[..index] {
+                if earlier.name == token.name {
+                    return Err(ConfigError::AdminTokenTwice { name: token.name.clone() });
+                }
+                if earlier.secret == token.secret {
+                    let (first, second) = (earlier.name.clone(), token.name.clone());
+                    return Err(ConfigError::AdminTokenSecretShared { first, second });
+                }
+            }
+        }
         Ok(())
+    }
+
+    fn check_connections(&self) -> Result<(), ConfigError> {
+        let limits = &self.connections;
+        let positive = [
+            ("header read timeout (ms)", limits.header_read_timeout_ms),
+            ("body read timeout (ms)", limits.body_read_timeout_ms),
+            ("idle timeout (ms)", limits.idle_timeout_ms.unwrap_or(1)),
+            ("connections max", u64::from(limits.connections_max)),
+        ];
+        match positive.into_iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(ConfigError::Zero { name }),
+            None => Ok(()),
+        }
     }
 
     /// The settings this node starts with.
@@ -235,6 +401,62 @@ mod tests {
         assert_eq!(config.validate(), Err(ConfigError::UnsafeHoldMode));
         let allowed = EngineConfig { allow_unsafe_hold_mode: true, ..config };
         assert_eq!(allowed.validate(), Ok(()));
+    }
+
+    /// The client of a request from `peer` with `forwarded` (X-Forwarded-For lines), behind
+    /// proxies in `10.0.0.0/8` and `2001:db8::/32`.
+    fn check_client(peer: &str, forwarded: &[&str], expected: &str) {
+        let proxies =
+            TrustedProxies::new(["10.0.0.0/8", "2001:db8::/32"].map(|range| range.parse::<IpNet>().expect("range")));
+        let peer: IpAddr = peer.parse().expect("peer");
+        let client = proxies.client_ip(peer, forwarded.iter().copied());
+        assert_eq!(client.to_string(), expected, "peer {peer}, X-Forwarded-For {forwarded:?}");
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_from_trusted_proxies_and_from_the_right() {
+        // An untrusted peer is the client, whatever it forwards.
+        check_client("203.0.113.5", &["198.51.100.1"], "203.0.113.5");
+        // A trusted proxy's client is the rightmost address that is not a trusted proxy: what
+        // the client wrote further left is not believed.
+        check_client("10.0.0.2", &["198.51.100.1, 192.0.2.9"], "192.0.2.9");
+        check_client("10.0.0.2", &["198.51.100.1, 10.0.0.3"], "198.51.100.1");
+        check_client("10.0.0.2", &["198.51.100.1", "10.9.9.9"], "198.51.100.1");
+        // Without a header, or with trusted proxies only, the last trusted address is the client.
+        check_client("10.0.0.2", &[], "10.0.0.2");
+        check_client("10.0.0.2", &["10.0.0.7, 10.0.0.3"], "10.0.0.7");
+        // An unreadable entry ends the walk at the proxy that sent it.
+        check_client("10.0.0.2", &["198.51.100.1, bogus, 10.0.0.3"], "10.0.0.3");
+        // Both address families, and IPv4-mapped IPv6 as IPv4.
+        check_client("2001:db8::1", &["2001:db8::2, 2001:db9::5"], "2001:db9::5");
+        check_client("::ffff:10.0.0.2", &["::ffff:192.0.2.9"], "192.0.2.9");
+        check_client("::ffff:203.0.113.5", &[], "203.0.113.5");
+    }
+
+    #[test]
+    fn admin_tokens_are_named_or_named_admin() {
+        let named = AdminToken::parse("ops-agent=s3cret=with=equals").expect("valid");
+        assert_eq!((named.name.as_str(), named.secret.as_str()), ("ops-agent", "s3cret=with=equals"));
+        let bare = AdminToken::parse("s3cret").expect("valid");
+        assert_eq!((bare.name.as_str(), bare.secret.as_str()), (ADMIN_TOKEN_NAME_DEFAULT, "s3cret"));
+        assert_eq!(AdminToken::parse("=s3cret"), Err(ConfigError::AdminTokenName { name: String::new() }));
+        assert_eq!(AdminToken::parse("a b=s3cret"), Err(ConfigError::AdminTokenName { name: "a b".into() }));
+        assert_eq!(AdminToken::parse("ops="), Err(ConfigError::AdminTokenEmpty { name: "ops".into() }));
+        assert!(!format!("{named:?}").contains("s3cret"), "Debug hides the secret");
+    }
+
+    #[test]
+    fn admin_tokens_must_differ_in_name_and_in_secret() {
+        let tokens = |list: &[&str]| EngineConfig {
+            admin_tokens: list.iter().map(|text| AdminToken::parse(text).expect("valid")).collect(),
+            ..EngineConfig::default()
+        };
+        assert_eq!(tokens(&["a=one", "b=two"]).validate(), Ok(()));
+        assert_eq!(tokens(&["a=one", "a=two"]).validate(), Err(ConfigError::AdminTokenTwice { name: "a".into() }));
+        assert_eq!(
+            tokens(&["a=one", "b=one"]).validate(),
+            Err(ConfigError::AdminTokenSecretShared { first: "a".into(), second: "b".into() })
+        );
     }
 
     #[test]

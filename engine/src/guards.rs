@@ -5,6 +5,9 @@
 //! **Invariant:** a limiter is keyed only by what the engine verified (the connection's or a
 //! trusted proxy's address, a session's user), never by an unverified string a client sends,
 //! and the sweep forgets idle keys.
+//!
+//! An IPv4 address and its IPv4-mapped IPv6 form (`::ffff:a.b.c.d`) are one client: every entry
+//! point keys by [`IpAddr::to_canonical`].
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -82,6 +85,7 @@ impl Guards {
     /// Admits or turns away a request from `ip` by the user of its verified session (if any),
     /// by the blocklist and this node's own rate limits.
     pub fn check(&self, ip: IpAddr, user: Option<UserId>) -> Result<(), Rejection> {
+        let ip = ip.to_canonical();
         self.check_blocked(ip)?;
         let (per_ip, per_user) = {
             let guard = self.limits.read();
@@ -101,14 +105,14 @@ impl Guards {
     pub fn check_account_creation(&self, ip: IpAddr) -> Result<(), Rejection> {
         let now = governor::clock::Clock::now(&LimiterClock(Arc::clone(&self.clock)));
         self.accounts
-            .check_key(&ip)
+            .check_key(&ip.to_canonical())
             .map_err(|not_until| rate_limited(LimitScope::Accounts, not_until.wait_time_from(now)))
     }
 
     /// Turns away a request from a blocked `ip`.
     pub fn check_blocked(&self, ip: IpAddr) -> Result<(), Rejection> {
         let now_ms = self.clock.now_ms();
-        match self.blocks.lock().get(&ip) {
+        match self.blocks.lock().get(&ip.to_canonical()) {
             Some(&until_ms) if until_ms > now_ms => Err(Rejection::Blocked { until_ms }),
             _ => Ok(()),
         }
@@ -130,6 +134,7 @@ impl Guards {
 
     /// Blocks `ip` for `ttl_ms`; returns when the previous block (if any) would have ended.
     pub fn block(&self, ip: IpAddr, ttl_ms: u64) -> Result<Option<u64>, BlocklistFull> {
+        let ip = ip.to_canonical();
         let mut blocks = self.blocks.lock();
         if blocks.len() >= BLOCKED_IPS_MAX && !blocks.contains_key(&ip) {
             return Err(BlocklistFull);
@@ -139,7 +144,7 @@ impl Guards {
 
     /// Lifts a block; returns when it would have ended.
     pub fn unblock(&self, ip: IpAddr) -> Option<u64> {
-        self.blocks.lock().remove(&ip)
+        self.blocks.lock().remove(&ip.to_canonical())
     }
 
     /// The blocks in force, in IP order.
@@ -238,5 +243,18 @@ mod tests {
         assert_eq!(guards.check(IP, None), Ok(()));
         guards.sweep();
         assert!(guards.blocks().is_empty());
+    }
+
+    #[test]
+    fn an_ipv4_address_and_its_mapped_form_are_one_client() {
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("address");
+        let (guards, _clock) = guards(1_000, 1);
+        assert_eq!(guards.check(mapped, None), Ok(()));
+        assert!(matches!(guards.check(IP, None), Err(Rejection::RateLimited { scope: LimitScope::Ip, .. })));
+        guards.block(mapped, 10_000).expect("room");
+        assert!(matches!(guards.check_blocked(IP), Err(Rejection::Blocked { .. })));
+        assert_eq!(guards.blocks(), vec![Block { ip: IP, until_ms: 1_010_000 }]);
+        assert_eq!(guards.unblock(IP), Some(1_010_000));
+        assert_eq!(guards.check_blocked(mapped), Ok(()));
     }
 }

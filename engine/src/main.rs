@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::RngExt;
 use tcore_engine::clock::SystemClock;
-use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
+use tcore_engine::config::{
+    AdminToken, ConnectionLimits, EngineConfig, HoldMode, RateLimits, TrustedProxies, connection_defaults,
+};
 use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
 use tcore_engine::faults::NoFaults;
 use tcore_engine::sessions::{self, SessionClaims, SessionConfig, SessionKey};
@@ -86,7 +88,8 @@ struct AgentArgs {
     /// Base URL of a node's HTTP API; repeat for every node.
     #[arg(long, env = "TCORE_AGENT_TARGET", value_delimiter = ',', required = true)]
     target: Vec<String>,
-    /// Bearer token of the admin API.
+    /// The agent's bearer token of the admin API (its secret only); the nodes name the
+    /// agent's calls in the audit log by this token's name (by convention `agent`).
     #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
     /// How the agent decides.
@@ -160,9 +163,11 @@ struct ServeArgs {
     /// need different prefixes).
     #[arg(long, env = "TCORE_REDIS_PREFIX", default_value = "tcore:")]
     redis_prefix: String,
-    /// Bearer token of the admin API; without one the admin API is not served.
-    #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
+    /// A bearer token of the admin API, `NAME=SECRET` (a bare `SECRET` is named `admin`);
+    /// repeat for more. The audit log names each call by its token's name. Without one the
+    /// admin API is not served.
+    #[arg(long = "admin-token", env = "TCORE_ADMIN_TOKENS", value_delimiter = ',', value_parser = AdminToken::parse, hide_env_values = true)]
+    admin_tokens: Vec<AdminToken>,
     /// Load a demo concert with this many seats (0: none).
     #[arg(long, env = "TCORE_DEMO_SEATS", default_value_t = 0)]
     demo_seats: u32,
@@ -251,9 +256,6 @@ struct ServeArgs {
     /// Accounts one client address may open per hour.
     #[arg(long, env = "TCORE_ACCOUNTS_PER_IP_PER_HOUR", default_value_t = 20)]
     accounts_per_ip_per_hour: u32,
-    /// Take the client IP from X-Forwarded-For (only behind a proxy you trust).
-    #[arg(long, env = "TCORE_TRUST_FORWARDED_FOR")]
-    trust_forwarded_for: bool,
     /// The most seats one user may hold or buy per schedule (an admin call may change it).
     #[arg(long, env = "TCORE_SEATS_PER_USER_MAX", default_value_t = 4)]
     seats_per_user_max: u32,
@@ -261,6 +263,32 @@ struct ServeArgs {
     /// never seen and the record is purged.
     #[arg(long, env = "TCORE_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
     idempotency_ttl_s: u64,
+    /// A proxy (address or CIDR range) whose X-Forwarded-For is believed; repeat for more.
+    /// From a trusted proxy the client is the rightmost X-Forwarded-For address that is not
+    /// a trusted proxy; from anyone else, the connection's peer.
+    #[arg(long = "trusted-proxy", env = "TCORE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_ip_range)]
+    trusted_proxies: Vec<ipnet::IpNet>,
+    /// Seconds a client may take to send a request's headers (and to start its first
+    /// request); an HTTP/1.1 connection idle this long between requests is closed.
+    #[arg(long, env = "TCORE_HEADER_READ_TIMEOUT_S", default_value_t = connection_defaults::HEADER_READ_TIMEOUT_MS / 1000, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    header_read_timeout_s: u64,
+    /// Seconds a client may take to send a request's body; then it is answered 408.
+    #[arg(long, env = "TCORE_BODY_READ_TIMEOUT_S", default_value_t = connection_defaults::BODY_READ_TIMEOUT_MS / 1000, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    body_read_timeout_s: u64,
+    /// Seconds a connection may stay open with no request in flight (HTTP/2 connections are
+    /// also pinged); 0 keeps idle connections open.
+    #[arg(long, env = "TCORE_IDLE_TIMEOUT_S", default_value_t = connection_defaults::IDLE_TIMEOUT_MS / 1000, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    idle_timeout_s: u64,
+    /// The most client connections open at once; more are answered 503 and closed.
+    #[arg(long, env = "TCORE_CONNECTIONS_MAX", default_value_t = connection_defaults::CONNECTIONS_MAX, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    connections_max: u32,
+}
+
+/// An address range, `10.0.0.0/8` or `2001:db8::/32`, or one address.
+fn parse_ip_range(text: &str) -> Result<ipnet::IpNet, String> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("`{text}` is neither an IP address nor a CIDR range"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -342,10 +370,16 @@ impl ServeArgs {
             sessions: self.session_config()?,
             payment_webhook_secret: self.payment_webhook_secret.as_ref().map(|secret| secret.as_bytes().to_vec()),
             accounts_per_ip_per_hour: self.accounts_per_ip_per_hour,
-            admin_token: self.admin_token.clone(),
-            trust_forwarded_for: self.trust_forwarded_for,
             seats_per_user_max: self.seats_per_user_max,
             idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
+            admin_tokens: self.admin_tokens.clone(),
+            trusted_proxies: TrustedProxies::new(self.trusted_proxies.clone()),
+            connections: ConnectionLimits {
+                header_read_timeout_ms: self.header_read_timeout_s * 1000,
+                body_read_timeout_ms: self.body_read_timeout_s * 1000,
+                idle_timeout_ms: (self.idle_timeout_s > 0).then_some(self.idle_timeout_s * 1000),
+                connections_max: self.connections_max,
+            },
             ..EngineConfig::default()
         })
     }
@@ -465,7 +499,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     use tcore_engine::agent::llm::{Cassette, LlmPolicy, OpenAiModel, Recording, Replaying};
     use tcore_engine::agent::policy::{NoPolicy, Policy};
     use tcore_engine::agent::rules::{RulesConfig, RulesPolicy};
-    use tcore_engine::agent::{ACTOR, Agent, AgentOptions, http::HttpTransport};
+    use tcore_engine::agent::{Agent, AgentOptions, http::HttpTransport};
 
     anyhow::ensure!(
         args.interval_s.is_finite() && (0.1..=3_600.0).contains(&args.interval_s),
@@ -475,12 +509,8 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         args.llm_timeout_s.is_finite() && (0.1..=600.0).contains(&args.llm_timeout_s),
         "--llm-timeout-s must be in 0.1..=600"
     );
-    let transport = HttpTransport::new(
-        args.target.clone(),
-        args.admin_token.clone(),
-        ACTOR.to_owned(),
-        std::time::Duration::from_secs(5),
-    );
+    let transport =
+        HttpTransport::new(args.target.clone(), args.admin_token.clone(), std::time::Duration::from_secs(5));
     let options = AgentOptions { dry_run: args.dry_run };
     let model = || {
         let key = std::env::var(&args.llm_api_key_env).unwrap_or_default();
@@ -526,7 +556,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.engine_config()?;
     let stores = stores(&args).await?;
-    let admin_enabled = config.admin_token.is_some();
+    let admin_enabled = !config.admin_tokens.is_empty();
     let engine = Engine::new(EngineParts {
         config,
         clock: Arc::new(SystemClock::new()),

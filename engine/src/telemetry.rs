@@ -58,6 +58,17 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+/// What the server counts about its connections (handles on the node's metrics).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    /// Connections open now.
+    pub open: Gauge,
+    /// Connections refused because the maximum was open.
+    pub refused: Counter,
+    /// Connections closed for being idle (or for starting no request in time).
+    pub idle_closed: Counter,
+}
+
 /// One engine node's measurements.
 #[derive(Debug)]
 pub struct Telemetry {
@@ -72,6 +83,7 @@ pub struct Telemetry {
     queue_waiting: Family<ScheduleLabel, Gauge>,
     queue_active: Family<ScheduleLabel, Gauge>,
     queue_admitted: Family<ScheduleLabel, Gauge>,
+    connections: ConnectionMetrics,
     /// The metrics of each route and store call, taken from their families once: a request
     /// then finds them by name, without building (and allocating) a label set to look up.
     handles: Mutex<Handles>,
@@ -259,6 +271,18 @@ impl Telemetry {
         registry.register("queue_waiting", "Users waiting in line", queue_waiting.clone());
         registry.register("queue_active", "Admitted users not yet done", queue_active.clone());
         registry.register("queue_admitted", "Users admitted so far", queue_admitted.clone());
+        let connections = ConnectionMetrics::default();
+        registry.register("connections_open", "Client connections open", connections.open.clone());
+        registry.register(
+            "connections_refused",
+            "Client connections refused at the maximum",
+            connections.refused.clone(),
+        );
+        registry.register(
+            "connections_idle_closed",
+            "Client connections closed for idling",
+            connections.idle_closed.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -271,6 +295,7 @@ impl Telemetry {
             queue_waiting,
             queue_active,
             queue_admitted,
+            connections,
             handles: Mutex::new(Handles::default()),
             window: Mutex::new(Window::default()),
         }
@@ -317,6 +342,11 @@ impl Telemetry {
         } else {
             bucket.ips_overflow += 1;
         }
+    }
+
+    /// The connection metrics, for the server to count into.
+    pub fn connection_metrics(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     /// Records a refusal with its stable reason code.

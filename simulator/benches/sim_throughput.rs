@@ -29,6 +29,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use tcore_engine::config::ConnectionLimits;
+use tcore_engine::telemetry::ConnectionMetrics;
 use tcore_sim::scenario::{self, AgentPolicy, Scenario};
 use tcore_sim::world::net::{ENGINE_PORT, HttpClient, SentRequest, SimListener};
 use tcore_sim::world::{self, STORE_PORT};
@@ -153,7 +155,11 @@ fn bare_world(scenario: &Scenario, nodes: u32, sent: Vec<Vec<SentRequest>>, end_
         sim.host(format!("engine-{node}").as_str(), || async {
             let router = Router::new().fallback(|| async { "{\"status\":\"WAITING\",\"position\":1,\"eta_s\":1}" });
             let listener = turmoil::net::TcpListener::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), ENGINE_PORT)).await?;
-            tcore_engine::server::serve_router(SimListener(listener), router, std::future::pending()).await?;
+            // As the engine world serves its nodes: idle connections stay open.
+            let limits = ConnectionLimits { idle_timeout_ms: None, ..ConnectionLimits::default() };
+            let metrics = ConnectionMetrics::default();
+            tcore_engine::server::serve_router(SimListener(listener), router, limits, metrics, std::future::pending())
+                .await?;
             Ok(())
         });
     }

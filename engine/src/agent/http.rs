@@ -8,27 +8,25 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::{ACTOR_HEADER, AdminReply, AdminRequest, AdminTransport};
+use super::{AdminReply, AdminRequest, AdminTransport};
 
 /// The admin API of live nodes, by base URL (`http://127.0.0.1:8080`).
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     targets: Vec<String>,
     admin_token: String,
-    actor: String,
     timeout: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl HttpTransport {
-    /// A transport to `targets` (base URLs without a trailing slash) with `admin_token`,
-    /// naming itself `actor` in the audit log; each call waits at most `timeout`.
-    pub fn new(targets: Vec<String>, admin_token: String, actor: String, timeout: Duration) -> Self {
+    /// A transport to `targets` (base URLs without a trailing slash) with `admin_token`
+    /// (whose name the audit log gives the agent's calls); each call waits at most `timeout`.
+    pub fn new(targets: Vec<String>, admin_token: String, timeout: Duration) -> Self {
         let targets = targets.into_iter().map(|target| target.trim_end_matches('/').to_owned()).collect();
         Self {
             targets,
             admin_token,
-            actor,
             timeout,
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
         }
@@ -38,8 +36,7 @@ impl HttpTransport {
         let mut builder = hyper::Request::builder()
             .method(request.method)
             .uri(format!("{node}{}", request.path))
-            .header("authorization", format!("Bearer {}", self.admin_token))
-            .header(ACTOR_HEADER, &self.actor);
+            .header("authorization", format!("Bearer {}", self.admin_token));
         if request.body.is_some() {
             builder = builder.header("content-type", "application/json");
         }

@@ -29,9 +29,9 @@ use self::tools::{ToolCall, ToolName};
 use crate::clock::Clock;
 use crate::engine::Snapshot;
 
-/// The header that names who makes an admin call, for the audit log.
-pub const ACTOR_HEADER: &str = "x-admin-actor";
-/// How the agent names itself in the audit log.
+/// The name the agent's own admin token goes by (`--admin-token agent=SECRET` on the nodes):
+/// the audit log names every call by the token that made it, so this is the agent's name
+/// there.
 pub const ACTOR: &str = "agent";
 /// The most decisions an agent keeps in memory.
 pub const DECISIONS_KEPT_MAX: usize = 100_000;
@@ -52,8 +52,8 @@ pub struct AdminReply {
     pub body: Vec<u8>,
 }
 
-/// How the agent reaches the admin API: sends a request to a node, with the admin token and
-/// the [`ACTOR_HEADER`]. An `Err` means no answer (the node is unreachable or timed out).
+/// How the agent reaches the admin API: sends a request to a node, with the agent's admin
+/// token. An `Err` means no answer (the node is unreachable or timed out).
 #[async_trait::async_trait(?Send)]
 pub trait AdminTransport {
     /// The nodes, as this transport addresses them.

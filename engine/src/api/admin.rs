@@ -1,5 +1,5 @@
-//! The admin API under `/admin/v1`, behind a bearer token: the snapshot the ops agent reads,
-//! and the bounded tools it may call. Every call is audited.
+//! The admin API under `/admin/v1`, behind named bearer tokens: the snapshot the ops agent
+//! reads, and the bounded tools it may call. Every call is audited under its token's name.
 
 use std::net::IpAddr;
 
@@ -10,19 +10,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
+use super::admin_auth::Refusal;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
 use crate::agent::DecisionRecord;
 use crate::config::RateLimits;
 use crate::engine::{AdmissionChange, Snapshot};
 use crate::store::AuditEntry;
 
-/// Who the audit log names for calls made with the admin token and no actor header.
-const ADMIN_ACTOR: &str = "admin";
-/// The longest actor name an admin call may give.
-const ACTOR_CHARS_MAX: usize = 64;
 /// The most audit entries one call returns.
 const AUDIT_PAGE_MAX: u32 = 1_000;
 
@@ -41,30 +37,42 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
-/// 401 without a bearer token, 403 with a wrong one; compared as digests, so the time taken
-/// does not depend on how much of the token was right.
-async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Some(expected) = state.engine.config().admin_token.as_deref() else {
-        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "the admin API is disabled").into_response();
-    };
-    match bearer(request.headers()) {
-        None => {
-            let mut response = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "admin_unauthorized",
-                "the admin API needs `Authorization: Bearer <admin token>`",
-            )
-            .into_response();
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-            response
+/// 401 without a bearer token, 403 with a wrong one, 429 from an IP locked out after too many
+/// wrong ones (see [`super::admin_auth`]); the token's name becomes the call's [`Actor`].
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let ip = super::gateway::client_ip(&state, &request);
+    let refusal = match state.admin_auth.authenticate(ip, bearer(request.headers())) {
+        Ok(name) => {
+            let actor = Actor(name.to_owned());
+            request.extensions_mut().insert(actor);
+            return next.run(request).await;
         }
-        Some(presented) if Sha256::digest(presented) == Sha256::digest(expected) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::FORBIDDEN, "admin_forbidden", "the admin token is wrong").into_response(),
+        Err(refusal) => refusal,
+    };
+    let error = match refusal {
+        Refusal::Missing => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "admin_unauthorized",
+            "the admin API needs `Authorization: Bearer <admin token>`",
+        ),
+        Refusal::Wrong => ApiError::new(StatusCode::FORBIDDEN, "admin_forbidden", "the admin token is wrong"),
+        Refusal::Locked { retry_after_s } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "admin_auth_locked",
+            "too many wrong admin tokens from this address; try again later",
+        )
+        .retry_after(retry_after_s),
+    };
+    state.engine.telemetry().record_rejection(error.code);
+    let mut response = error.into_response();
+    if refusal == Refusal::Missing {
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     }
+    response
 }
 
-/// Who makes an admin call, as the audit log names it: the `X-Admin-Actor` header (letters,
-/// digits, `-`, `_`, `:`, `.`; at most 64), else `admin`.
+/// Who makes an admin call, as the audit log names it: the name of the admin token that
+/// authenticated it. No header can name anyone else.
 #[derive(Debug, Clone)]
 pub(super) struct Actor(String);
 
@@ -72,21 +80,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(crate::agent::ACTOR_HEADER) else {
-            return Ok(Actor(ADMIN_ACTOR.to_owned()));
-        };
-        let valid = value.to_str().ok().filter(|name| {
-            (1..=ACTOR_CHARS_MAX).contains(&name.len())
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':' | '.'))
-        });
-        match valid {
-            Some(name) => Ok(Actor(name.to_owned())),
-            None => Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_actor",
-                "X-Admin-Actor must be 1 to 64 letters, digits, `-`, `_`, `:` or `.`",
-            )),
-        }
+        // Every admin route is behind `authenticate`, which puts the actor there.
+        parts.extensions.get::<Actor>().cloned().ok_or_else(|| {
+            tracing::error!("an admin route ran without authentication");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed")
+        })
     }
 }
 
@@ -163,7 +161,9 @@ pub(super) async fn block(
     Actor(actor): Actor,
     ApiJson(body): ApiJson<BlockRequest>,
 ) -> Response {
-    respond(StatusCode::OK, state.engine.block(&actor, body.ip, body.ttl_s).await.map_err(ApiError::from))
+    // One address, one form: the audit log and the answer name the one the guards key by.
+    let ip = body.ip.to_canonical();
+    respond(StatusCode::OK, state.engine.block(&actor, ip, body.ttl_s).await.map_err(ApiError::from))
 }
 
 /// Lifts a block.
@@ -174,7 +174,7 @@ pub(super) async fn unblock(
     Actor(actor): Actor,
     ApiPath(ip): ApiPath<IpAddr>,
 ) -> Response {
-    respond(StatusCode::OK, state.engine.unblock(&actor, ip).await.map_err(ApiError::from))
+    respond(StatusCode::OK, state.engine.unblock(&actor, ip.to_canonical()).await.map_err(ApiError::from))
 }
 
 /// Sets the TTL of new holds.

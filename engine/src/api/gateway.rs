@@ -9,13 +9,18 @@
 //! from one step to the next boxed (8 bytes, not 240): this layer's future is about 600 bytes.
 //!
 //! **Invariants:**
-//! - nothing answers a request before its whole body is in (at most [`REQUEST_BODY_MAX`]).
+//! - nothing answers a request before its whole body is in (at most [`REQUEST_BODY_MAX`]),
+//!   except a body that is not in within the body-read timeout, answered 408 `body_timeout`.
 //!   An answer sent while the client is still sending (a refusal of the guards, a bad path,
 //!   an unknown route) makes HTTP/2 reset the stream, and h2 remembers a stream it reset for
 //!   one second of wall-clock time (not configurable through hyper's server builder): a DATA
 //!   frame that arrives later is ignored while the stream is remembered and answered with one
 //!   more reset once it is forgotten. The traffic would then depend on how fast the host
-//!   runs, which a simulated run could not replay;
+//!   runs, which a simulated run could not replay; so the simulator sets a body-read timeout
+//!   no request of a run can reach;
+//! - the client IP of a request is its connection's peer, or, from a trusted proxy, the
+//!   rightmost address of `X-Forwarded-For` that is not a trusted proxy
+//!   ([`TrustedProxies`](crate::config::TrustedProxies)), always in canonical form;
 //! - a mutating request, once started, runs to its end even if its client goes away (an
 //!   HTTP/2 stream reset, a closed connection): a payment half done is never abandoned
 //!   between two store calls, and its idempotency record is completed for the client's retry;
@@ -38,10 +43,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
@@ -108,8 +114,9 @@ where
     S::Future: Send + 'static,
 {
     let body = std::mem::take(request.body_mut());
-    let mut response = match to_bytes(body, REQUEST_BODY_MAX).await {
-        Err(_) => ApiError::body_too_large().into_response(),
+    let mut response = match read_body(&state, body).await {
+        Err(BodyError::TooLarge) => ApiError::body_too_large().into_response(),
+        Err(BodyError::Timeout) => body_timeout(&state, request.version()),
         Ok(bytes) => {
             *request.body_mut() = Body::from(bytes);
             if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -129,6 +136,39 @@ where
     let now_ms = state.engine.clock().now_ms();
     response.headers_mut().insert(header::DATE, state.dates.at(now_ms));
     Ok(response)
+}
+
+/// Why a request's body was not read.
+enum BodyError {
+    TooLarge,
+    Timeout,
+}
+
+/// The whole body, unless it is larger than [`REQUEST_BODY_MAX`] or slower than the
+/// body-read timeout. A body already complete (a `GET`'s) sets no timer.
+async fn read_body(state: &AppState, body: Body) -> Result<axum::body::Bytes, BodyError> {
+    use axum::body::HttpBody as _;
+    if body.is_end_stream() {
+        return Ok(axum::body::Bytes::new());
+    }
+    let timeout = Duration::from_millis(state.engine.config().connections.body_read_timeout_ms);
+    match tokio::time::timeout(timeout, to_bytes(body, REQUEST_BODY_MAX)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(BodyError::TooLarge),
+        Err(_) => Err(BodyError::Timeout),
+    }
+}
+
+/// The 408 of a body not in within the body-read timeout. An HTTP/1.1 connection is closed
+/// with it: the rest of that body would otherwise be read as the next request.
+fn body_timeout(state: &AppState, version: Version) -> Response {
+    let error = ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", "the request body was not sent in time");
+    state.engine.telemetry().record_rejection(error.code);
+    let mut response = error.into_response();
+    if version <= Version::HTTP_11 {
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Measures and guards a whole request, and hands it to its route.
@@ -198,22 +238,13 @@ pub(super) fn answer(result: Result<Response, Infallible>) -> Response {
     }
 }
 
-/// The client's IP as the guards see it.
-fn client_ip(state: &AppState, request: &Request) -> IpAddr {
-    if state.engine.config().trust_forwarded_for {
-        let forwarded = request
-            .headers()
-            .get("x-forwarded-for")
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.split(',').next())
-            .and_then(|first| first.trim().parse().ok());
-        if let Some(ip) = forwarded {
-            return ip;
-        }
-    }
-    request
+/// The client's IP as the guards see it: see [`TrustedProxies`](crate::config::TrustedProxies).
+pub(super) fn client_ip(state: &AppState, request: &Request) -> IpAddr {
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let forwarded = request.headers().get_all("x-forwarded-for").iter().filter_map(|value| value.to_str().ok());
+    state.engine.config().trusted_proxies.client_ip(peer, forwarded)
 }

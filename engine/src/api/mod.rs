@@ -5,6 +5,7 @@
 //! [`Engine`] calls and [`EngineError`](crate::engine::EngineError)s into problem responses.
 
 mod admin;
+pub mod admin_auth;
 mod date;
 mod gateway;
 mod idempotency;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     request_ids: Arc<AtomicU64>,
     dates: Arc<date::DateHeader>,
+    admin_auth: Arc<admin_auth::AdminAuth>,
 }
 
 impl AppState {
@@ -106,7 +108,8 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
-    let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default() };
+    let admin_auth = Arc::new(admin_auth::AdminAuth::new(&engine.config().admin_tokens, Arc::clone(engine.clock())));
+    let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default(), admin_auth };
     let public = public::routes(&state);
     let ops = Router::new()
         .route("/healthz", get(healthz))
@@ -114,7 +117,7 @@ pub fn app(engine: Arc<Engine>) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json));
     let mut router = public.merge(ops);
-    if state.engine.config().admin_token.is_some() {
+    if !state.engine.config().admin_tokens.is_empty() {
         router = router.nest("/admin/v1", admin::routes(state.clone()));
     }
     router

@@ -15,7 +15,7 @@ use tcore_engine::faults::NoFaults;
 use tcore_engine::{Engine, app};
 use tower::ServiceExt;
 
-use crate::support::{ADMIN_TOKEN, START_MS, config, engine_with, schedule, session, session_of};
+use crate::support::{ADMIN_TOKEN, START_MS, config, engine_with, oneshot_peer_trusted, schedule, session, session_of};
 
 pub(crate) struct Api {
     pub(crate) router: Router,
@@ -136,7 +136,7 @@ impl Api {
 
     pub(crate) async fn with_config(config: EngineConfig) -> Self {
         let clock = ManualClock::starting_at_ms(START_MS);
-        let config = EngineConfig { trust_forwarded_for: true, ..config };
+        let config = EngineConfig { trusted_proxies: oneshot_peer_trusted(), ..config };
         let test = engine_with(config, Arc::new(clock.clone()), Arc::new(NoFaults));
         test.engine.add_schedule(schedule(START_MS, 10)).await.expect("schedule");
         Self { router: app(Arc::clone(&test.engine)), engine: test.engine, clock }
@@ -722,7 +722,7 @@ async fn admin_needs_the_token_401_without_403_wrong() {
     assert_eq!(snapshot.status, StatusCode::OK);
     assert_eq!(snapshot.json()["hold_mode"], "atomic");
 
-    let closed = Api::with_config(EngineConfig { admin_token: None, ..config(HoldMode::Atomic) }).await;
+    let closed = Api::with_config(EngineConfig { admin_tokens: Vec::new(), ..config(HoldMode::Atomic) }).await;
     check_problem(&closed.admin(Method::GET, "/admin/v1/snapshot").send().await, StatusCode::NOT_FOUND, "not_found");
 }
 

@@ -3,7 +3,9 @@
 mod agent;
 mod api;
 mod concurrency;
+mod connections;
 mod contract;
+mod edges;
 mod hold_modes;
 mod services;
 mod shared_stores;

@@ -17,7 +17,9 @@ use crate::contract;
 use crate::contract::assert_books_balance;
 use crate::hold_modes::PauseFirstHolders;
 use crate::services::Stores;
-use crate::support::{START_MS, config, schedule, session, session_of, two_admitted_for_one_seat};
+use crate::support::{
+    START_MS, config, oneshot_peer_trusted, schedule, session, session_of, two_admitted_for_one_seat,
+};
 
 /// Engine nodes named `engine-1`, `engine-2`, ... on `stores`, sharing one clock.
 pub fn nodes(stores: &Stores, count: usize, config: &EngineConfig, clock: &ManualClock) -> Vec<Arc<Engine>> {
@@ -179,7 +181,7 @@ contract!(
     async fn shared_rate_limits_hold_across_nodes_and_own_limits_do_not(stores) {
         let clock = ManualClock::starting_at_ms(START_MS);
         let limits = RateLimits { per_ip_per_s: 2, per_token_per_s: 100, burst: 4 };
-        let own = EngineConfig { rate_limits: limits, trust_forwarded_for: true, ..config(HoldMode::Atomic) };
+        let own = EngineConfig { rate_limits: limits, trusted_proxies: oneshot_peer_trusted(), ..config(HoldMode::Atomic) };
         let routers = |config: &EngineConfig| -> Vec<axum::Router> {
             nodes(&stores, 2, config, &clock).into_iter().map(tcore_engine::app).collect()
         };

@@ -24,7 +24,7 @@ use tcore_engine::{Engine, EngineParts, app};
 use tower::ServiceExt;
 
 use crate::services::{CutProxy, Stores, mariadb_server_url, redis_url};
-use crate::support::{START_MS, config, schedule, session, session_credential, session_of};
+use crate::support::{START_MS, config, oneshot_peer_trusted, schedule, session, session_credential, session_of};
 
 /// `host:port` of a server URL such as `mysql://root@127.0.0.1:3306` or `redis://127.0.0.1:6379/0`.
 fn host_port(url: &str) -> String {
@@ -76,7 +76,7 @@ fn engine_on(
     clock: &ManualClock,
     faults: Arc<dyn FaultHook>,
 ) -> Arc<Engine> {
-    let config = EngineConfig { trust_forwarded_for: true, ..config(HoldMode::Atomic) };
+    let config = EngineConfig { trusted_proxies: oneshot_peer_trusted(), ..config(HoldMode::Atomic) };
     Engine::new(EngineParts { config, clock: Arc::new(clock.clone()), record, cache, faults })
         .unwrap_or_else(|error| panic!("test config is valid: {error}"))
 }

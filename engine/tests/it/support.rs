@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use tcore_engine::clock::{Clock, ManualClock};
-use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::config::{ADMIN_TOKEN_NAME_DEFAULT, AdminToken, EngineConfig, HoldMode, TrustedProxies};
 use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultHook, NoFaults};
 use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, Session, SessionClaims, SessionConfig, SessionKey, sign_hs256};
@@ -14,6 +14,8 @@ use tcore_engine::{Engine, EngineParts};
 pub const START_MS: u64 = 1_800_000_000_000;
 pub const ADMIN_TOKEN: &str = "admin-secret";
 pub const WEBHOOK_SECRET: &[u8] = b"the-payment-providers-webhook-key";
+/// The ops agent's admin token, named [`tcore_engine::agent::ACTOR`].
+pub const AGENT_TOKEN: &str = "agent-secret";
 
 /// An engine on the memory store, with the store kept for inspection.
 pub struct TestEngine {
@@ -28,13 +30,22 @@ pub fn config(hold_mode: HoldMode) -> EngineConfig {
         hold_ttl_ms: 60_000,
         lock_ttl_ms: 1_000,
         admission: AdmissionPolicy { rate_per_s: 100_000.0, active_max: 1_000_000, ..AdmissionPolicy::default() },
-        admin_token: Some(ADMIN_TOKEN.into()),
+        admin_tokens: vec![
+            AdminToken { name: ADMIN_TOKEN_NAME_DEFAULT.into(), secret: ADMIN_TOKEN.into() },
+            AdminToken { name: tcore_engine::agent::ACTOR.into(), secret: AGENT_TOKEN.into() },
+        ],
         token_secret: b"test-secret-0123456789".to_vec(),
         sessions: SessionConfig { dev_sessions: true, ..SessionConfig::default() },
         payment_webhook_secret: Some(WEBHOOK_SECRET.to_vec()),
         accounts_per_ip_per_hour: 1_000,
         ..EngineConfig::default()
     }
+}
+
+/// Proxies that trust the peer of a `oneshot` request (which has none: `0.0.0.0`), so that
+/// the request's `X-Forwarded-For` names its client.
+pub fn oneshot_peer_trusted() -> TrustedProxies {
+    TrustedProxies::new([std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)])
 }
 
 pub fn engine_with(config: EngineConfig, clock: Arc<dyn Clock>, faults: Arc<dyn FaultHook>) -> TestEngine {

@@ -21,7 +21,7 @@ use tcore_engine::agent::policy::{NoPolicy, Policy};
 use tcore_engine::agent::rules::{RulesConfig, RulesPolicy};
 use tcore_engine::agent::tools::ToolCall;
 use tcore_engine::agent::{
-    ACTOR, ACTOR_HEADER, ActionOutcome, AdminReply, AdminRequest, AdminTransport, Agent, AgentOptions, DecisionRecord,
+    ActionOutcome, AdminReply, AdminRequest, AdminTransport, Agent, AgentOptions, DecisionRecord,
 };
 
 use super::net::ENGINE_PORT;
@@ -30,8 +30,12 @@ use super::{EPOCH_MS, to_us};
 use crate::history::{AdmissionChange, HistoryRecorder, HoldTtlChange};
 use crate::scenario::{AgentPolicy, Scenario};
 
-/// The admin token of every simulated engine node.
+/// The agent's admin token on every simulated engine node, named [`tcore_engine::agent::ACTOR`] there, so that the
+/// audit log names the agent's calls `agent`.
 pub const ADMIN_TOKEN: &str = "tcore-simulation-admin";
+/// The other admin token of every simulated engine node: an operator's, which the agent does
+/// not hold.
+pub const OPERATOR_TOKEN: &str = "tcore-simulation-operator";
 /// How long the agent waits for one admin call.
 const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -80,8 +84,7 @@ impl SimTransport {
             .method(request.method)
             .uri(request.path)
             .header("host", node)
-            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-            .header(ACTOR_HEADER, ACTOR);
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"));
         if request.body.is_some() {
             builder = builder.header("content-type", "application/json");
         }

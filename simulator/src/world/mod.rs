@@ -26,7 +26,9 @@ use anyhow::Context as _;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tcore_engine::clock::ManualClock;
-use tcore_engine::config::{EngineConfig, RateLimits};
+use tcore_engine::config::{
+    ADMIN_TOKEN_NAME_DEFAULT, AdminToken, ConnectionLimits, EngineConfig, RateLimits, TrustedProxies,
+};
 use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::sessions::{SessionConfig, SessionKey};
@@ -183,7 +185,7 @@ pub fn run_with(
     let latency = &scenario.network.latency_ms;
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
-        .simulation_duration(Duration::from_micros(duration_us + drain_us) + Duration::from_secs(60))
+        .simulation_duration(run_length(scenario))
         .tick_duration(Duration::from_millis(scenario.network.tick_ms))
         .min_message_latency(Duration::from_micros((latency.min * 1000.0) as u64))
         .max_message_latency(Duration::from_micros((latency.max * 1000.0) as u64))
@@ -214,6 +216,7 @@ pub fn run_with(
     let fired = Arc::new(Mutex::new(Vec::new()));
     let mut skews = BTreeMap::new();
     let engine_hosts: Vec<String> = (1..=scenario.engine.nodes).map(scenario::engine_host).collect();
+    let config = EngineConfig { trusted_proxies: client_addresses(&sim, scenario, &engine_hosts), ..config };
     for host in &engine_hosts {
         let skew = Arc::new(AtomicI64::new(0));
         skews.insert(host.clone(), Arc::clone(&skew));
@@ -493,6 +496,26 @@ async fn sleep_until_us(at_us: u64) {
     }
 }
 
+/// How long a run may last in simulated time: its timeline, the drain after it, and a minute.
+fn run_length(scenario: &Scenario) -> Duration {
+    let drain = Duration::from_secs(scenario.engine.hold_ttl_s) + DRAIN_AFTER_HOLD_TTL;
+    Duration::from_micros(scenario.duration_us()) + drain + Duration::from_secs(60)
+}
+
+/// The client hosts' addresses: the proxies the engine nodes trust, since the virtual users'
+/// own addresses reach the nodes in their `X-Forwarded-For`. turmoil gives a host its address
+/// at the first lookup of its name; these lookups follow the order the hosts are registered
+/// in (engines, the agent, clients), so every host has the address it would have had.
+fn client_addresses(sim: &turmoil::Sim<'_>, scenario: &Scenario, engine_hosts: &[String]) -> TrustedProxies {
+    for host in engine_hosts {
+        sim.lookup(host.as_str());
+    }
+    if scenario.agent.policy != scenario::AgentPolicy::None {
+        sim.lookup(scenario::AGENT_HOST);
+    }
+    TrustedProxies::new((1..=scenario.clients.max(1)).map(|client| sim.lookup(scenario::client_host(client))))
+}
+
 fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
     let engine = &scenario.engine;
     let hold_mode = engine.hold_mode;
@@ -519,8 +542,18 @@ fn engine_config(scenario: &Scenario, seed: u64) -> EngineConfig {
         ),
         token_secret: format!("tcore-simulation-secret-{seed:016x}").into_bytes(),
         sessions: SessionConfig { key: SessionKey::Hs256 { secret: session_secret(seed) }, ..SessionConfig::default() },
-        admin_token: Some(agent::ADMIN_TOKEN.into()),
-        trust_forwarded_for: true,
+        admin_tokens: vec![
+            AdminToken { name: tcore_engine::agent::ACTOR.into(), secret: agent::ADMIN_TOKEN.into() },
+            AdminToken { name: ADMIN_TOKEN_NAME_DEFAULT.into(), secret: agent::OPERATOR_TOKEN.into() },
+        ],
+        connections: ConnectionLimits {
+            // An answer before a body is in makes HTTP/2 reset the stream, and h2 forgets a
+            // reset stream after a second of wall-clock time: a run could not replay one.
+            body_read_timeout_ms: run_length(scenario).as_millis() as u64,
+            // The client hosts keep one connection per node for the whole run, idle at times.
+            idle_timeout_ms: None,
+            ..ConnectionLimits::default()
+        },
         ..EngineConfig::default()
     }
 }
