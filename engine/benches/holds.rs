@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use sqlx::migrate::MigrateDatabase;
-use support::{Server, admitted_tokens, client, closed_loops, env_or, free_addr, send};
+use support::{Fan, SESSION_SECRET, Server, admitted_fans, client, closed_loops, env_or, free_addr, send};
 use tcore_engine::domain::ScheduleId;
 use tcore_engine::store::{HoldRequest, RedisStore, RedisStoreConfig};
 
@@ -64,7 +64,7 @@ fn main() {
 
         let memory_addr = free_addr();
         let memory = Server::start(&mut engine_command(memory_addr, "memory", seats, USERS, &[]), memory_addr).await;
-        let tokens = admitted_tokens(memory_addr, USERS).await;
+        let tokens = admitted_fans(memory_addr, USERS).await;
         for round in 1..=rounds {
             report(
                 &format!("memory, 1 node, round {round}"),
@@ -88,7 +88,7 @@ fn main() {
         let (first, second) = (free_addr(), free_addr());
         let node_1 = Server::start(&mut engine_command(first, "redis+mariadb", seats, USERS, &shared), first).await;
         let node_2 = Server::start(&mut engine_command(second, "redis+mariadb", seats, 0, &shared), second).await;
-        let tokens = admitted_tokens(first, USERS).await;
+        let tokens = admitted_fans(first, USERS).await;
         for round in 1..=rounds {
             let figures = drive(&[first, second], &tokens, connections, seats, seconds).await;
             report(&format!("redis+mariadb, 2 nodes, round {round}"), seats, &figures);
@@ -115,6 +115,7 @@ fn engine_command(listen: SocketAddr, store: &str, seats: u64, users: u64, extra
         ])
         .args(["--demo-seats", &seats.to_string(), "--demo-users", &users.to_string()])
         .args(["--admission-rate-per-s", "100000", "--active-max", "1000000", "--token-secret", SECRET])
+        .args(["--session-secret", SESSION_SECRET])
         .args(["--rate-limit-per-ip", "100000", "--rate-limit-per-token", "100000", "--rate-limit-burst", "100000"])
         // Random users on random seats: with the default of 4 seats a user, 1,000 users could not
         // fill the map the measurement is about.
@@ -155,7 +156,7 @@ fn report(name: &str, seats: u64, figures: &Figures) {
 }
 
 /// Closed loops over `connections`, spread over the nodes, each sending hold attempts.
-async fn drive(nodes: &[SocketAddr], tokens: &[String], connections: usize, seats: u64, seconds: u64) -> Figures {
+async fn drive(nodes: &[SocketAddr], tokens: &[Fan], connections: usize, seats: u64, seconds: u64) -> Figures {
     let client = client();
     let tally = Arc::new(Tally::default());
     let (nodes, tokens) = (nodes.to_vec(), Arc::new(tokens.to_vec()));

@@ -21,7 +21,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use support::{Server, admitted_tokens, client, closed_loops, env_or, free_addr, send};
+use support::{Fan, SESSION_SECRET, Server, admitted_fans, client, closed_loops, env_or, free_addr, send, session_for};
 
 const BARE_LISTEN_ENV: &str = "TCORE_BENCH_BARE_LISTEN";
 const SEATS: u64 = 1_000;
@@ -58,7 +58,9 @@ fn main() {
         println!("http_mix: {connections} connections, {rounds} rounds of {seconds} s per target; server and driver share the machine");
         let bare_addr = free_addr();
         let _bare = Server::start(Command::new(std::env::current_exe().unwrap()).env(BARE_LISTEN_ENV, bare_addr.to_string()), bare_addr).await;
-        let bare_tokens: Vec<String> = (0..USERS).map(|i| format!("bare-token-{i}")).collect();
+        // The bare handler is sent the same credentials, so both targets read the same bytes.
+        let bare_fans: Vec<Fan> =
+            (1..=USERS).map(|user_id| Fan { session: session_for(user_id), token: format!("v2.1.{user_id}.1.0.bare-token") }).collect();
         let engine_addr = free_addr();
         let mut engine_command = Command::new(env!("CARGO_BIN_EXE_tcore-engine"));
         engine_command.args([
@@ -79,15 +81,17 @@ fn main() {
             "100000",
             "--rate-limit-burst",
             "100000",
+            "--session-secret",
+            SESSION_SECRET,
         ]);
         let _engine = Server::start(&mut engine_command, engine_addr).await;
-        let tokens = admitted_tokens(engine_addr, USERS).await;
+        let tokens = admitted_fans(engine_addr, USERS).await;
 
         // Both servers run throughout. Alternate the targets so that a disturbance of the machine hits both alike; report
         // each target's median round.
         let (mut bare_rounds, mut engine_rounds) = (Vec::new(), Vec::new());
         for round in 1..=rounds {
-            let bare = drive(bare_addr, &bare_tokens, connections, seconds).await;
+            let bare = drive(bare_addr, &bare_fans, connections, seconds).await;
             report(&format!("round {round} bare axum"), &bare);
             bare_rounds.push(bare);
             let engine = drive(engine_addr, &tokens, connections, seconds).await;
@@ -122,7 +126,7 @@ fn report(name: &str, figures: &Figures) {
 }
 
 /// Drives the mix over `connections` closed loops for `seconds`.
-async fn drive(addr: SocketAddr, tokens: &[String], connections: usize, seconds: u64) -> Figures {
+async fn drive(addr: SocketAddr, tokens: &[Fan], connections: usize, seconds: u64) -> Figures {
     let client = client();
     let tally = Arc::new(Tally::default());
     let tokens = Arc::new(tokens.to_vec());
@@ -130,18 +134,19 @@ async fn drive(addr: SocketAddr, tokens: &[String], connections: usize, seconds:
     let (latency, elapsed_s) = closed_loops(connections, seconds, move |worker, sequence| {
         let (client, tally, tokens) = (client.clone(), Arc::clone(&loop_tally), Arc::clone(&tokens));
         let mut rng = StdRng::seed_from_u64(((worker as u64) << 40) ^ sequence);
-        let token = tokens[rng.random_range(0..tokens.len())].clone();
+        let fan = tokens[rng.random_range(0..tokens.len())].clone();
         let roll = rng.random_range(0..100);
         let seat = rng.random_range(1..=SEATS);
         async move {
             let result = if roll < 75 {
-                send(&client, "GET", format!("http://{addr}/v1/queue/{token}"), None, None, None).await
+                let token = &fan.token;
+                send(&client, "GET", format!("http://{addr}/v1/queue/{token}"), Some(&fan), None, None).await
             } else if roll < 99 {
                 let body = format!("{{\"schedule_id\":1,\"seat_id\":{seat}}}");
                 let key = Some(format!("w{worker}-{sequence}"));
-                send(&client, "POST", format!("http://{addr}/v1/holds"), Some(&token), key, Some(body)).await
+                send(&client, "POST", format!("http://{addr}/v1/holds"), Some(&fan), key, Some(body)).await
             } else {
-                send(&client, "GET", format!("http://{addr}/v1/schedules/1/seats"), Some(&token), None, None).await
+                send(&client, "GET", format!("http://{addr}/v1/schedules/1/seats"), Some(&fan), None, None).await
             };
             let counter = match result {
                 Ok((200..=299, _)) => &tally.ok,

@@ -15,6 +15,31 @@ use hyper_util::rt::TokioExecutor;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// The session secret the benchmarked engines verify with (`--session-secret`).
+pub const SESSION_SECRET: &str = "bench-session-secret-of-at-least-32-bytes";
+
+/// A fan as the API knows one: a session, and once joined the queue token.
+#[derive(Debug, Clone)]
+pub struct Fan {
+    pub session: String,
+    pub token: String,
+}
+
+/// A session for `user_id`, signed as an identity provider sharing the secret would, valid for
+/// a day from now.
+pub fn session_for(user_id: u64) -> String {
+    use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, SessionClaims, sign_hs256};
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = SessionClaims {
+        sub: user_id.to_string(),
+        aud: SESSION_AUDIENCE_DEFAULT.into(),
+        iat: now_s,
+        exp: now_s + 86_400,
+        iss: None,
+    };
+    sign_hs256(SESSION_SECRET.as_bytes(), &claims).unwrap()
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
 }
@@ -50,13 +75,16 @@ pub async fn send(
     client: &HttpClient,
     method: &str,
     uri: String,
-    token: Option<&str>,
+    fan: Option<&Fan>,
     key: Option<String>,
     body: Option<String>,
 ) -> Result<(u16, Bytes), ()> {
     let mut request = hyper::Request::builder().method(method).uri(uri);
-    if let Some(token) = token {
-        request = request.header("authorization", format!("Bearer {token}"));
+    if let Some(fan) = fan {
+        request = request.header("authorization", format!("Bearer {}", fan.session));
+        if !fan.token.is_empty() {
+            request = request.header("x-queue-token", &fan.token);
+        }
     }
     if let Some(key) = key {
         request = request.header("idempotency-key", key);
@@ -79,32 +107,28 @@ pub fn client() -> HttpClient {
 }
 
 /// Joins users `1..=users` to the demo schedule at `addr` and waits until all are admitted.
-pub async fn admitted_tokens(addr: SocketAddr, users: u64) -> Vec<String> {
+pub async fn admitted_fans(addr: SocketAddr, users: u64) -> Vec<Fan> {
     let client = client();
-    let mut tokens = Vec::new();
+    let mut fans = Vec::new();
     for user_id in 1..=users {
-        let (status, body) = send(
-            &client,
-            "POST",
-            format!("http://{addr}/v1/schedules/1/queue"),
-            None,
-            None,
-            Some(format!("{{\"user_id\":{user_id}}}")),
-        )
-        .await
-        .expect("join");
+        let mut fan = Fan { session: session_for(user_id), token: String::new() };
+        let uri = format!("http://{addr}/v1/schedules/1/queue");
+        let (status, body) = send(&client, "POST", uri, Some(&fan), None, None).await.expect("join");
         assert_eq!(status, 201, "join: {body:?}");
         let joined: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        tokens.push(joined["token"].as_str().unwrap().to_owned());
+        fan.token = joined["token"].as_str().unwrap().to_owned();
+        fans.push(fan);
     }
-    for token in &tokens {
-        let (_, body) = send(&client, "GET", format!("http://{addr}/v1/queue/{token}?wait_s=10"), None, None, None)
-            .await
-            .expect("status");
+    for fan in &fans {
+        let token = &fan.token;
+        let (_, body) =
+            send(&client, "GET", format!("http://{addr}/v1/queue/{token}?wait_s=10"), Some(fan), None, None)
+                .await
+                .expect("status");
         let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status["status"], "ADMITTED", "{status}");
     }
-    tokens
+    fans
 }
 
 /// Runs `connections` closed loops for `seconds`: each loop sends `request(worker, sequence)`
