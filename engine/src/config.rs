@@ -67,7 +67,7 @@ pub mod bounds {
     pub const HOLD_TTL_S: RangeInclusive<u64> = 10..=3_600;
     pub const QUEUE_WAIT_S: RangeInclusive<u64> = 0..=30;
     /// Points one top-up may add (admin tool or payment webhook).
-    pub const TOP_UP_POINTS: RangeInclusive<u64> = 1..=10_000_000;
+    pub const TOP_UP_POINTS: RangeInclusive<u64> = 1..=crate::domain::CHARGE_POINTS_MAX;
     /// Accounts one client address may open per hour.
     pub const ACCOUNTS_PER_IP_PER_HOUR: RangeInclusive<u32> = 1..=100_000;
     pub const SEATS_PER_USER_MAX: RangeInclusive<u32> = 1..=100;

@@ -10,7 +10,10 @@
 //! [`Sessions::issue`] in tests and dev mode): holding one proves the signature, audience,
 //! issuer and expiry were checked.
 
+use std::collections::HashMap;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -27,6 +30,9 @@ pub const SESSION_LEEWAY_S: u64 = 30;
 pub const SESSION_LEN_MAX: usize = 4_096;
 /// The longest a session may be issued for (a day).
 pub const SESSION_TTL_S_MAX: u64 = 86_400;
+/// The most verified sessions a node remembers (about 30 MB at the longest credential); when
+/// full it forgets them all and verifies again.
+pub const VERIFIED_SESSIONS_MAX: usize = 100_000;
 
 /// A verified session: the user it names and when it ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,7 +121,12 @@ struct ReadClaims {
 }
 
 /// Verifies sessions, and issues them when the key allows.
-#[derive(Clone)]
+///
+/// A fan sends the same session with every call, and decoding and checking a JWT costs more
+/// than the rest of a queue poll, so the sessions verified are remembered by their exact
+/// text. Only a credential that verified is remembered (a forged one never is), a remembered
+/// one is still judged against its `exp` on every call, and the memory is bounded by
+/// [`VERIFIED_SESSIONS_MAX`]. Its order is never read, so a simulated run stays the same.
 pub struct Sessions {
     decoding: DecodingKey,
     validation: Validation,
@@ -124,6 +135,7 @@ pub struct Sessions {
     audience: String,
     issuer: Option<String>,
     ttl_s: u64,
+    verified: Mutex<HashMap<Box<str>, Session>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -182,6 +194,7 @@ impl Sessions {
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
             ttl_s: config.ttl_s,
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -190,6 +203,10 @@ impl Sessions {
         use jsonwebtoken::errors::ErrorKind;
         if credential.len() > SESSION_LEN_MAX {
             return Err(SessionError::Invalid("too long"));
+        }
+        let remembered = self.verified.lock().get(credential).copied();
+        if let Some(session) = remembered {
+            return judge_expiry(session, now_ms);
         }
         let claims = jsonwebtoken::decode::<ReadClaims>(credential, &self.decoding, &self.validation)
             .map_err(|error| {
@@ -204,15 +221,19 @@ impl Sessions {
             })?
             .claims;
         let now_s = now_ms / 1000;
-        if claims.exp.saturating_add(SESSION_LEEWAY_S) <= now_s {
-            return Err(SessionError::Expired);
-        }
         if claims.nbf.is_some_and(|nbf| nbf > now_s.saturating_add(SESSION_LEEWAY_S)) {
             return Err(SessionError::Invalid("not valid yet"));
         }
         let user_id = claims.sub.parse::<UserId>().ok().filter(|&id| id > 0);
         let user_id = user_id.ok_or(SessionError::Invalid("the subject is not a user id"))?;
-        Ok(Session { user_id, expires_at_s: claims.exp })
+        let session = judge_expiry(Session { user_id, expires_at_s: claims.exp }, now_ms)?;
+        // Not yet valid sessions are never remembered, so a remembered one needs no `nbf`.
+        let mut verified = self.verified.lock();
+        if verified.len() >= VERIFIED_SESSIONS_MAX {
+            verified.clear();
+        }
+        verified.insert(credential.into(), session);
+        Ok(session)
     }
 
     /// A session for `user_id` from `now_ms`, lasting the configured TTL; `None` when the key
@@ -230,6 +251,14 @@ impl Sessions {
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding).ok()?;
         Some((token, Session { user_id, expires_at_s: claims.exp }))
     }
+}
+
+/// `session` unless it expired by `now_ms` (with the leeway).
+fn judge_expiry(session: Session, now_ms: u64) -> Result<Session, SessionError> {
+    if session.expires_at_s.saturating_add(SESSION_LEEWAY_S) <= now_ms / 1000 {
+        return Err(SessionError::Expired);
+    }
+    Ok(session)
 }
 
 /// Signs `claims` with an HS256 `secret`: how scripts and the testbed log fans in.
@@ -280,7 +309,9 @@ mod tests {
         let sessions = sessions(hs256());
         assert!(sessions.verify(&token, NOW_MS).is_ok());
         assert!(sessions.verify(&token, (exp + SESSION_LEEWAY_S - 1) * 1000).is_ok());
-        assert_eq!(sessions.verify(&token, (exp + SESSION_LEEWAY_S) * 1000), Err(SessionError::Expired));
+        assert_eq!(sessions.verify(&token, (exp + SESSION_LEEWAY_S) * 1000), Err(SessionError::Expired), "remembered");
+        let fresh = self::sessions(hs256());
+        assert_eq!(fresh.verify(&token, (exp + SESSION_LEEWAY_S) * 1000), Err(SessionError::Expired), "decoded");
     }
 
     #[test]

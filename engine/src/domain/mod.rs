@@ -12,7 +12,7 @@ mod rate;
 mod reservation;
 
 pub use catalog::{Concert, Schedule, ScheduleSummary, Seat, SeatStatus, SeatView, Section};
-pub use points::{Account, LedgerEntry, LedgerReason};
+pub use points::{Account, CHARGE_POINTS_MAX, LedgerEntry, LedgerReason};
 pub use queue::{AdmissionPolicy, Admitted, QueueEntry, QueueOrder, QueueStatus, TokenStatus, WaitingLine};
 pub use rate::RateLimit;
 pub use reservation::{FenceToken, Reservation, ReservationStatus, SeatLimit, SeatSlot, WriteGuard, takes_a_seat};

@@ -553,6 +553,8 @@ impl Users {
         checks.in_range(path.key("retries_max"), self.retries_max, 0..=100);
         checks.count(path.key("seats_per_user"), u64::from(self.seats_per_user), 10);
         checks.in_range_f64(path.key("cancel_probability"), self.cancel_probability, 0.0..=1.0);
+        // An account's starting balance is recorded as one top-up, which the engine bounds.
+        checks.in_range(path.key("points"), self.points, 0..=tcore_engine::domain::CHARGE_POINTS_MAX);
     }
 }
 

@@ -254,6 +254,17 @@ fn a_tick_outside_1_to_10_ms_names_line_and_key() {
     check_error(&text, &format!("scenarios/x.toml:{line}:1: key `network.tick_ms`: must be in 1..=10 (got 0)"));
 }
 
+/// A starting balance the engine would refuse at run time is refused when the scenario loads.
+#[test]
+fn points_beyond_what_an_account_may_be_given_name_line_and_key() {
+    let text = with("\n[users]\npoints = 20_000_000\n");
+    let line = text.lines().position(|line| line == "points = 20_000_000").expect("the key") + 1;
+    check_error(
+        &text,
+        &format!("scenarios/x.toml:{line}:1: key `users.points`: must be in 0..=10000000 (got 20000000)"),
+    );
+}
+
 #[test]
 fn a_fault_aimed_at_a_host_that_does_not_exist_names_key_and_host() {
     check_error(
