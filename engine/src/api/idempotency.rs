@@ -54,7 +54,7 @@ impl Scope<'_> {
             hasher.update([0]);
             hasher.update(part);
         }
-        hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
+        super::hex(&hasher.finalize())
     }
 }
 

@@ -18,7 +18,7 @@ use sha2::Sha256;
 use utoipa::ToSchema;
 
 use super::public::UserView;
-use super::{ApiError, AppState, respond};
+use super::{ApiError, AppState, hex, respond};
 
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "tcore-signature";
@@ -54,10 +54,6 @@ fn mac(secret: &[u8], at_s: u64, body: &[u8]) -> Hmac<Sha256> {
     mac.update(b".");
     mac.update(body);
     mac
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
