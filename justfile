@@ -43,6 +43,10 @@ bench-sim:
 smoke:
     bash scripts/smoke-live.sh
 
+# The API contract: schemathesis against live engines, every check and phase.
+contract:
+    bash scripts/api-contract.sh
+
 # Apply the MariaDB schema (TCORE_DATABASE_URL, default mysql://root@127.0.0.1:3306/tcore).
 migrate:
     cargo run -q -p tcore-engine -- migrate

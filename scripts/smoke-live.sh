@@ -10,6 +10,7 @@
 #   TCORE_ENGINE_BIN     engine binary                  (built with cargo, debug profile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 server="${TCORE_SMOKE_MARIADB:-mysql://root@127.0.0.1:3306}"
 redis_url="${TCORE_SMOKE_REDIS:-redis://127.0.0.1:6379}"
@@ -55,13 +56,7 @@ start_node() {
         --rate-limit-per-ip 100000 --rate-limit-per-token 1000 --rate-limit-burst 100000 \
         >"target/smoke-engine-$((index + 1)).log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 1 100); do
-        curl -sf "http://127.0.0.1:${ports[$index]}/readyz" >/dev/null && return 0
-        kill -0 "${pids[-1]}" 2>/dev/null || break
-        sleep 0.2
-    done
-    echo "engine-$((index + 1)) did not become ready; see target/smoke-engine-$((index + 1)).log" >&2
-    return 1
+    wait_ready "engine-$((index + 1))" "http://127.0.0.1:${ports[$index]}" "${pids[-1]}" "target/smoke-engine-$((index + 1)).log"
 }
 
 mkdir -p target

@@ -44,8 +44,11 @@ impl HoldMode {
 /// Per-IP and per-token request rate limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RateLimits {
+    #[schema(minimum = 1, maximum = 100_000)]
     pub per_ip_per_s: u32,
+    #[schema(minimum = 1, maximum = 100_000)]
     pub per_token_per_s: u32,
+    #[schema(minimum = 1, maximum = 100_000)]
     pub burst: u32,
 }
 
@@ -71,6 +74,8 @@ pub mod bounds {
     /// Accounts one client address may open per hour.
     pub const ACCOUNTS_PER_IP_PER_HOUR: RangeInclusive<u32> = 1..=100_000;
     pub const SEATS_PER_USER_MAX: RangeInclusive<u32> = 1..=100;
+    /// Wrong admin tokens one address may present per minute before its lockout.
+    pub const ADMIN_AUTH_FAILURES_MAX: RangeInclusive<u32> = 1..=10_000;
     /// From a minute (longer than a request's lease) to thirty days.
     pub const IDEMPOTENCY_TTL_S: RangeInclusive<u64> = 60..=2_592_000;
 }
@@ -112,6 +117,9 @@ pub struct EngineConfig {
     /// The bearer tokens of the admin API, each named for the audit log; without one the
     /// admin API is not served.
     pub admin_tokens: Vec<AdminToken>,
+    /// Wrong admin tokens one client address may present within a minute before it is locked
+    /// out of the admin API for five minutes.
+    pub admin_auth_failures_max: u32,
     /// The proxies whose `X-Forwarded-For` is believed (see [`TrustedProxies`]).
     pub trusted_proxies: TrustedProxies,
     /// Timeouts and the maximum of client connections.
@@ -149,6 +157,7 @@ impl Default for EngineConfig {
             payment_webhook_secret: None,
             accounts_per_ip_per_hour: 20,
             admin_tokens: Vec::new(),
+            admin_auth_failures_max: crate::api::admin_auth::FAILURES_MAX,
             trusted_proxies: TrustedProxies::default(),
             connections: ConnectionLimits::default(),
             idempotency_lease_ms: 30_000,
@@ -331,6 +340,7 @@ impl EngineConfig {
         check_bound("rate limit burst", self.rate_limits.burst, &bounds::RATE_LIMIT_BURST)?;
         check_bound("seats per user", self.seats_per_user_max, &bounds::SEATS_PER_USER_MAX)?;
         check_bound("idempotency TTL (s)", self.idempotency_ttl_ms / 1000, &bounds::IDEMPOTENCY_TTL_S)?;
+        check_bound("admin authentication failures", self.admin_auth_failures_max, &bounds::ADMIN_AUTH_FAILURES_MAX)?;
         self.check_admin_tokens()?;
         self.check_connections()
     }

@@ -107,7 +107,9 @@ pub struct QueuePosition {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdmissionChange {
+    #[schema(minimum = 0.1, maximum = 100_000.0)]
     pub rate_per_s: f64,
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub active_max: u32,
     #[serde(default)]
     pub paused: bool,
@@ -412,10 +414,10 @@ impl Engine {
     /// Opens an account with a starting balance: for operators loading users (the demo, the
     /// testbed), never reachable from the public API.
     pub async fn open_account(&self, name: String, points: u64) -> Result<Account, EngineError> {
-        let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > ACCOUNT_NAME_CHARS_MAX {
+        let length = name.chars().count();
+        if length == 0 || length > ACCOUNT_NAME_CHARS_MAX || name.chars().any(char::is_control) {
             return Err(EngineError::Invalid {
-                reason: format!("name must have 1 to {ACCOUNT_NAME_CHARS_MAX} characters"),
+                reason: format!("name must have 1 to {ACCOUNT_NAME_CHARS_MAX} characters, none a control character"),
             });
         }
         self.timed("create_user", self.record.create_user(name, points, self.now_ms())).await

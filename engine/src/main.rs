@@ -256,6 +256,10 @@ struct ServeArgs {
     /// Accounts one client address may open per hour.
     #[arg(long, env = "TCORE_ACCOUNTS_PER_IP_PER_HOUR", default_value_t = 20)]
     accounts_per_ip_per_hour: u32,
+    /// Wrong admin tokens one client address may present within a minute before it is
+    /// locked out of the admin API for five minutes.
+    #[arg(long, env = "TCORE_ADMIN_AUTH_FAILURES_MAX", default_value_t = tcore_engine::api::admin_auth::FAILURES_MAX)]
+    admin_auth_failures_max: u32,
     /// The most seats one user may hold or buy per schedule (an admin call may change it).
     #[arg(long, env = "TCORE_SEATS_PER_USER_MAX", default_value_t = 4)]
     seats_per_user_max: u32,
@@ -373,6 +377,7 @@ impl ServeArgs {
             seats_per_user_max: self.seats_per_user_max,
             idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
             admin_tokens: self.admin_tokens.clone(),
+            admin_auth_failures_max: self.admin_auth_failures_max,
             trusted_proxies: TrustedProxies::new(self.trusted_proxies.clone()),
             connections: ConnectionLimits {
                 header_read_timeout_ms: self.header_read_timeout_s * 1000,

@@ -62,7 +62,7 @@ pub trait AdminTransport {
 }
 
 /// What became of one proposed action.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum ActionOutcome {
     /// Every node it was sent to applied it.
@@ -76,10 +76,12 @@ pub enum ActionOutcome {
 }
 
 /// One proposed action and its result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRecord {
     pub tool: ToolName,
+    /// The tool's arguments: any JSON value.
+    #[schema(value_type = Value)]
     pub args: Value,
     pub outcome: ActionOutcome,
     /// The rejection or the error, if any.
@@ -90,7 +92,7 @@ pub struct ActionRecord {
 }
 
 /// One decision: what the agent saw, why it acted, and what came of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionRecord {
     /// When the decision was made, on the agent's clock.

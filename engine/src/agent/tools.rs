@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 /// The name of one admin tool. There is no tool for the hold mode: it is a correctness
 /// setting, fixed at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ToolName {
     SetAdmission,

@@ -81,10 +81,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
         // Every admin route is behind `authenticate`, which puts the actor there.
-        parts.extensions.get::<Actor>().cloned().ok_or_else(|| {
-            tracing::error!("an admin route ran without authentication");
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed")
-        })
+        parts
+            .extensions
+            .get::<Actor>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("an admin route ran without authentication"))
     }
 }
 
@@ -93,12 +94,14 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
 pub(super) struct BlockRequest {
     #[schema(value_type = String)]
     ip: IpAddr,
+    #[schema(minimum = 1, maximum = 86_400)]
     ttl_s: u64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HoldTtl {
+    #[schema(minimum = 10, maximum = 3_600)]
     ttl_s: u64,
 }
 
@@ -119,8 +122,10 @@ pub(super) struct SeatLimit {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AuditQuery {
     /// How many of the newest entries (at most 1000).
+    #[param(minimum = 1, maximum = 1000, nullable = false)]
     limit: Option<u32>,
 }
 
@@ -132,7 +137,9 @@ pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
 
 /// Sets a line's admission rate, active maximum and pause.
 #[utoipa::path(put, path = "/admin/v1/schedules/{id}/admission", params(("id" = u64, Path)), request_body = AdmissionChange,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+    security(("admin_token" = [])), responses((status = 200, description = "The line's admission policy after the change.", body = Object),
+        (status = 404, description = "`not_found`: no such schedule.", body = super::Problem),
+        (status = 422, description = "`out_of_bounds`: a value beyond its bounds.", body = super::Problem)))]
 pub(super) async fn set_admission(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -144,7 +151,8 @@ pub(super) async fn set_admission(
 
 /// Sets the per-IP and per-token rate limits.
 #[utoipa::path(put, path = "/admin/v1/rate-limits", request_body = RateLimits,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+    security(("admin_token" = [])), responses((status = 200, description = "The limits after the change.", body = Object),
+        (status = 422, description = "`out_of_bounds`: a value beyond its bounds.", body = super::Problem)))]
 pub(super) async fn set_rate_limits(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -155,7 +163,8 @@ pub(super) async fn set_rate_limits(
 
 /// Blocks an IP for a while.
 #[utoipa::path(post, path = "/admin/v1/blocks", request_body = BlockRequest,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+    security(("admin_token" = [])), responses((status = 200, description = "The address and when its block ends.", body = Object),
+        (status = 422, description = "`out_of_bounds`: a TTL beyond its bounds; `validation_failed`: the blocklist is full.", body = super::Problem)))]
 pub(super) async fn block(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -167,8 +176,9 @@ pub(super) async fn block(
 }
 
 /// Lifts a block.
-#[utoipa::path(delete, path = "/admin/v1/blocks/{ip}", params(("ip" = String, Path)),
-    security(("admin_token" = [])), responses((status = 200), (status = 404, body = super::Problem)))]
+#[utoipa::path(delete, path = "/admin/v1/blocks/{ip}", params(("ip" = String, Path, description = "An IPv4 or IPv6 address.")),
+    security(("admin_token" = [])), responses((status = 200, description = "The address, no longer blocked.", body = Object),
+        (status = 404, description = "`not_found`: the address is not blocked.", body = super::Problem)))]
 pub(super) async fn unblock(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -179,7 +189,8 @@ pub(super) async fn unblock(
 
 /// Sets the TTL of new holds.
 #[utoipa::path(put, path = "/admin/v1/hold-ttl", request_body = HoldTtl,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+    security(("admin_token" = [])), responses((status = 200, description = "The TTL after the change.", body = Object),
+        (status = 422, description = "`out_of_bounds`: a TTL beyond its bounds.", body = super::Problem)))]
 pub(super) async fn set_hold_ttl(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -192,8 +203,10 @@ pub(super) async fn set_hold_ttl(
 /// `Idempotency-Key`, and adds once per key.
 #[utoipa::path(post, path = "/admin/v1/users/{id}/points", params(("id" = u64, Path)), request_body = TopUp,
     security(("admin_token" = [])),
-    responses((status = 200, body = super::public::UserView), (status = 400, body = super::Problem),
-        (status = 404, body = super::Problem), (status = 422, body = super::Problem)))]
+    responses((status = 200, body = super::public::UserView),
+        (status = 400, description = "`idempotency_key_required`: no usable Idempotency-Key.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such user.", body = super::Problem),
+        (status = 422, description = "`out_of_bounds`: an amount beyond its bounds; `invalid_amount`: the balance would overflow.", body = super::Problem)))]
 pub(super) async fn top_up(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -202,7 +215,7 @@ pub(super) async fn top_up(
     ApiJson(body): ApiJson<TopUp>,
 ) -> Response {
     let key = headers.get(super::idempotency::IDEMPOTENCY_KEY).and_then(|value| value.to_str().ok());
-    let Some(key) = key.filter(|key| (1..=super::idempotency::IDEMPOTENCY_KEY_LEN_MAX).contains(&key.len())) else {
+    let Some(key) = key.filter(|key| super::idempotency::is_valid_key(key.as_bytes())) else {
         return ApiError::new(
             StatusCode::BAD_REQUEST,
             "idempotency_key_required",
@@ -216,7 +229,8 @@ pub(super) async fn top_up(
 
 /// Sets the most seats one user may hold or buy per schedule, for new holds on this node.
 #[utoipa::path(put, path = "/admin/v1/seat-limit", request_body = SeatLimit,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+    security(("admin_token" = [])), responses((status = 200, description = "The cap after the change.", body = Object),
+        (status = 422, description = "`out_of_bounds`: a cap beyond its bounds.", body = super::Problem)))]
 pub(super) async fn set_seat_limit(
     State(state): State<AppState>,
     Actor(actor): Actor,
@@ -227,7 +241,8 @@ pub(super) async fn set_seat_limit(
 
 /// The audit log: when, what, value before and after.
 #[utoipa::path(get, path = "/admin/v1/audit", params(AuditQuery),
-    security(("admin_token" = [])), responses((status = 200, body = [AuditEntry])))]
+    security(("admin_token" = [])), responses((status = 200, body = [AuditEntry]),
+        (status = 422, description = "`out_of_bounds`: a limit beyond 1000.", body = super::Problem)))]
 pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<AuditQuery>) -> Response {
     let limit = query.limit.unwrap_or(100);
     if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
@@ -238,8 +253,8 @@ pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQue
 }
 
 /// Writes an ops agent's decision (what it saw, why, what it did) to the audit log.
-#[utoipa::path(post, path = "/admin/v1/decisions", request_body = Object,
-    security(("admin_token" = [])), responses((status = 200), (status = 422, body = super::Problem)))]
+#[utoipa::path(post, path = "/admin/v1/decisions", request_body = crate::agent::DecisionRecord,
+    security(("admin_token" = [])), responses((status = 200, description = "`{\"recorded\": true}`", body = Object)))]
 pub(super) async fn record_decision(
     State(state): State<AppState>,
     Actor(actor): Actor,

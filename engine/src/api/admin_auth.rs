@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use crate::clock::Clock;
 use crate::config::AdminToken;
 
-/// Wrong tokens an IP may present within [`FAILURE_WINDOW_MS`] before it is locked out.
+/// Wrong tokens an IP may present within [`FAILURE_WINDOW_MS`] before it is locked out, unless
+/// the node is configured otherwise (`admin_auth_failures_max`).
 pub const FAILURES_MAX: u32 = 5;
 /// The window failures are counted in, from an IP's first failure.
 pub const FAILURE_WINDOW_MS: u64 = 60_000;
@@ -43,6 +44,7 @@ pub(super) enum Refusal {
 #[derive(Debug)]
 pub(super) struct AdminAuth {
     tokens: Vec<(String, [u8; 32])>,
+    failures_max: u32,
     clock: Arc<dyn Clock>,
     failing: Mutex<BTreeMap<IpAddr, Failures>>,
 }
@@ -66,9 +68,9 @@ impl Failures {
 }
 
 impl AdminAuth {
-    pub(super) fn new(tokens: &[AdminToken], clock: Arc<dyn Clock>) -> Self {
+    pub(super) fn new(tokens: &[AdminToken], failures_max: u32, clock: Arc<dyn Clock>) -> Self {
         let tokens = tokens.iter().map(|token| (token.name.clone(), digest(&token.secret))).collect();
-        Self { tokens, clock, failing: Mutex::new(BTreeMap::new()) }
+        Self { tokens, failures_max, clock, failing: Mutex::new(BTreeMap::new()) }
     }
 
     /// The name of the token `presented` from `ip`, or why the call is refused.
@@ -111,7 +113,7 @@ impl AdminAuth {
             *failures = fresh;
         }
         failures.count += 1;
-        if failures.count >= FAILURES_MAX {
+        if failures.count >= self.failures_max {
             failures.locked_until_ms = Some(now_ms.saturating_add(LOCKOUT_MS));
             tracing::warn!(%ip, lockout_ms = LOCKOUT_MS, "admin authentication locked out after repeated wrong tokens");
         }
@@ -134,7 +136,7 @@ mod tests {
     fn auth() -> (AdminAuth, ManualClock) {
         let clock = ManualClock::starting_at_ms(1_000_000);
         let tokens = [AdminToken { name: "ops".into(), secret: "right".into() }];
-        (AdminAuth::new(&tokens, Arc::new(clock.clone())), clock)
+        (AdminAuth::new(&tokens, FAILURES_MAX, Arc::new(clock.clone())), clock)
     }
 
     #[test]

@@ -25,13 +25,16 @@
 //!   HTTP/2 stream reset, a closed connection): a payment half done is never abandoned
 //!   between two store calls, and its idempotency record is completed for the client's retry;
 //! - every response carries a `Date` header read from the engine's clock (see [`super::date`]),
-//!   never the host's wall clock;
+//!   never the host's wall clock, and an `X-Request-Id`: the node's name and the request's
+//!   number on the node, which its problem body (if any) and the node's logs name too;
 //! - every request to a route is measured on the engine's clock, under its route's template;
 //!   an unknown path (the fallback) is not, so a scan of random paths cannot grow the metrics;
 //! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklist and the rate
 //!   limits before its handler runs; operations and admin routes do not;
 //! - a public request's session is verified once, here, and only a verified session's user
-//!   gets a rate limit of its own; handlers read the result ([`SessionCheck`]) and the client
+//!   gets a rate limit of its own; a request to a route that acts for a user
+//!   ([`super::public::needs_session`]) without a valid session is refused 401 after the
+//!   guards and before idempotency; handlers read the result ([`SessionCheck`]) and the client
 //!   address ([`ClientIp`]) from the request's extensions;
 //! - every public `POST` (every mutating public route) with an `Idempotency-Key` goes through
 //!   [`idempotency::run`], after the guards, with the key scoped to the session's user (or,
@@ -52,7 +55,8 @@ use axum::response::{IntoResponse, Response};
 use tower::{Layer, Service};
 
 use super::idempotency::{self, IDEMPOTENCY_KEY};
-use super::{ApiError, AppState, ClientIp, REQUEST_BODY_MAX, RejectionCode, SessionCheck, bearer};
+use super::problem::RequestId;
+use super::{ApiError, AppState, ClientIp, REQUEST_BODY_MAX, REQUEST_ID_HEADER, RejectionCode, SessionCheck, bearer};
 
 /// Every public route's template starts with this; no other route's does.
 pub(super) const PUBLIC_PREFIX: &str = "/v1/";
@@ -102,13 +106,19 @@ where
         let fresh = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, fresh);
         let state = self.state.clone();
+        let id = RequestId { node: Arc::clone(&state.node), number: state.next_request_number() };
         // Boxed: an async function keeps room for each argument for as long as it runs, and a
         // request is 240 bytes; a long poll would carry it at every level below.
-        Box::pin(read_then_pass(state, inner, Box::new(request)))
+        Box::pin(id.clone().scope(read_then_pass(state, inner, Box::new(request), id)))
     }
 }
 
-async fn read_then_pass<S>(state: AppState, inner: S, mut request: Box<Request>) -> Result<Response, Infallible>
+async fn read_then_pass<S>(
+    state: AppState,
+    inner: S,
+    mut request: Box<Request>,
+    id: RequestId,
+) -> Result<Response, Infallible>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
@@ -120,21 +130,23 @@ where
         Ok(bytes) => {
             *request.body_mut() = Body::from(bytes);
             if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
-                pass(state.clone(), inner, request).await
+                pass(state.clone(), inner, request, &id).await
             } else {
-                match tokio::spawn(pass(state.clone(), inner, request)).await {
+                let (task_state, task_id) = (state.clone(), id.clone());
+                let task = id.clone().scope(async move { pass(task_state, inner, request, &task_id).await });
+                match tokio::spawn(task).await {
                     Ok(response) => response,
-                    Err(error) => {
-                        tracing::error!(%error, "request task failed");
-                        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed")
-                            .into_response()
-                    }
+                    Err(error) => ApiError::internal(&format!("request task failed: {error}")).into_response(),
                 }
             }
         }
     };
     let now_ms = state.engine.clock().now_ms();
-    response.headers_mut().insert(header::DATE, state.dates.at(now_ms));
+    let headers = response.headers_mut();
+    headers.insert(header::DATE, state.dates.at(now_ms));
+    if let Ok(value) = HeaderValue::try_from(id.to_string()) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
     Ok(response)
 }
 
@@ -172,7 +184,7 @@ fn body_timeout(state: &AppState, version: Version) -> Response {
 }
 
 /// Measures and guards a whole request, and hands it to its route.
-async fn pass<S>(state: AppState, mut inner: S, request: Box<Request>) -> Response
+async fn pass<S>(state: AppState, mut inner: S, request: Box<Request>, id: &RequestId) -> Response
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
@@ -182,7 +194,6 @@ where
     let clock = Arc::clone(state.engine.clock());
     let start_us = clock.monotonic_us();
     let ip = client_ip(&state, &request);
-    let request_number = state.next_request_number();
     let response = if route.as_str().starts_with(PUBLIC_PREFIX) {
         guard(&state, ip, route.as_str(), inner, request).await
     } else {
@@ -190,8 +201,7 @@ where
     };
     let status = response.status().as_u16();
     if status >= 500 && status != 503 {
-        let request_id = format!("{}-{request_number}", state.engine.config().node);
-        tracing::error!(%request_id, route = route.as_str(), status, "request failed");
+        tracing::error!(request_id = %id, route = route.as_str(), status, "request failed");
     }
     let latency_us = clock.monotonic_us().saturating_sub(start_us);
     state.engine.telemetry().record_request(route.as_str(), status, latency_us, ip, clock.now_ms());
@@ -213,6 +223,15 @@ where
         let error = ApiError::from(rejection);
         state.engine.telemetry().record_rejection(error.code);
         return error.into_response();
+    }
+    // A call that needs a session and has none is refused before it can claim an idempotency
+    // key: an outsider's calls store nothing, and cannot make a later call's key mismatch.
+    if let Err(error) = session
+        && super::public::needs_session(route)
+    {
+        let refused = ApiError::from(error);
+        state.engine.telemetry().record_rejection(refused.code);
+        return refused.into_response();
     }
     request.extensions_mut().insert(SessionCheck(session));
     request.extensions_mut().insert(ClientIp(ip));

@@ -27,6 +27,16 @@ use crate::domain::{IdempotencyDecision, StoredResponse, UserId};
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The longest key accepted.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
+/// Whether `key` is a usable key: 1 to [`IDEMPOTENCY_KEY_LEN_MAX`] visible ASCII characters or
+/// spaces, starting and ending with a visible one (the OpenAPI document's pattern).
+pub fn is_valid_key(key: &[u8]) -> bool {
+    let visible = |byte: &u8| (0x21..=0x7e).contains(byte);
+    (1..=IDEMPOTENCY_KEY_LEN_MAX).contains(&key.len())
+        && key.iter().all(|byte| *byte == b' ' || visible(byte))
+        && key.first().is_some_and(visible)
+        && key.last().is_some_and(visible)
+}
+
 /// The largest response stored for replay.
 pub const STORED_RESPONSE_MAX: usize = 256 * 1024;
 
@@ -71,7 +81,7 @@ where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
     let key = match key.to_str() {
-        Ok(key) if !key.is_empty() && key.len() <= IDEMPOTENCY_KEY_LEN_MAX => key.to_owned(),
+        Ok(key) if is_valid_key(key.as_bytes()) => key.to_owned(),
         _ => {
             return ApiError::new(
                 StatusCode::BAD_REQUEST,

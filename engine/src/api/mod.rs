@@ -9,23 +9,25 @@ pub mod admin_auth;
 mod date;
 mod gateway;
 mod idempotency;
+mod json;
+pub mod openapi;
 mod problem;
 mod public;
 mod webhook;
 
-pub use problem::{ApiError, Problem};
+pub use json::ApiJson;
+pub use problem::{ApiError, Problem, RequestId};
 pub use webhook::{SIGNATURE_HEADER as WEBHOOK_SIGNATURE_HEADER, sign as sign_webhook};
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use axum::extract::{FromRequest, FromRequestParts, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use utoipa::OpenApi;
 
 use crate::engine::Engine;
 use crate::sessions::{Session, SessionError};
@@ -37,22 +39,19 @@ pub const REQUEST_BODY_MAX: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    /// The node's name, the first part of its request ids.
+    node: Arc<str>,
     request_ids: Arc<AtomicU64>,
     dates: Arc<date::DateHeader>,
     admin_auth: Arc<admin_auth::AdminAuth>,
 }
 
 impl AppState {
-    /// Numbers the node's measured requests from 1, for the request ids in its logs.
+    /// Numbers the node's requests from 1, for their request ids.
     fn next_request_number(&self) -> u64 {
         self.request_ids.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
-
-/// A JSON body whose rejections are problem responses.
-#[derive(Debug, FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
-pub struct ApiJson<T>(pub T);
 
 /// A path whose rejections are problem responses.
 #[derive(Debug, FromRequestParts)]
@@ -63,6 +62,9 @@ pub struct ApiPath<T>(pub T);
 #[derive(Debug, FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
+
+/// The header every response names its request's id in.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// The header a booking call carries its queue token in (the session is in `Authorization`).
 pub const QUEUE_TOKEN_HEADER: &str = "x-queue-token";
@@ -113,8 +115,13 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Builds the whole router for one engine node.
 pub fn app(engine: Arc<Engine>) -> Router {
-    let admin_auth = Arc::new(admin_auth::AdminAuth::new(&engine.config().admin_tokens, Arc::clone(engine.clock())));
-    let state = AppState { engine, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default(), admin_auth };
+    let admin_auth = Arc::new(admin_auth::AdminAuth::new(
+        &engine.config().admin_tokens,
+        engine.config().admin_auth_failures_max,
+        Arc::clone(engine.clock()),
+    ));
+    let node = Arc::from(engine.config().node.as_str());
+    let state = AppState { engine, node, request_ids: Arc::new(AtomicU64::new(0)), dates: Arc::default(), admin_auth };
     let public = public::routes(&state);
     let ops = Router::new()
         .route("/healthz", get(healthz))
@@ -174,44 +181,6 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
-}
-
-/// The OpenAPI document of the public and admin API.
-#[derive(Debug, OpenApi)]
-#[openapi(
-    info(title = "T-CORE engine", description = "Ticket openings without overselling: waiting room, holds, payments."),
-    paths(
-        public::list_schedules, public::create_user, public::dev_session, public::get_user, public::join_queue,
-        public::queue_status, public::seat_map, public::hold, public::confirm, public::cancel, public::get_reservation,
-        webhook::top_up,
-        admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
-        admin::set_hold_ttl, admin::top_up, admin::set_seat_limit, admin::audit, admin::record_decision,
-    ),
-    components(schemas(Problem)),
-    modifiers(&SecuritySchemes),
-)]
-pub struct ApiDoc;
-
-struct SecuritySchemes;
-
-impl utoipa::Modify for SecuritySchemes {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        let session = HttpBuilder::new()
-            .scheme(HttpAuthScheme::Bearer)
-            .bearer_format("JWT")
-            .description(Some("The fan's session: a JWT whose `sub` is the user id, with `aud` and `exp`."))
-            .build();
-        components.add_security_scheme("session", SecurityScheme::Http(session));
-        let queue_token = ApiKeyValue::with_description(
-            "X-Queue-Token",
-            "The queue token from joining the schedule's waiting room; it must name the session's user.",
-        );
-        components.add_security_scheme("queue_token", SecurityScheme::ApiKey(ApiKey::Header(queue_token)));
-        let admin = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
-        components.add_security_scheme("admin_token", SecurityScheme::Http(admin));
-    }
+async fn openapi_json() -> Json<&'static serde_json::Value> {
+    Json(openapi::document())
 }

@@ -1,9 +1,14 @@
 //! Errors as RFC 7807 `application/problem+json`, each with a stable `code`.
 //!
-//! **Invariant:** internal detail (store errors, panics) is logged, never sent: a 5xx body
-//! says only that something went wrong, with a request id to find it in the logs.
+//! **Invariants:** internal detail (store errors, panics) is logged, never sent: a 5xx body
+//! says only that something went wrong. Every problem answered by the server names its
+//! request's id (`request_id`, also in the `X-Request-Id` header of every response), which
+//! the node's logs use too.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -24,6 +29,38 @@ pub struct Problem {
     /// Stable, machine-readable: clients branch on this, never on `title` or `detail`.
     pub code: String,
     pub detail: String,
+    /// The request's id, as in its `X-Request-Id` header and the node's logs.
+    pub request_id: String,
+}
+
+/// A request's id: the node's name and the request's number on that node.
+#[derive(Debug, Clone)]
+pub struct RequestId {
+    pub node: Arc<str>,
+    pub number: u64,
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.node, self.number)
+    }
+}
+
+tokio::task_local! {
+    /// The id of the request being answered: the gateway runs each request in its scope.
+    static REQUEST_ID: RequestId;
+}
+
+impl RequestId {
+    /// Runs `future` as the request with this id: the problems it answers name the id.
+    pub(crate) fn scope<F: Future>(self, future: F) -> impl Future<Output = F::Output> {
+        REQUEST_ID.scope(self, future)
+    }
+
+    /// The id of the request being answered, or `-` outside of any.
+    fn current() -> String {
+        REQUEST_ID.try_with(ToString::to_string).unwrap_or_else(|_| "-".to_owned())
+    }
 }
 
 /// An error on its way to becoming a problem response.
@@ -55,12 +92,13 @@ impl ApiError {
         self
     }
 
-    /// The 500 a client sees for anything unexpected.
-    pub fn internal(request_id: &str) -> Self {
+    /// The 500 a client sees for anything unexpected; `reason` goes to the log only.
+    pub fn internal(reason: &str) -> Self {
+        tracing::error!(request_id = %RequestId::current(), reason, "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("something went wrong (request id {request_id})"),
+            "something went wrong; the request id finds it in the node's logs",
         )
     }
 
@@ -79,6 +117,7 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             code: self.code.to_owned(),
             detail: self.detail,
+            request_id: RequestId::current(),
         };
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut response = (self.status, body).into_response();
@@ -170,17 +209,6 @@ impl From<SessionError> for ApiError {
             SessionError::Expired => "session_expired",
         };
         Self::new(StatusCode::UNAUTHORIZED, code, error.to_string()).www_authenticate()
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = match rejection {
-            JsonRejection::MissingJsonContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            JsonRejection::JsonSyntaxError(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::UNPROCESSABLE_ENTITY,
-        };
-        Self::new(status, "invalid_body", rejection.body_text())
     }
 }
 

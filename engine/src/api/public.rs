@@ -44,6 +44,14 @@ pub(super) fn routes(state: &AppState) -> Router<AppState> {
     routes
 }
 
+/// The public routes that act for no user, and so take no session; every other one needs one.
+const SESSIONLESS_ROUTES: [&str; 4] = ["/v1/schedules", "/v1/users", "/v1/sessions", "/v1/payments/webhook"];
+
+/// Whether the public route with this template acts for a user, and so needs a session.
+pub(super) fn needs_session(route: &str) -> bool {
+    !SESSIONLESS_ROUTES.contains(&route)
+}
+
 /// The queue token of a booking call.
 fn queue_token(headers: &HeaderMap) -> Option<&str> {
     headers.get(QUEUE_TOKEN_HEADER)?.to_str().ok().map(str::trim)
@@ -66,7 +74,8 @@ impl From<Account> for UserView {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct NewUser {
-    #[schema(min_length = 1, max_length = 100)]
+    /// 1 to 100 characters, none a control character (Unicode category Cc).
+    #[schema(min_length = 1, max_length = 100, pattern = r"^[^\x00-\x1f\x7f-\x9f]*$")]
     name: String,
 }
 
@@ -87,19 +96,25 @@ pub(super) struct SessionView {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct StatusQuery {
     /// Answer when the status changes, or after this many seconds (0 to 30).
+    #[param(minimum = 0, maximum = 30, nullable = false)]
     wait_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SeatMapQuery {
     /// Only seats of this section.
+    #[param(nullable = false)]
     section: Option<String>,
     /// Only seats with this status.
+    #[param(nullable = false)]
     status: Option<SeatStatus>,
     /// At most this many seats.
+    #[param(nullable = false)]
     limit: Option<u32>,
 }
 
@@ -165,7 +180,9 @@ pub(super) async fn list_schedules(State(state): State<AppState>) -> Response {
 
 /// Opens an account with no points (a limited number per client address and hour).
 #[utoipa::path(post, path = "/v1/users", request_body = NewUser,
-    responses((status = 201, body = UserView), (status = 422, body = super::Problem), (status = 429, body = super::Problem)))]
+    responses((status = 201, body = UserView),
+        (status = 422, description = "`validation_failed`: the name breaks its rules.", body = super::Problem),
+        (status = 429, description = "`rate_limited`: this address opened its accounts for the hour.", body = super::Problem)))]
 pub(super) async fn create_user(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
@@ -180,7 +197,9 @@ pub(super) async fn create_user(
 /// Issues a session for an existing user without any proof of identity: served only by an
 /// engine started with dev sessions, for development and load tests.
 #[utoipa::path(post, path = "/v1/sessions", request_body = DevSessionRequest,
-    responses((status = 201, body = SessionView), (status = 404, body = super::Problem)))]
+    responses((status = 201, body = SessionView),
+        (status = 404, description = "`not_found`: no such user, or this engine issues no dev sessions.", body = super::Problem),
+        (status = 422, description = "`validation_failed`: this engine verifies sessions only.", body = super::Problem)))]
 pub(super) async fn dev_session(State(state): State<AppState>, ApiJson(body): ApiJson<DevSessionRequest>) -> Response {
     let result = state.engine.dev_session(body.user_id).await.map(|(session, granted)| SessionView {
         session,
@@ -192,7 +211,9 @@ pub(super) async fn dev_session(State(state): State<AppState>, ApiJson(body): Ap
 
 /// The session user's own account and balance.
 #[utoipa::path(get, path = "/v1/users/{id}", params(("id" = u64, Path)), security(("session" = [])),
-    responses((status = 200, body = UserView), (status = 403, body = super::Problem), (status = 404, body = super::Problem)))]
+    responses((status = 200, body = UserView),
+        (status = 403, description = "`not_your_account`: the session is another user's.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such user.", body = super::Problem)))]
 pub(super) async fn get_user(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -204,7 +225,7 @@ pub(super) async fn get_user(
 /// Joins a schedule's waiting room as the session's user; the token is signed, names user and
 /// schedule, and joining again returns the same place.
 #[utoipa::path(post, path = "/v1/schedules/{id}/queue", params(("id" = u64, Path)), security(("session" = [])),
-    responses((status = 201, body = Joined), (status = 404, body = super::Problem)))]
+    responses((status = 201, body = Joined), (status = 404, description = "`not_found`: no such schedule.", body = super::Problem)))]
 pub(super) async fn join_queue(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -215,7 +236,10 @@ pub(super) async fn join_queue(
 
 /// Where a token stands; with `wait_s` it answers on a change or after that many seconds.
 #[utoipa::path(get, path = "/v1/queue/{token}", params(("token" = String, Path), StatusQuery), security(("session" = [])),
-    responses((status = 200, body = QueuePosition), (status = 401, body = super::Problem)))]
+    responses((status = 200, body = QueuePosition),
+        (status = 401, description = "`token_invalid`: not a token this engine signed.", body = super::Problem),
+        (status = 403, description = "`token_not_yours`: the token is another user's.", body = super::Problem),
+        (status = 422, description = "`out_of_bounds`: `wait_s` is beyond 30.", body = super::Problem)))]
 pub(super) async fn queue_status(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -235,7 +259,8 @@ pub(super) async fn queue_status(
 
 /// The seat map (admitted token required).
 #[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path), SeatMapQuery), security(("session" = [], "queue_token" = [])),
-    responses((status = 200, body = SeatMap), (status = 403, body = super::Problem)))]
+    responses((status = 200, body = SeatMap),
+        (status = 403, description = "The queue token does not let its user browse this schedule.", body = super::Problem)))]
 pub(super) async fn seat_map(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -250,7 +275,10 @@ pub(super) async fn seat_map(
 
 /// Takes a seat (admitted token required).
 #[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody, security(("session" = [], "queue_token" = [])),
-    responses((status = 201, body = HoldView), (status = 409, body = super::Problem), (status = 403, body = super::Problem)))]
+    responses((status = 201, body = HoldView),
+        (status = 403, description = "The queue token does not let its user hold on this schedule.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such seat.", body = super::Problem),
+        (status = 409, description = "`seat_taken`, `seat_locked` (with `Retry-After`), `seat_limit_reached`: the seat cannot be had.", body = super::Problem)))]
 pub(super) async fn hold(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -270,7 +298,12 @@ pub(super) async fn hold(
 
 /// Pays for a hold with points and confirms it.
 #[utoipa::path(post, path = "/v1/reservations/{id}/confirm", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
-    responses((status = 200, body = ReservationView), (status = 402, body = super::Problem), (status = 410, body = super::Problem)))]
+    responses((status = 200, body = ReservationView),
+        (status = 402, description = "`insufficient_points`: the balance does not cover the price.", body = super::Problem),
+        (status = 403, description = "`not_owner`: the reservation is another user's.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such reservation.", body = super::Problem),
+        (status = 409, description = "`stale_fence`, `not_held`, `already_final`: the hold cannot be paid.", body = super::Problem),
+        (status = 410, description = "`hold_expired`: the hold ran out before the payment.", body = super::Problem)))]
 pub(super) async fn confirm(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -284,7 +317,10 @@ pub(super) async fn confirm(
 
 /// Cancels a hold, or a confirmed reservation with a refund.
 #[utoipa::path(post, path = "/v1/reservations/{id}/cancel", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
-    responses((status = 200, body = ReservationView), (status = 409, body = super::Problem)))]
+    responses((status = 200, body = ReservationView),
+        (status = 403, description = "`not_owner`: the reservation is another user's.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such reservation.", body = super::Problem),
+        (status = 409, description = "`already_final`: cancelled already.", body = super::Problem)))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -297,7 +333,9 @@ pub(super) async fn cancel(
 
 /// Reads one's reservation.
 #[utoipa::path(get, path = "/v1/reservations/{id}", params(("id" = u64, Path)), security(("session" = [], "queue_token" = [])),
-    responses((status = 200, body = ReservationView), (status = 404, body = super::Problem)))]
+    responses((status = 200, body = ReservationView),
+        (status = 403, description = "`not_owner`: the reservation is another user's.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such reservation.", body = super::Problem)))]
 pub(super) async fn get_reservation(
     State(state): State<AppState>,
     FanSession(session): FanSession,

@@ -89,8 +89,10 @@ fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now_s: u64) -> Resul
 /// Credits points for a payment the provider took; signed by the provider.
 #[utoipa::path(post, path = "/v1/payments/webhook", request_body = TopUpEvent,
     params(("Tcore-Signature" = String, Header, description = "t=<unix s>,v1=<hex HMAC-SHA256 of \"t.body\">")),
-    responses((status = 200, body = UserView), (status = 401, body = super::Problem), (status = 404, body = super::Problem),
-        (status = 422, body = super::Problem)))]
+    responses((status = 200, body = UserView),
+        (status = 401, description = "`webhook_signature_invalid`: no signature, a wrong one, or one too old.", body = super::Problem),
+        (status = 404, description = "`not_found`: no such user, or this engine takes no webhooks.", body = super::Problem),
+        (status = 422, description = "`invalid_body`, `out_of_bounds`, `invalid_amount`: the event cannot be credited.", body = super::Problem)))]
 pub(super) async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(secret) = state.engine.config().payment_webhook_secret.as_deref() else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response();
@@ -100,11 +102,9 @@ pub(super) async fn top_up(State(state): State<AppState>, headers: HeaderMap, bo
     if let Err(error) = verify(secret, header, &body, now_s) {
         return error.into_response();
     }
-    let event: TopUpEvent = match serde_json::from_slice(&body) {
+    let event: TopUpEvent = match super::json::parse(&body) {
         Ok(event) => event,
-        Err(error) => {
-            return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", error.to_string()).into_response();
-        }
+        Err(error) => return error.into_response(),
     };
     if event.event_id.is_empty() || event.event_id.len() > EVENT_ID_LEN_MAX {
         return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", "event_id must have 1 to 128 bytes")

@@ -117,9 +117,11 @@ pub struct AuditEntry {
     pub actor: String,
     pub action: String,
     pub target: String,
-    #[schema(value_type = Object)]
+    /// What the target was before the call: any JSON value, `null` where nothing was.
+    #[schema(value_type = Option<Object>)]
     pub before: serde_json::Value,
-    #[schema(value_type = Object)]
+    /// What the target is after it: any JSON value, `null` where nothing is.
+    #[schema(value_type = Option<Object>)]
     pub after: serde_json::Value,
     pub outcome: String,
 }

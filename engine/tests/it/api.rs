@@ -219,6 +219,9 @@ pub(crate) fn check_problem(reply: &Reply, status: StatusCode, code: &str) {
     assert_eq!(problem["code"], code, "{problem}");
     assert_eq!(problem["status"], status.as_u16());
     assert_eq!(problem["type"], format!("urn:tcore:problem:{code}"));
+    // The body names the request's id, as its header does.
+    let request_id = reply.headers.get("x-request-id").and_then(|value| value.to_str().ok()).expect("x-request-id");
+    assert_eq!(problem["request_id"], request_id, "{problem}");
 }
 
 #[tokio::test]
@@ -310,10 +313,11 @@ async fn every_public_post_honours_the_idempotency_key() {
         posts += 1;
         let uri = template.replace("{id}", "1");
         let key = format!("key-{posts}");
-        let first = api.post(&uri).key(&key).json(json!({ "probe": 1 })).send().await;
-        let replay = api.post(&uri).key(&key).json(json!({ "probe": 1 })).send().await;
+        // With a session: a call without one is refused before idempotency.
+        let first = api.post(&uri).session(1).key(&key).json(json!({ "probe": 1 })).send().await;
+        let replay = api.post(&uri).session(1).key(&key).json(json!({ "probe": 1 })).send().await;
         assert_eq!(replay.bytes, first.bytes, "POST {template}: same key, same request, same bytes");
-        let other = api.post(&uri).key(&key).json(json!({ "probe": 2 })).send().await;
+        let other = api.post(&uri).session(1).key(&key).json(json!({ "probe": 2 })).send().await;
         check_problem(&other, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
     }
     assert!(posts >= 6, "{posts} public POST routes documented");
@@ -395,6 +399,21 @@ async fn seat_conflicts_ownership_expiry_and_points_have_their_codes() {
 }
 
 #[tokio::test]
+async fn every_response_names_its_request_by_node_and_number() {
+    let api = Api::new().await;
+    let node = api.engine.config().node.clone();
+    let mut ids = Vec::new();
+    for uri in ["/v1/schedules", "/healthz", "/no/such/route", "/v1/users/1"] {
+        let reply = api.get(uri).send().await;
+        let id = reply.headers.get("x-request-id").and_then(|value| value.to_str().ok()).expect("x-request-id");
+        assert!(id.starts_with(&format!("{node}-")), "{id}");
+        ids.push(id.to_owned());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+}
+
+#[tokio::test]
 async fn malformed_requests_get_problem_bodies() {
     let api = Api::new().await;
     check_problem(&api.get("/v1/users/999").session(999).send().await, StatusCode::NOT_FOUND, "not_found");
@@ -403,11 +422,27 @@ async fn malformed_requests_get_problem_bodies() {
     check_problem(&api.post("/v1/users").raw("{not json").send().await, StatusCode::BAD_REQUEST, "invalid_body");
     let unknown_field = api.post("/v1/users").json(json!({ "name": "ada", "admin": true })).send().await;
     check_problem(&unknown_field, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
-    check_problem(
-        &api.post("/v1/users").json(json!({ "name": "  " })).send().await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    );
+    // A name is what the OpenAPI document says: 1 to 100 characters, no control character.
+    for name in ["", "bell\u{7}", &"a".repeat(101)] {
+        let refused = api.post("/v1/users").json(json!({ "name": name })).send().await;
+        check_problem(&refused, StatusCode::UNPROCESSABLE_ENTITY, "validation_failed");
+    }
+    for name in ["  ", "Zoë 🎫", &"a".repeat(100)] {
+        let opened = api.post("/v1/users").json(json!({ "name": name })).send().await;
+        assert_eq!(opened.status, StatusCode::CREATED, "{name:?}");
+        assert_eq!(opened.json()["name"], name);
+    }
+    // JSON Schema counts 42.0 as an integer, and so does the API; 42.5 is no integer.
+    let user = api.post("/v1/users").json(json!({ "name": "floats" })).send().await.json();
+    let id = user["id"].as_u64().expect("id");
+    let top_up = format!("/admin/v1/users/{id}/points");
+    let whole = api.admin(Method::POST, &top_up).key("f1").raw(r#"{"amount":5.0}"#).send().await;
+    assert_eq!(whole.status, StatusCode::OK, "{:?}", whole.bytes);
+    assert_eq!(whole.json()["points"], 5);
+    let fraction = api.admin(Method::POST, &top_up).key("f2").raw(r#"{"amount":5.5}"#).send().await;
+    check_problem(&fraction, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let bad_key = api.admin(Method::POST, &top_up).key("tab\tkey").json(json!({ "amount": 5 })).send().await;
+    check_problem(&bad_key, StatusCode::BAD_REQUEST, "idempotency_key_required");
     let no_key = api.admin(Method::POST, "/admin/v1/users/1/points").json(json!({ "amount": 5 })).send().await;
     check_problem(&no_key, StatusCode::BAD_REQUEST, "idempotency_key_required");
     let user = api.post("/v1/users").json(json!({ "name": "ada" })).send().await.json();

@@ -101,6 +101,27 @@ async fn missing_forged_expired_and_other_audience_sessions_are_refused() {
 }
 
 #[tokio::test]
+async fn a_call_without_a_session_is_refused_before_it_can_claim_an_idempotency_key() {
+    let api = Api::new().await;
+    let (_, token) = api.admitted_user("ada", 1_000).await;
+    // The same key, from the same address, on two different calls without a session: both are
+    // refused for the session, none is stored, so neither can make the other a key mismatch.
+    for seat_id in [1, 2] {
+        let body = json!({ "schedule_id": 1, "seat_id": seat_id });
+        let call = api.post("/v1/holds").header("x-queue-token", &token).key("shared-key").json(body);
+        check_problem(&call.send().await, StatusCode::UNAUTHORIZED, "session_missing");
+    }
+    let forged =
+        api.post("/v1/holds").bearer("forged").key("shared-key").json(json!({ "schedule_id": 1, "seat_id": 3 }));
+    check_problem(&forged.send().await, StatusCode::UNAUTHORIZED, "session_invalid");
+    // A call that acts for no user still takes a key without a session.
+    let opened = api.post("/v1/users").key("shared-key").json(json!({ "name": "cleo" })).send().await;
+    assert_eq!(opened.status, StatusCode::CREATED, "{:?}", opened.bytes);
+    let replayed = api.post("/v1/users").key("shared-key").json(json!({ "name": "cleo" })).send().await;
+    assert_eq!(replayed.json()["id"], opened.json()["id"], "the retry replays the first answer");
+}
+
+#[tokio::test]
 async fn a_second_join_returns_the_same_place_under_a_new_token_and_fans_never_share_one() {
     let api = Api::new().await;
     let (ada, first) = api.user_in_line("ada", 1_000).await;
