@@ -35,6 +35,10 @@ bench:
 bench-holds:
     cargo bench -p tcore-engine --bench holds
 
+# What a hostile flood leaves in a release engine's memory, wave by wave.
+bench-hostile:
+    cargo bench -p tcore-engine --bench hostile_state
+
 # Simulated requests per wall second against a bare handler in the same world.
 bench-sim:
     cargo bench -p tcore-sim --bench sim_throughput
