@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use sqlx::migrate::MigrateDatabase;
-use support::{Fan, SESSION_SECRET, Server, admitted_fans, client, closed_loops, env_or, free_addr, send};
+use support::{Fan, Server, admitted_fans, client, closed_loops, env_or, free_addr, send};
 use tcore_engine::domain::ScheduleId;
 use tcore_engine::store::{HoldRequest, RedisStore, RedisStoreConfig};
 
@@ -63,7 +63,7 @@ fn main() {
         );
 
         let memory_addr = free_addr();
-        let memory = Server::start(&mut engine_command(memory_addr, "memory", seats, USERS, &[]), memory_addr).await;
+        let memory = Server::start(&mut node_command(memory_addr, "memory", seats, USERS, &[]), memory_addr).await;
         let tokens = admitted_fans(memory_addr, USERS).await;
         for round in 1..=rounds {
             report(
@@ -86,8 +86,8 @@ fn main() {
             prefix.clone(),
         ];
         let (first, second) = (free_addr(), free_addr());
-        let node_1 = Server::start(&mut engine_command(first, "redis+mariadb", seats, USERS, &shared), first).await;
-        let node_2 = Server::start(&mut engine_command(second, "redis+mariadb", seats, 0, &shared), second).await;
+        let node_1 = Server::start(&mut node_command(first, "redis+mariadb", seats, USERS, &shared), first).await;
+        let node_2 = Server::start(&mut node_command(second, "redis+mariadb", seats, 0, &shared), second).await;
         let tokens = admitted_fans(first, USERS).await;
         for round in 1..=rounds {
             let figures = drive(&[first, second], &tokens, connections, seats, seconds).await;
@@ -101,22 +101,10 @@ fn main() {
     });
 }
 
-fn engine_command(listen: SocketAddr, store: &str, seats: u64, users: u64, extra: &[String]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tcore-engine"));
+fn node_command(listen: SocketAddr, store: &str, seats: u64, users: u64, extra: &[String]) -> Command {
+    let mut command = support::engine_command(listen, seats, users);
     command
-        .args([
-            "serve",
-            "--listen",
-            &listen.to_string(),
-            "--store",
-            store,
-            "--node",
-            &format!("engine-{}", listen.port()),
-        ])
-        .args(["--demo-seats", &seats.to_string(), "--demo-users", &users.to_string()])
-        .args(["--admission-rate-per-s", "100000", "--active-max", "1000000", "--token-secret", SECRET])
-        .args(["--session-secret", SESSION_SECRET])
-        .args(["--rate-limit-per-ip", "100000", "--rate-limit-per-token", "100000", "--rate-limit-burst", "100000"])
+        .args(["--store", store, "--node", &format!("engine-{}", listen.port()), "--token-secret", SECRET])
         // Random users on random seats: with the default of 4 seats a user, 1,000 users could not
         // fill the map the measurement is about.
         .args(["--seats-per-user-max", "100"])

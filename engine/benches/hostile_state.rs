@@ -13,10 +13,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 
-use support::{Fan, SESSION_SECRET, Server, admitted_fans, client, env_or, free_addr, send};
+use support::{Fan, Server, admitted_fans, client, engine_command, env_or, free_addr, send};
 
 /// What one wave sends, request `n` of it.
 #[derive(Debug, Clone, Copy)]
@@ -44,25 +43,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let addr = free_addr();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tcore-engine"));
-        command.args([
-            "serve",
-            "--listen",
-            &addr.to_string(),
-            "--demo-seats",
-            "100",
-            "--demo-users",
-            "10",
-            "--rate-limit-per-ip",
-            "100000",
-            "--rate-limit-per-token",
-            "100000",
-            "--rate-limit-burst",
-            "100000",
-            "--session-secret",
-            SESSION_SECRET,
-        ]);
-        let server = Server::start(&mut command, addr).await;
+        let server = Server::start(&mut engine_command(addr, 100, 10), addr).await;
         let fan = admitted_fans(addr, 1).await.remove(0);
         let pid = server.pid();
         println!(

@@ -21,7 +21,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use support::{Fan, SESSION_SECRET, Server, admitted_fans, client, closed_loops, env_or, free_addr, send, session_for};
+use support::{Fan, Server, admitted_fans, client, closed_loops, engine_command, env_or, free_addr, send, session_for};
 
 const BARE_LISTEN_ENV: &str = "TCORE_BENCH_BARE_LISTEN";
 const SEATS: u64 = 1_000;
@@ -62,29 +62,7 @@ fn main() {
         let bare_fans: Vec<Fan> =
             (1..=USERS).map(|user_id| Fan { session: session_for(user_id), token: format!("v2.1.{user_id}.1.0.bare-token") }).collect();
         let engine_addr = free_addr();
-        let mut engine_command = Command::new(env!("CARGO_BIN_EXE_tcore-engine"));
-        engine_command.args([
-            "serve",
-            "--listen",
-            &engine_addr.to_string(),
-            "--demo-seats",
-            &SEATS.to_string(),
-            "--demo-users",
-            &USERS.to_string(),
-            "--admission-rate-per-s",
-            "100000",
-            "--active-max",
-            "1000000",
-            "--rate-limit-per-ip",
-            "100000",
-            "--rate-limit-per-token",
-            "100000",
-            "--rate-limit-burst",
-            "100000",
-            "--session-secret",
-            SESSION_SECRET,
-        ]);
-        let _engine = Server::start(&mut engine_command, engine_addr).await;
+        let _engine = Server::start(&mut engine_command(engine_addr, SEATS, USERS), engine_addr).await;
         let tokens = admitted_fans(engine_addr, USERS).await;
 
         // Both servers run throughout. Alternate the targets so that a disturbance of the machine hits both alike; report

@@ -40,6 +40,19 @@ pub fn session_for(user_id: u64) -> String {
     sign_hs256(SESSION_SECRET.as_bytes(), &claims).unwrap()
 }
 
+/// `tcore-engine serve` on `listen` with the demo's `seats` and `users`, admission and rate
+/// limits that never hold the load back, and the benchmarks' session secret.
+pub fn engine_command(listen: SocketAddr, seats: u64, users: u64) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tcore-engine"));
+    command
+        .args(["serve", "--listen", &listen.to_string()])
+        .args(["--demo-seats", &seats.to_string(), "--demo-users", &users.to_string()])
+        .args(["--admission-rate-per-s", "100000", "--active-max", "1000000"])
+        .args(["--rate-limit-per-ip", "100000", "--rate-limit-per-token", "100000", "--rate-limit-burst", "100000"])
+        .args(["--session-secret", SESSION_SECRET]);
+    command
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
 }
