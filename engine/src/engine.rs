@@ -47,6 +47,8 @@ pub enum EngineError {
     TokenWrongSchedule { token_schedule: ScheduleId, requested: ScheduleId },
     #[error("the queue token is {status:?}")]
     TokenNotAdmitted { status: TokenStatus },
+    #[error("the waiting line lost this place (its store lost its memory); join again")]
+    QueuePlaceLost,
     #[error("the reservation belongs to another user")]
     NotOwner,
     #[error("the queue token belongs to another user")]
@@ -293,6 +295,39 @@ impl Engine {
         Ok(result?)
     }
 
+    /// Runs `call` on the waiting line of `schedule_id`. A cache store that lost its memory (a
+    /// Redis restarted empty, a failover to a replica that lagged) answers that the line does
+    /// not exist although the record store has the schedule: the line is then created again
+    /// from the record store, empty, and `call` runs once more. The record store stays the
+    /// source of truth; what the old line knew of fans (places, admissions) is gone, and a token
+    /// it issued gets [`EngineError::QueuePlaceLost`] where a place or an admission is needed.
+    async fn on_line<T, F, Fut>(&self, op: &'static str, schedule_id: ScheduleId, call: F) -> Result<T, EngineError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        match self.timed(op, call()).await {
+            Err(EngineError::NotFound { entity: "schedule", .. }) if self.recreate_line(schedule_id).await? => {
+                self.timed(op, call()).await
+            }
+            other => other,
+        }
+    }
+
+    /// Creates the line of `schedule_id` again if the record store has the schedule; whether it
+    /// did. Several nodes may do it at once: creating a line that exists changes nothing.
+    async fn recreate_line(&self, schedule_id: ScheduleId) -> Result<bool, EngineError> {
+        let schedule = match self.timed("schedule", self.record.schedule(schedule_id)).await {
+            Ok(schedule) => schedule,
+            Err(EngineError::NotFound { .. }) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        let (order, admission) = (self.config.queue_order, self.config.admission);
+        self.timed("create_line", self.cache.create_line(schedule_id, schedule.opens_at_ms, order, admission)).await?;
+        tracing::warn!(schedule_id, "the cache store had lost this waiting line; it was created again, empty");
+        Ok(true)
+    }
+
     /// Admits or turns away a public request from `ip` by the user of its verified session
     /// (if any): the blocklist, then the rate limits, this node's own or, with
     /// `rate_limits_shared`, the counters every node keeps in the cache store. Only verified
@@ -471,7 +506,7 @@ impl Engine {
     pub async fn join_queue(&self, session: Session, schedule_id: ScheduleId) -> Result<Joined, EngineError> {
         let user_id = session.user_id;
         self.check_user_exists(user_id).await?;
-        let status = self.timed("join", self.cache.join(schedule_id, user_id, self.now_ms())).await?;
+        let status = self.on_line("join", schedule_id, || self.cache.join(schedule_id, user_id, self.now_ms())).await?;
         self.recent_tokens.joined(schedule_id, status, self.clock.monotonic_us(), self.now_ms());
         let nonce = self.signer.nonce(&self.config.node, self.tokens_issued.fetch_add(1, Ordering::Relaxed));
         let token = self.signer.sign(QueueClaim { schedule_id, user_id, seq: status.seq, nonce });
@@ -556,8 +591,11 @@ impl Engine {
     /// seen), and keeps it for the calls that may reuse it; returns it with when it was read.
     async fn read_queue_status(&self, claim: QueueClaim) -> Result<(QueueStatus, u64), EngineError> {
         let read_at_ms = self.now_ms();
-        let status =
-            self.timed("queue_status", self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms)).await?;
+        let read = || self.cache.queue_status(claim.schedule_id, claim.seq, read_at_ms);
+        let status = match self.on_line("queue_status", claim.schedule_id, read).await {
+            Err(EngineError::NotFound { entity: "queue token", .. }) => return Err(EngineError::QueuePlaceLost),
+            other => other?,
+        };
         self.recent_tokens.read(claim.schedule_id, status, self.clock.monotonic_us(), read_at_ms);
         Ok((status, read_at_ms))
     }
@@ -591,7 +629,13 @@ impl Engine {
         };
         let status = match recent {
             Some(status) => status,
-            None => self.read_queue_status(claim).await?.0,
+            None => match self.read_queue_status(claim).await {
+                Ok((status, _)) => status,
+                // A fan with a hold paid for, read or cancels it as its owner, which the record
+                // store judges: a line that lost its memory keeps no one from their own hold.
+                Err(EngineError::QueuePlaceLost) if need == TokenNeed::AdmittedOrUsed => return Ok(claim),
+                Err(error) => return Err(error),
+            },
         };
         if status.user_id != claim.user_id {
             return Err(EngineError::TokenInvalid(TokenError::BadSignature));
@@ -811,7 +855,7 @@ impl Engine {
             schedule_ids = self.refresh_on_sale().await?.into_iter().map(|summary| summary.id).collect();
         }
         for schedule_id in schedule_ids {
-            let report = self.timed("admit", self.cache.admit(schedule_id, self.now_ms())).await?;
+            let report = self.on_line("admit", schedule_id, || self.cache.admit(schedule_id, self.now_ms())).await?;
             self.telemetry.set_queue(schedule_id, report.waiting, report.active, report.admitted_total);
             let mut lines = self.lines.lock();
             let line = lines.entry(schedule_id).or_default();
@@ -912,7 +956,9 @@ impl Engine {
     pub async fn snapshot(&self) -> Result<Snapshot, EngineError> {
         let mut snapshot = self.node_snapshot();
         for queue in &mut snapshot.queues {
-            queue.admission = self.timed("admission_policy", self.cache.admission_policy(queue.schedule_id)).await?;
+            let schedule_id = queue.schedule_id;
+            queue.admission =
+                self.on_line("admission_policy", schedule_id, || self.cache.admission_policy(schedule_id)).await?;
         }
         Ok(snapshot)
     }
@@ -973,7 +1019,8 @@ impl Engine {
         self.audited(actor, "set_admission", format!("schedule/{schedule_id}"), &change, async {
             check_bound("rate_per_s", change.rate_per_s, &bounds::ADMISSION_RATE_PER_S)?;
             check_bound("active_max", change.active_max, &bounds::ACTIVE_MAX)?;
-            let current = self.timed("admission_policy", self.cache.admission_policy(schedule_id)).await?;
+            let current =
+                self.on_line("admission_policy", schedule_id, || self.cache.admission_policy(schedule_id)).await?;
             let policy = AdmissionPolicy {
                 rate_per_s: change.rate_per_s,
                 active_max: change.active_max,

@@ -148,6 +148,7 @@ impl From<EngineError> for ApiError {
                 TokenStatus::Used | TokenStatus::Admitted => Self::new(S::FORBIDDEN, "token_used", detail),
             },
             EngineError::NotOwner => Self::new(S::FORBIDDEN, "not_owner", detail),
+            EngineError::QueuePlaceLost => Self::new(S::GONE, "queue_place_lost", detail),
             EngineError::TokenNotYours => Self::new(S::FORBIDDEN, "token_not_yours", detail),
             EngineError::NotYourAccount => Self::new(S::FORBIDDEN, "not_your_account", detail),
             EngineError::SeatTaken => Self::new(S::CONFLICT, "seat_taken", detail),

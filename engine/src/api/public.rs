@@ -239,6 +239,7 @@ pub(super) async fn join_queue(
     responses((status = 200, body = QueuePosition),
         (status = 401, description = "`token_invalid`: not a token this engine signed.", body = super::Problem),
         (status = 403, description = "`token_not_yours`: the token is another user's.", body = super::Problem),
+        (status = 410, description = "`queue_place_lost`: the line lost this place; join again.", body = super::Problem),
         (status = 422, description = "`out_of_bounds`: `wait_s` is beyond 30.", body = super::Problem)))]
 pub(super) async fn queue_status(
     State(state): State<AppState>,
@@ -260,7 +261,8 @@ pub(super) async fn queue_status(
 /// The seat map (admitted token required).
 #[utoipa::path(get, path = "/v1/schedules/{id}/seats", params(("id" = u64, Path), SeatMapQuery), security(("session" = [], "queue_token" = [])),
     responses((status = 200, body = SeatMap),
-        (status = 403, description = "The queue token does not let its user browse this schedule.", body = super::Problem)))]
+        (status = 403, description = "The queue token does not let its user browse this schedule.", body = super::Problem),
+        (status = 410, description = "`queue_place_lost`: the line lost this place; join again.", body = super::Problem)))]
 pub(super) async fn seat_map(
     State(state): State<AppState>,
     FanSession(session): FanSession,
@@ -277,6 +279,7 @@ pub(super) async fn seat_map(
 #[utoipa::path(post, path = "/v1/holds", request_body = HoldRequestBody, security(("session" = [], "queue_token" = [])),
     responses((status = 201, body = HoldView),
         (status = 403, description = "The queue token does not let its user hold on this schedule.", body = super::Problem),
+        (status = 410, description = "`queue_place_lost`: the line lost this place; join again.", body = super::Problem),
         (status = 404, description = "`not_found`: no such seat.", body = super::Problem),
         (status = 409, description = "`seat_taken`, `seat_locked` (with `Retry-After`), `seat_limit_reached`: the seat cannot be had.", body = super::Problem)))]
 pub(super) async fn hold(

@@ -128,7 +128,8 @@ impl Drop for Cleanup {
     }
 }
 
-async fn delete_keys(prefix: &str) -> redis::RedisResult<()> {
+/// Deletes every Redis key under `prefix`, as a Redis restarted empty would have lost them.
+pub async fn delete_keys(prefix: &str) -> redis::RedisResult<()> {
     let client = redis::Client::open(redis_url())?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     let mut cursor: u64 = 0;

@@ -323,3 +323,54 @@ contract!(
         assert_eq!(stores.record.purge_idempotency(far_future, 10).await, Ok(1), "only the young record was left");
     }
 );
+
+/// Redis restarted empty mid-sale (no persistence, or a failover to a replica that lagged):
+/// the waiting line is created again from the record store, the sale goes on, a fan with a
+/// hold still pays for it, a fan whose place was lost is told to join again, and no seat is
+/// sold twice.
+#[tokio::test]
+async fn a_cache_store_that_loses_its_memory_mid_sale_keeps_the_sale_going() {
+    let Some(stores) = Stores::redis_mariadb().await else { return };
+    let prefix = stores.redis_prefix.clone().expect("a Redis prefix");
+    let clock = ManualClock::starting_at_ms(START_MS);
+    let nodes = nodes(&stores, 2, &config(HoldMode::Atomic), &clock);
+    nodes[0].add_schedule(schedule(START_MS, 10)).await.expect("schedule");
+    let mut fans = Vec::new();
+    for name in ["ada", "bob"] {
+        let user = nodes[0].open_account(name.into(), 1_000).await.expect("account");
+        fans.push(nodes[0].join_queue(session(user.user_id), 1).await.expect("join").token);
+    }
+    clock.advance(Duration::from_secs(1));
+    nodes[0].tick_admission().await.expect("tick");
+    let (ada, bob) = (fans[0].clone(), fans[1].clone());
+    let held = nodes[0].hold(session_of(&ada), Some(&ada), 1, 1).await.expect("ada holds seat 1");
+
+    crate::services::delete_keys(&prefix).await.expect("Redis loses every key of the sale");
+
+    // Ada still pays for her hold, at the other node.
+    let paid = nodes[1].confirm(session_of(&ada), Some(&ada), held.id, None).await.expect("ada pays");
+    assert_eq!(paid.status, ReservationStatus::Confirmed);
+    // Bob's admission went with the line: he is told to join again, and does.
+    let refused = nodes[1].hold(session_of(&bob), Some(&bob), 1, 2).await;
+    assert!(matches!(refused, Err(EngineError::QueuePlaceLost)), "{refused:?}");
+    let status = nodes[1].queue_status(session_of(&bob), &bob, Duration::ZERO).await;
+    assert!(matches!(status, Err(EngineError::QueuePlaceLost)), "{status:?}");
+    let bob = nodes[1].join_queue(session_of(&bob), 1).await.expect("bob joins again").token;
+    let cleo = nodes[0].open_account("cleo".into(), 1_000).await.expect("account");
+    let cleo = nodes[0].join_queue(session(cleo.user_id), 1).await.expect("a new fan joins").token;
+    clock.advance(Duration::from_secs(1));
+    nodes[1].tick_admission().await.expect("the line moves again");
+    assert!(nodes[0].snapshot().await.is_ok(), "the admin snapshot reads the new line");
+    // The sale goes on, and the seat Ada bought stays hers.
+    let taken = nodes[0].hold(session_of(&bob), Some(&bob), 1, 1).await;
+    assert!(matches!(taken, Err(EngineError::SeatTaken)), "{taken:?}");
+    for (fan, seat) in [(&bob, 2), (&cleo, 3)] {
+        let hold = nodes[0].hold(session_of(fan), Some(fan), 1, seat).await.expect("a hold after the loss");
+        nodes[1].confirm(session_of(fan), Some(fan), hold.id, None).await.expect("a sale after the loss");
+    }
+    let sold = stores.record.dump().await.expect("dump").reservations;
+    let confirmed: Vec<u64> =
+        sold.iter().filter(|r| r.status == ReservationStatus::Confirmed).map(|r| r.seat_id).collect();
+    assert_eq!(confirmed.len(), 3, "{confirmed:?}");
+    assert_books_balance(stores.record.as_ref()).await;
+}
