@@ -596,6 +596,11 @@ impl Engine {
             Err(EngineError::NotFound { entity: "queue token", .. }) => return Err(EngineError::QueuePlaceLost),
             other => other?,
         };
+        // A token this engine signed names the user of its place; another user there means the
+        // line was lost and created again, and its numbers handed out anew.
+        if status.user_id != claim.user_id {
+            return Err(EngineError::QueuePlaceLost);
+        }
         self.recent_tokens.read(claim.schedule_id, status, self.clock.monotonic_us(), read_at_ms);
         Ok((status, read_at_ms))
     }
@@ -628,18 +633,17 @@ impl Engine {
             TokenNeed::Admitted => None,
         };
         let status = match recent {
-            Some(status) => status,
-            None => match self.read_queue_status(claim).await {
-                Ok((status, _)) => status,
-                // A fan with a hold paid for, read or cancels it as its owner, which the record
-                // store judges: a line that lost its memory keeps no one from their own hold.
-                Err(EngineError::QueuePlaceLost) if need == TokenNeed::AdmittedOrUsed => return Ok(claim),
-                Err(error) => return Err(error),
-            },
+            Some(status) if status.user_id == claim.user_id => Ok(status),
+            Some(_) => Err(EngineError::QueuePlaceLost),
+            None => self.read_queue_status(claim).await.map(|(status, _)| status),
         };
-        if status.user_id != claim.user_id {
-            return Err(EngineError::TokenInvalid(TokenError::BadSignature));
-        }
+        let status = match status {
+            Ok(status) => status,
+            // A fan with a hold pays for, reads or cancels it as its owner, which the record
+            // store judges: a line that lost its memory keeps no one from their own hold.
+            Err(EngineError::QueuePlaceLost) if need == TokenNeed::AdmittedOrUsed => return Ok(claim),
+            Err(error) => return Err(error),
+        };
         match (status.status, need) {
             (TokenStatus::Admitted, _) | (TokenStatus::Used, TokenNeed::AdmittedOrUsed) => Ok(claim),
             (status, _) => Err(EngineError::TokenNotAdmitted { status }),

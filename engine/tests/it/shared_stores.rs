@@ -355,9 +355,12 @@ async fn a_cache_store_that_loses_its_memory_mid_sale_keeps_the_sale_going() {
     assert!(matches!(refused, Err(EngineError::QueuePlaceLost)), "{refused:?}");
     let status = nodes[1].queue_status(session_of(&bob), &bob, Duration::ZERO).await;
     assert!(matches!(status, Err(EngineError::QueuePlaceLost)), "{status:?}");
-    let bob = nodes[1].join_queue(session_of(&bob), 1).await.expect("bob joins again").token;
+    // Cleo, new, joins first: the new line's first place, which Ada's old token named too.
     let cleo = nodes[0].open_account("cleo".into(), 1_000).await.expect("account");
     let cleo = nodes[0].join_queue(session(cleo.user_id), 1).await.expect("a new fan joins").token;
+    let bob = nodes[1].join_queue(session_of(&bob), 1).await.expect("bob joins again").token;
+    let old_place = nodes[1].queue_status(session_of(&ada), &ada, Duration::ZERO).await;
+    assert!(matches!(old_place, Err(EngineError::QueuePlaceLost)), "Ada never reads Cleo's place: {old_place:?}");
     clock.advance(Duration::from_secs(1));
     nodes[1].tick_admission().await.expect("the line moves again");
     assert!(nodes[0].snapshot().await.is_ok(), "the admin snapshot reads the new line");
