@@ -86,6 +86,8 @@ status=$(curl -sf "$public/v1/queue/$token?wait_s=10" -H "authorization: Bearer 
 
 # The credentials go to schemathesis by security scheme (scripts/schemathesis.toml).
 export TCORE_CONTRACT_SESSION="$session" TCORE_CONTRACT_QUEUE_TOKEN="$token" TCORE_CONTRACT_ADMIN_TOKEN="$admin_secret"
+# The payment provider's secret, for scripts/schemathesis_hooks.py to sign the webhook with.
+export TCORE_CONTRACT_WEBHOOK_SECRET="$webhook_secret"
 failed=0
 fuzz public "${ports[0]}" --include-path-regex '^/v1/' || failed=1
 fuzz admin "${ports[1]}" --include-path-regex '^/admin/' || failed=1

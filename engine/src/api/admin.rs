@@ -206,6 +206,7 @@ pub(super) async fn set_hold_ttl(
     responses((status = 200, body = super::public::UserView),
         (status = 400, description = "`idempotency_key_required`: no usable Idempotency-Key.", body = super::Problem),
         (status = 404, description = "`not_found`: no such user.", body = super::Problem),
+        (status = 409, description = "`top_up_key_reused`: this Idempotency-Key added points to another account.", body = super::Problem),
         (status = 422, description = "`out_of_bounds`: an amount beyond its bounds; `invalid_amount`: the balance would overflow.", body = super::Problem)))]
 pub(super) async fn top_up(
     State(state): State<AppState>,

@@ -167,6 +167,7 @@ impl From<EngineError> for ApiError {
                 TransitionError::TokenNotAdmitted { .. } => Self::new(S::FORBIDDEN, "token_not_admitted", detail),
                 TransitionError::SeatUnavailable => Self::new(S::CONFLICT, "seat_taken", detail),
                 TransitionError::SeatLimitReached { .. } => Self::new(S::CONFLICT, "seat_limit_reached", detail),
+                TransitionError::TopUpKeyReused => Self::new(S::CONFLICT, "top_up_key_reused", detail),
             },
             EngineError::Invalid { .. } => Self::new(S::UNPROCESSABLE_ENTITY, "validation_failed", detail),
             EngineError::OutOfBounds(_) => Self::new(S::UNPROCESSABLE_ENTITY, "out_of_bounds", detail),

@@ -126,7 +126,9 @@ pub(super) struct SeatMap {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct HoldRequestBody {
+    #[schema(example = 1)]
     schedule_id: u64,
+    #[schema(example = 1)]
     seat_id: u64,
 }
 

@@ -92,6 +92,7 @@ fn verify(secret: &[u8], header: Option<&str>, body: &[u8], now_s: u64) -> Resul
     responses((status = 200, body = UserView),
         (status = 401, description = "`webhook_signature_invalid`: no signature, a wrong one, or one too old.", body = super::Problem),
         (status = 404, description = "`not_found`: no such user, or this engine takes no webhooks.", body = super::Problem),
+        (status = 409, description = "`top_up_key_reused`: this event was credited to another account.", body = super::Problem),
         (status = 422, description = "`invalid_body`, `out_of_bounds`, `invalid_amount`: the event cannot be credited.", body = super::Problem)))]
 pub(super) async fn top_up(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let Some(secret) = state.engine.config().payment_webhook_secret.as_deref() else {

@@ -51,6 +51,8 @@ pub enum TransitionError {
     InvalidAmount { max: u64 },
     #[error("at most {max} seats per user per schedule, held or bought")]
     SeatLimitReached { max: u32 },
+    #[error("this top-up's key (a payment event's id) was already used for another account")]
+    TopUpKeyReused,
 }
 
 /// The kinds of change the outbox carries to the outside world.

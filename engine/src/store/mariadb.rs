@@ -821,7 +821,7 @@ impl MariaDbStore {
                 .fetch_one(&mut *tx)
                 .await?;
             if owner != user_id {
-                return Err(StoreError::Invalid { reason: "idempotency key used for another user".into() }.into());
+                return Err(StoreError::from(TransitionError::TopUpKeyReused).into());
             }
             let account = lock_account(&mut tx, user_id).await?;
             tx.commit().await?;

@@ -572,7 +572,7 @@ impl RecordStore for MemoryStore {
         let mut records = self.records.lock();
         match records.top_up_keys.get(&idempotency_key) {
             Some(&owner) if owner == user_id => return records.account_mut(user_id).map(|account| account.clone()),
-            Some(_) => return Err(StoreError::Invalid { reason: "idempotency key used for another user".into() }),
+            Some(_) => return Err(crate::domain::TransitionError::TopUpKeyReused.into()),
             None => {}
         }
         let account = records.account_mut(user_id)?;

@@ -322,7 +322,7 @@ contract!(
         let (ada, bob) = (user(record, "ada", 10).await, user(record, "bob", 0).await);
         assert_eq!(record.top_up(ada, 5, "k".into(), T0).await.expect("top up").balance, 15);
         assert_eq!(record.top_up(ada, 5, "k".into(), T0 + 1).await.expect("replay").balance, 15);
-        assert!(matches!(record.top_up(bob, 5, "k".into(), T0).await, Err(StoreError::Invalid { .. })));
+        assert_eq!(record.top_up(bob, 5, "k".into(), T0).await, Err(rejected(TransitionError::TopUpKeyReused)));
         assert_eq!(
             record.top_up(ada, 0, "zero".into(), T0).await,
             Err(rejected(TransitionError::InvalidAmount { max: 10_000_000 }))

@@ -204,6 +204,11 @@ async fn a_signed_webhook_adds_points_once_per_event_and_a_bad_signature_is_refu
     }
     assert_eq!(balance(&api, ada).await, 250, "a second delivery of one event adds nothing");
     assert_eq!(last_audit(&api, "top_up").await["actor"], "payment-webhook");
+    // One event credits one account: the same event id for another user is a conflict.
+    let (bob, _) = api.user_in_line("bob", 0).await;
+    let elsewhere = format!(r#"{{"event_id":"pay_1","user_id":{bob},"amount":250}}"#);
+    check_problem(&webhook(&api, WEBHOOK_SECRET, now_s, &elsewhere).await, StatusCode::CONFLICT, "top_up_key_reused");
+    assert_eq!(balance(&api, bob).await, 0);
 
     let forged = format!(r#"{{"event_id":"pay_2","user_id":{ada},"amount":9999}}"#);
     let refused = webhook(&api, b"a-guess-at-the-providers-secret!!", now_s, &forged).await;

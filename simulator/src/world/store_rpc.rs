@@ -301,6 +301,7 @@ enum WireTransition {
     SeatUnavailable,
     InvalidAmount { max: u64 },
     SeatLimitReached { max: u32 },
+    TopUpKeyReused,
 }
 
 impl From<StoreError> for WireError {
@@ -344,6 +345,7 @@ impl From<TransitionError> for WireTransition {
             T::SeatUnavailable => Self::SeatUnavailable,
             T::InvalidAmount { max } => Self::InvalidAmount { max },
             T::SeatLimitReached { max } => Self::SeatLimitReached { max },
+            T::TopUpKeyReused => Self::TopUpKeyReused,
         }
     }
 }
@@ -362,6 +364,7 @@ impl From<WireTransition> for TransitionError {
             W::SeatUnavailable => Self::SeatUnavailable,
             W::InvalidAmount { max } => Self::InvalidAmount { max },
             W::SeatLimitReached { max } => Self::SeatLimitReached { max },
+            W::TopUpKeyReused => Self::TopUpKeyReused,
         }
     }
 }
