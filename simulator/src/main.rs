@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tcore_sim::checker::check;
-use tcore_sim::scenario::{AgentPolicy, HoldMode, Scenario};
+use tcore_sim::scenario::{AgentPolicy, HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::{run_result, safety_passed, slo_passed};
 use tcore_sim::world;
 
@@ -58,6 +58,9 @@ struct RunArgs {
     /// Replace the scenario's hold mode.
     #[arg(long, value_enum)]
     hold_mode: Option<HoldMode>,
+    /// Replace how the system of record replicates (`async` is known unsafe).
+    #[arg(long, value_enum)]
+    record_replication: Option<RecordReplication>,
     /// Redraw the fault parameters from the seed, as a swarm does (replays one swarm seed).
     #[arg(long, conflicts_with = "seeds")]
     perturb: bool,
@@ -124,6 +127,10 @@ fn replay_command(args: &RunArgs, perturb: bool) -> String {
         command.push_str(" --hold-mode ");
         command.push_str(hold_mode.name());
     }
+    if let Some(record_replication) = args.record_replication {
+        command.push_str(" --record-replication ");
+        command.push_str(record_replication.name());
+    }
     if let Some(agent) = args.agent {
         command.push_str(" --agent ");
         command.push_str(agent.name());
@@ -144,8 +151,14 @@ fn with_agent(mut scenario: Scenario, policy: AgentPolicy) -> Scenario {
 
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let mut scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
+    if let Some(record_replication) = args.record_replication {
+        scenario = scenario.with_record_replication(record_replication);
+    }
     if let Some(policy) = args.agent {
         scenario = with_agent(scenario, policy);
+    }
+    for setting in scenario.unsafe_settings() {
+        println!("warning: known-unsafe configuration {setting}: the checker is expected to catch a violation");
     }
     if let Some(range) = &args.seeds {
         return swarm(&scenario, &args.scenario.display().to_string(), &replay_command(args, true), range, args);
@@ -279,6 +292,7 @@ fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckR
     println!();
     println!("{:<34} {}", "scenario", result["scenario"]["name"].as_str().unwrap_or("?"));
     println!("{:<34} {}", "hold mode", result["hold_mode"].as_str().unwrap_or("?"));
+    println!("{:<34} {}", "record replication", result["record_replication"].as_str().unwrap_or("?"));
     println!("{:<34} {} users, {} operations, {:.1} s wall", "load", score["users"], score["operations"], wall_s);
     println!(
         "{:<34} {} of {} ({:.1} %)",

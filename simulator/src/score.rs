@@ -369,6 +369,7 @@ pub fn run_result(
         "seed": scenario.seed,
         "commit": commit,
         "hold_mode": format!("{:?}", scenario.engine.hold_mode),
+        "record_replication": scenario.engine.record_replication.name(),
         "duration_s": scenario.duration_s,
         "tick_ms": scenario.network.tick_ms,
         "verdict": if safety_passed && slo_passed { "pass" } else { "fail" },

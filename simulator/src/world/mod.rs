@@ -39,7 +39,8 @@ use self::agent::{AgentHost, AgentRun};
 use self::net::{ENGINE_PORT, HttpClient, RequestLog, SentRequest, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
-    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store,
+    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl, StoreHostConfig,
+    serve_store,
 };
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
@@ -150,7 +151,7 @@ pub fn run_with(
             scenario.faults.iter().filter(|fault| matches!(fault, Fault::StoreFailover(f) if f.host == host)).count();
         u32::try_from(count).unwrap_or(u32::MAX)
     };
-    let store_host = |seed: u64, host: &str| {
+    let store_host = |seed: u64, host: &str, replication: Replication| {
         StoreControl::new(StoreHostConfig {
             // A store host judges admission and locks by its own, unskewed clock. It keeps the
             // whole outbox: no relay runs in a simulated world, and the checker reads every
@@ -163,11 +164,14 @@ pub fn run_with(
             .keeping_the_whole_outbox(),
             replication_window: REPLICATION_WINDOW,
             failovers_max: failovers(host),
+            replication,
             clock: JournalClock::Simulation,
         })
     };
-    let record = store_host(seed, scenario::STORE_RECORD_HOST);
-    let cache = store_host(seed.rotate_left(17), scenario::STORE_CACHE_HOST);
+    let record = store_host(seed, scenario::STORE_RECORD_HOST, record_replication(scenario, seed));
+    // The cache store replicates asynchronously, as a cache server does: its failover may lose
+    // holds' locks and places in line, which the fences and the system of record answer for.
+    let cache = store_host(seed.rotate_left(17), scenario::STORE_CACHE_HOST, Replication::Async);
     let stores: BTreeMap<String, StoreControl> = [
         (scenario::STORE_RECORD_HOST.to_owned(), record.clone()),
         (scenario::STORE_CACHE_HOST.to_owned(), cache.clone()),
@@ -784,6 +788,20 @@ fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
 
 fn engine_hosts_of(scenario: &Scenario) -> Vec<String> {
     (1..=scenario.engine.nodes).map(scenario::engine_host).collect()
+}
+
+/// How the system of record replicates: semi-synchronously, each leg of the round trip to its
+/// standby drawn from the scenario's store latency (the standby sits beside the primary, as
+/// far from it as the engine nodes are), or asynchronously (known unsafe).
+fn record_replication(scenario: &Scenario, seed: u64) -> Replication {
+    match scenario.engine.record_replication {
+        scenario::RecordReplication::Async => Replication::Async,
+        scenario::RecordReplication::SemiSync => {
+            let latency = &scenario.network.store_latency_ms;
+            let micros = |ms: f64| Duration::from_micros((ms * 1000.0) as u64);
+            Replication::SemiSync(SemiSync { leg_latency: micros(latency.min)..=micros(latency.max), seed })
+        }
+    }
 }
 
 /// The latency of a link between an engine node and a store host: the midpoint of the

@@ -548,8 +548,19 @@ fn backticked_words(text: &str) -> std::collections::BTreeSet<String> {
 }
 
 /// Keys whose string values are names from a fixed list (enums), which must be documented.
-const NAMED_VALUES: [&str; 10] =
-    ["store", "hold_mode", "order", "seat_choice", "targets", "shape", "kind", "point", "event", "policy"];
+const NAMED_VALUES: [&str; 11] = [
+    "store",
+    "hold_mode",
+    "record_replication",
+    "order",
+    "seat_choice",
+    "targets",
+    "shape",
+    "kind",
+    "point",
+    "event",
+    "policy",
+];
 
 /// The keys of `value` (not those under `[slo]`, which are metric names), and the string
 /// values of the keys in [`NAMED_VALUES`].

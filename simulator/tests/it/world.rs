@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tcore_sim::checker::{CheckReport, Invariant, check};
 use tcore_sim::history::Outcome;
-use tcore_sim::scenario::{HoldMode, Scenario};
+use tcore_sim::scenario::{HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
 
@@ -99,9 +99,10 @@ fn the_same_pause_is_harmless_with_fenced_lock_and_atomic_holds() {
     }
 }
 
-#[test]
-fn a_record_store_failover_during_payments_loses_acknowledged_confirmations_and_is_caught() {
-    let mut failover = scenario("store-failover.toml");
+/// `store-failover.toml` with its record store failing over in the middle of the sale, losing
+/// the last second of writes.
+fn failover_during_payments(record_replication: RecordReplication) -> Scenario {
+    let mut failover = scenario("store-failover.toml").with_record_replication(record_replication);
     for fault in &mut failover.faults {
         if let tcore_sim::scenario::Fault::StoreFailover(store_failover) = fault
             && store_failover.host == tcore_sim::scenario::STORE_RECORD_HOST
@@ -111,10 +112,24 @@ fn a_record_store_failover_during_payments_loses_acknowledged_confirmations_and_
             store_failover.lose_last_ms = 1_000;
         }
     }
+    failover
+}
+
+#[test]
+fn a_record_store_failover_during_payments_loses_acknowledged_confirmations_with_async_replication_and_is_caught() {
+    let failover = failover_during_payments(RecordReplication::Async);
+    assert!(failover.is_unsafe());
     let (_, report) = run(&failover);
     assert!(
         report.failed_invariants().contains(&Invariant::AcknowledgedConfirmationsDurable),
         "seed {}: {report}",
         failover.seed
     );
+}
+
+#[test]
+fn the_same_failover_loses_no_acknowledged_confirmation_with_semi_sync_replication() {
+    let failover = failover_during_payments(RecordReplication::SemiSync);
+    let (_, report) = run(&failover);
+    assert!(report.passed(), "seed {}: {report}", failover.seed);
 }
