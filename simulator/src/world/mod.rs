@@ -76,10 +76,17 @@ pub struct FaultWindow {
 /// What a store failover did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreFailoverOutcome {
+    /// The index of the fault in the scenario's `[[faults]]`.
+    pub fault: usize,
     pub host: String,
     pub at_us: u64,
     pub writes_replayed: u64,
     pub writes_lost: u64,
+    /// Writes younger than `lose_last` kept because the standby had acknowledged them
+    /// (semi-sync): at stake, and saved.
+    pub writes_kept_by_standby: u64,
+    /// Store calls in flight when it ran, whose callers never learn their outcome.
+    pub calls_cut_off: u64,
     /// Why the failover did not happen, if it did not.
     pub refused: Option<String>,
 }
@@ -128,7 +135,7 @@ enum Action {
     Restart { host: String },
     Skew { host: String, skew_ms: i64 },
     SlowStore { host: String, extra: Duration },
-    FailOver { host: String, lose_last: Duration },
+    FailOver { fault: usize, host: String, lose_last: Duration },
 }
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
@@ -391,26 +398,35 @@ pub fn run_with(
     drop(sim);
     let store_failovers = failover_tickets
         .into_iter()
-        .map(|(host, mut ticket)| match ticket.try_outcome() {
+        .map(|(fault, host, mut ticket)| match ticket.try_outcome() {
             Some(Ok(report)) => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: u64::try_from(report.at.as_micros()).unwrap_or(u64::MAX),
                 writes_replayed: report.writes_replayed as u64,
                 writes_lost: report.writes_lost as u64,
+                writes_kept_by_standby: report.writes_kept_by_standby as u64,
+                calls_cut_off: report.calls_cut_off,
                 refused: None,
             },
             Some(Err(error)) => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: 0,
                 writes_replayed: 0,
                 writes_lost: 0,
+                writes_kept_by_standby: 0,
+                calls_cut_off: 0,
                 refused: Some(error.to_string()),
             },
             None => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: 0,
                 writes_replayed: 0,
                 writes_lost: 0,
+                writes_kept_by_standby: 0,
+                calls_cut_off: 0,
                 refused: Some("did not run before the end".into()),
             },
         })
@@ -676,7 +692,7 @@ fn armed_pauses(scenario: &Scenario, host: &str) -> Vec<ArmedPause> {
 /// The timeline's network and host actions, in time order (ties keep the file's order).
 fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
     let mut actions = Vec::new();
-    for fault in &scenario.faults {
+    for (index, fault) in scenario.faults.iter().enumerate() {
         match fault {
             Fault::Partition(p) => {
                 let (a, b) = (p.a.resolve(hosts), p.b.resolve(hosts));
@@ -723,6 +739,7 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
             Fault::StoreFailover(failover) => actions.push((
                 us(failover.at_s),
                 Action::FailOver {
+                    fault: index,
                     host: failover.host.clone(),
                     lose_last: Duration::from_millis(failover.lose_last_ms),
                 },
@@ -739,7 +756,7 @@ fn apply(
     action: &Action,
     skews: &BTreeMap<String, Arc<AtomicI64>>,
     stores: &BTreeMap<String, StoreControl>,
-) -> Option<(String, FailoverTicket)> {
+) -> Option<(usize, String, FailoverTicket)> {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -766,10 +783,10 @@ fn apply(
                 store.set_extra_latency(*extra);
             }
         }
-        Action::FailOver { host, lose_last } => {
+        Action::FailOver { fault, host, lose_last } => {
             if let Some(store) = stores.get(host) {
                 // The failover runs on the store host; its report is read after the run.
-                return Some((host.clone(), store.fail_over(*lose_last)));
+                return Some((*fault, host.clone(), store.fail_over(*lose_last)));
             }
         }
     }

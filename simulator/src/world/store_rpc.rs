@@ -32,6 +32,10 @@
 //! - [`StoreHostConfig::failovers_max`] **standby** replicas, which apply each journal entry
 //!   once it leaves the journal.
 //!
+//! A failover that runs closes every connection the host has open (their peer was the old
+//! primary): the requests in flight ([`FailoverReport::calls_cut_off`]) are answered to nobody,
+//! and clients reconnect to the promoted standby.
+//!
 //! `MemoryStore` is deterministic for a given sequence of calls, which is what makes this work:
 //! [`StoreControl::fail_over`] promotes one standby, replays onto it the journal entries that are
 //! at least `lose_last` old, and drops the younger ones. The other standbys stay as they were,
@@ -642,6 +646,12 @@ pub struct FailoverReport {
     pub writes_replayed: usize,
     /// Journaled writes lost (younger than `lose_last`).
     pub writes_lost: usize,
+    /// Journaled writes younger than `lose_last` kept because the standby had acknowledged
+    /// them (semi-sync): what an asynchronous standby would have lost.
+    pub writes_kept_by_standby: usize,
+    /// Requests that came over the network and had not been answered: their connections to
+    /// the old primary are closed, so their callers learn nothing of their outcome.
+    pub calls_cut_off: u64,
     /// Failovers that can still lose writes.
     pub failovers_left: usize,
 }
@@ -707,6 +717,10 @@ struct HostShared {
     failover_asked: Notify,
     /// The writes failovers took back, for answers that waited for the standby meanwhile.
     lost_writes: LostWrites,
+    /// Requests that came over the network and are not answered yet.
+    calls_in_flight: AtomicU64,
+    /// Wakes every connection when a failover ran, so each closes: its peer was the old primary.
+    failed_over: Notify,
 }
 
 struct PendingFailover {
@@ -780,6 +794,8 @@ impl StoreControl {
             failovers_pending: parking_lot::Mutex::new(VecDeque::new()),
             failover_asked: Notify::new(),
             lost_writes: LostWrites::default(),
+            calls_in_flight: AtomicU64::new(0),
+            failed_over: Notify::new(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -816,6 +832,8 @@ impl StoreControl {
     /// meanwhile, the answer is `Unavailable` (the outcome is unknown), never what the lost
     /// state said.
     async fn handle_remote(&self, request: StoreRequest) -> StoreResponse {
+        self.shared.calls_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _answered = AnsweredOnDrop(&self.shared.calls_in_flight);
         let latency = self.extra_latency();
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -861,7 +879,14 @@ impl StoreControl {
             let now = self.clock_now(&mut state);
             let outcome = state
                 .fail_over(pending.lose_last, now, self.shared.config.failovers_max, &self.shared.lost_writes)
-                .await;
+                .await
+                .map(|report| FailoverReport {
+                    calls_cut_off: self.shared.calls_in_flight.load(Ordering::Relaxed),
+                    ..report
+                });
+            if outcome.is_ok() {
+                self.shared.failed_over.notify_waiters();
+            }
             match &outcome {
                 Ok(report) => tracing::info!(?report, lose_last = ?pending.lose_last, "store failover"),
                 Err(error) => tracing::warn!(%error, "store failover refused"),
@@ -886,6 +911,11 @@ impl StoreControl {
         };
         state.clock_last = state.clock_last.max(now);
         state.clock_last
+    }
+
+    /// Resolves when a failover runs (register before it may run: poll it once first).
+    async fn failed_over(&self) {
+        self.shared.failed_over.notified().await;
     }
 
     /// A call from outside the network (seeding before a run, reading after it): no waiting
@@ -967,6 +997,8 @@ impl HostState {
         };
         let writes_replayed = self.journal.iter().take_while(|entry| kept(entry)).count();
         let writes_lost = self.journal.len() - writes_replayed;
+        let writes_old_enough = self.journal.iter().take_while(|entry| old_enough(entry.at)).count();
+        let writes_kept_by_standby = writes_replayed - writes_old_enough;
         if writes_lost > 0 {
             let promoted = self.standbys.pop().ok_or(FailoverError::NoStandbyLeft { failovers_max })?;
             let first_lost = self.journal[writes_replayed].sequence;
@@ -978,7 +1010,14 @@ impl HostState {
             }
             self.primary = promoted;
         }
-        Ok(FailoverReport { at: now, writes_replayed, writes_lost, failovers_left: self.standbys.len() })
+        Ok(FailoverReport {
+            at: now,
+            writes_replayed,
+            writes_lost,
+            writes_kept_by_standby,
+            calls_cut_off: 0,
+            failovers_left: self.standbys.len(),
+        })
     }
 }
 
@@ -1134,8 +1173,10 @@ where
     let _forget = forget;
     let (read_half, write_half) = tokio::io::split(stream);
     let (responses, responses_out) = mpsc::unbounded_channel();
+    let failed_over = control.clone();
     let reason = tokio::select! {
         biased;
+        () = failed_over.failed_over() => "store failover: the peer was the old primary".to_owned(),
         reason = read_requests(read_half, control, activity, responses) => reason,
         reason = write_frames(write_half, responses_out) => reason,
     };
@@ -1193,6 +1234,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Counts a network request as answered when its handling ends, however it ends.
+struct AnsweredOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for AnsweredOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
