@@ -53,6 +53,7 @@ figcaption { font-weight: 600; margin-bottom: 4px; }
 .legend { color: var(--muted); font-size: 12px; margin-top: 4px; }
 .swatch { display: inline-block; width: 12px; height: 12px; vertical-align: -2px; margin: 0 4px 0 10px; border-radius: 2px; }
 .note { color: var(--muted); font-style: italic; }
+.warning { color: #9a4d00; }
 pre, code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; }
 pre { white-space: pre-wrap; word-break: break-word; background: #f8f9fa; padding: 6px 8px; border-radius: 4px; }
 details { margin: 6px 0; }
@@ -606,6 +607,23 @@ fn faults(html: &mut String, run: &Run) {
                 escape(&pause.point),
                 pause.at_us as f64 / 1e6,
                 pause.pause_us / 1_000
+            );
+        }
+        html.push_str("</table>\n");
+    }
+    if !run.faults_without_effect.is_empty() {
+        html.push_str(
+            "<p class=\"warning\"><strong>Faults without effect</strong>: the scenario dodged them, \
+             so this run proves nothing about them.</p>\n<table class=\"no-effect\">\n\
+             <tr><th>fault</th><th>kind</th><th>why</th></tr>\n",
+        );
+        for dodged in &run.faults_without_effect {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                dodged.fault,
+                escape(&dodged.kind),
+                escape(&dodged.reason)
             );
         }
         html.push_str("</table>\n");

@@ -39,6 +39,9 @@ pub struct Run {
     pub faults: Vec<FaultWindow>,
     #[serde(default)]
     pub fault_pauses: Vec<FaultPause>,
+    /// Faults that had no effect on the run (nothing lost, paused or cut off).
+    #[serde(default)]
+    pub faults_without_effect: Vec<FaultWithoutEffect>,
     #[serde(default)]
     pub agent_actions: Option<Vec<AgentAction>>,
     #[serde(default)]
@@ -139,6 +142,15 @@ pub struct StepSecond {
 pub struct Bucket {
     pub le_us: Option<u64>,
     pub count: u64,
+}
+
+/// A fault the scenario dodged, and why it counts as without effect.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FaultWithoutEffect {
+    pub fault: usize,
+    pub kind: String,
+    #[serde(default)]
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

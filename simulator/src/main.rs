@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use tcore_sim::checker::check;
-use tcore_sim::scenario::{AgentPolicy, HoldMode, Scenario};
+use tcore_sim::scenario::{AgentPolicy, HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::{run_result, safety_passed, slo_passed};
 use tcore_sim::world;
 
@@ -58,6 +58,9 @@ struct RunArgs {
     /// Replace the scenario's hold mode.
     #[arg(long, value_enum)]
     hold_mode: Option<HoldMode>,
+    /// Replace how the system of record replicates (`async` is known unsafe).
+    #[arg(long, value_enum)]
+    record_replication: Option<RecordReplication>,
     /// Redraw the fault parameters from the seed, as a swarm does (replays one swarm seed).
     #[arg(long, conflicts_with = "seeds")]
     perturb: bool,
@@ -67,6 +70,10 @@ struct RunArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Judge by the safety invariants alone: a run that misses an [slo] threshold still passes
+    /// (a swarm's perturbed faults may legitimately cost latency).
+    #[arg(long)]
+    safety_only: bool,
     /// Also write the full history (every operation) as history.json.
     #[arg(long)]
     save_history: bool,
@@ -124,6 +131,10 @@ fn replay_command(args: &RunArgs, perturb: bool) -> String {
         command.push_str(" --hold-mode ");
         command.push_str(hold_mode.name());
     }
+    if let Some(record_replication) = args.record_replication {
+        command.push_str(" --record-replication ");
+        command.push_str(record_replication.name());
+    }
     if let Some(agent) = args.agent {
         command.push_str(" --agent ");
         command.push_str(agent.name());
@@ -144,8 +155,14 @@ fn with_agent(mut scenario: Scenario, policy: AgentPolicy) -> Scenario {
 
 fn run(args: &RunArgs) -> anyhow::Result<bool> {
     let mut scenario = apply_hold_mode(Scenario::load(&args.scenario)?, args.hold_mode);
+    if let Some(record_replication) = args.record_replication {
+        scenario = scenario.with_record_replication(record_replication);
+    }
     if let Some(policy) = args.agent {
         scenario = with_agent(scenario, policy);
+    }
+    for setting in scenario.unsafe_settings() {
+        println!("warning: known-unsafe configuration {setting}: the checker is expected to catch a violation");
     }
     if let Some(range) = &args.seeds {
         return swarm(&scenario, &args.scenario.display().to_string(), &replay_command(args, true), range, args);
@@ -160,14 +177,16 @@ fn run(args: &RunArgs) -> anyhow::Result<bool> {
         .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name).join(scenario.seed.to_string()));
     let path = args.scenario.display().to_string();
     let Some(other) = args.compare_agent else {
-        return run_one(&scenario, &path, &file, &out, !args.quiet, args.save_history);
+        return run_one(&scenario, &path, &file, &out, !args.quiet, args.save_history)
+            .map(|verdict| verdict.passed(args.safety_only));
     };
     let mut passed = true;
     let mut results = Vec::new();
     for policy in [scenario.agent.policy, other] {
         let out = out.join(format!("agent-{}", policy.name()));
         let file = format!("{} --agent {}", args.scenario.display(), policy.name());
-        passed &= run_one(&with_agent(scenario.clone(), policy), &path, &file, &out, !args.quiet, args.save_history)?;
+        passed &= run_one(&with_agent(scenario.clone(), policy), &path, &file, &out, !args.quiet, args.save_history)?
+            .passed(args.safety_only);
         results.push(serde_json::from_slice(&std::fs::read(out.join("run.json"))?)?);
     }
     print_comparison(&results);
@@ -213,6 +232,21 @@ fn run_for_gate(scenario_file: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How one run was judged.
+#[derive(Debug, Clone, Copy)]
+struct Verdict {
+    safety_passed: bool,
+    slo_passed: bool,
+    /// How many of the run's faults had no effect.
+    faults_without_effect: usize,
+}
+
+impl Verdict {
+    fn passed(self, safety_only: bool) -> bool {
+        self.safety_passed && (safety_only || self.slo_passed)
+    }
+}
+
 fn run_one(
     scenario: &Scenario,
     file: &str,
@@ -220,7 +254,7 @@ fn run_one(
     out: &Path,
     show_progress: bool,
     save_history: bool,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Verdict> {
     let started = Instant::now();
     let bar = if show_progress { ProgressBar::new(1_000) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -271,7 +305,11 @@ fn run_one(
     print_summary(&result, &report, simulated_s);
     println!("run result: {}", run_path.display());
     println!("report: {}", report_path.display());
-    Ok(safety_passed(&result) && slo_passed(&result))
+    Ok(Verdict {
+        safety_passed: safety_passed(&result),
+        slo_passed: slo_passed(&result),
+        faults_without_effect: result["faults_without_effect"].as_array().map_or(0, Vec::len),
+    })
 }
 
 fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckReport, wall_s: f64) {
@@ -279,6 +317,7 @@ fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckR
     println!();
     println!("{:<34} {}", "scenario", result["scenario"]["name"].as_str().unwrap_or("?"));
     println!("{:<34} {}", "hold mode", result["hold_mode"].as_str().unwrap_or("?"));
+    println!("{:<34} {}", "record replication", result["record_replication"].as_str().unwrap_or("?"));
     println!("{:<34} {} users, {} operations, {:.1} s wall", "load", score["users"], score["operations"], wall_s);
     println!(
         "{:<34} {} of {} ({:.1} %)",
@@ -315,6 +354,15 @@ fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckR
             );
         }
     }
+    for dodged in result["faults_without_effect"].as_array().into_iter().flatten() {
+        println!(
+            "{:<34} fault #{} ({}): {}",
+            "fault without effect",
+            dodged["fault"],
+            dodged["kind"].as_str().unwrap_or("?"),
+            dodged["reason"].as_str().unwrap_or("")
+        );
+    }
     for violation in report.violations.iter().take(3) {
         println!("\n{violation}");
     }
@@ -327,6 +375,7 @@ fn swarm(scenario: &Scenario, file: &str, replay: &str, range: &str, args: &RunA
         (start.parse().context("--seeds: A is not a number")?, end.parse().context("--seeds: B is not a number")?);
     anyhow::ensure!(start < end, "--seeds: A must be below B");
     let mut failing = Vec::new();
+    let mut dodged = Vec::new();
     for seed in start..end {
         let perturbed = scenario.perturbed(seed).with_seed(seed);
         println!("seed: {seed}");
@@ -335,9 +384,16 @@ fn swarm(scenario: &Scenario, file: &str, replay: &str, range: &str, args: &RunA
             .clone()
             .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name))
             .join(format!("swarm-{seed}"));
-        if !run_one(&perturbed, file, replay, &out, false, false)? {
+        let verdict = run_one(&perturbed, file, replay, &out, false, false)?;
+        if !verdict.passed(args.safety_only) {
             failing.push(seed);
         }
+        if verdict.faults_without_effect > 0 {
+            dodged.push(seed);
+        }
+    }
+    if !dodged.is_empty() {
+        println!("swarm {start}..{end}: a fault had no effect in seeds {dodged:?} (see faults_without_effect)");
     }
     if failing.is_empty() {
         println!("swarm {start}..{end}: every seed passed");

@@ -40,7 +40,7 @@ pub use faults::{
 };
 pub use sections::{
     Admission, AdmissionOrder, Agent, AgentPolicy, Bot, BotIps, BotTarget, Engine, HoldMode, Network, RangeMs,
-    RateLimits, Schedule, SeatChoice, Section, StoreKind, Users, Venue,
+    RateLimits, RecordReplication, Schedule, SeatChoice, Section, StoreKind, Users, Venue,
 };
 pub use slo::{Slo, SloOp, SloThreshold};
 
@@ -173,11 +173,34 @@ impl Scenario {
         self
     }
 
-    /// Whether the scenario runs the engine in a mode known to oversell (`unfenced-lock`).
-    /// Such scenarios are allowed, to prove the checker catches the oversell; runners must
-    /// say so and start the engine with its explicit unsafe flag.
+    /// The same scenario with another replication of the system of record
+    /// (`tcore run --record-replication M`).
+    #[must_use]
+    pub fn with_record_replication(mut self, record_replication: RecordReplication) -> Scenario {
+        self.engine.record_replication = record_replication;
+        self
+    }
+
+    /// Whether the scenario runs a configuration known to break a safety invariant: the hold
+    /// mode `unfenced-lock` (oversells) or the record replication `async` (a failover loses
+    /// acknowledged confirmations). Such scenarios are allowed, to prove the checker catches
+    /// the violation; runners must say so ([`Scenario::unsafe_settings`]) and start the engine
+    /// with its explicit unsafe flag.
     pub fn is_unsafe(&self) -> bool {
-        self.engine.hold_mode == HoldMode::UnfencedLock
+        !self.unsafe_settings().is_empty()
+    }
+
+    /// The known-unsafe settings of the scenario, each as `key = "value"`.
+    pub fn unsafe_settings(&self) -> Vec<String> {
+        let engine = &self.engine;
+        let mut settings = Vec::new();
+        if engine.hold_mode.is_unsafe() {
+            settings.push(format!("engine.hold_mode = \"{}\"", engine.hold_mode.name()));
+        }
+        if engine.record_replication.is_unsafe() {
+            settings.push(format!("engine.record_replication = \"{}\"", engine.record_replication.name()));
+        }
+        settings
     }
 
     /// A variant for swarm testing (`tcore run --seeds A..B`): the seed becomes `seed`, and
@@ -436,6 +459,21 @@ decay_s = 5
         let scenario = parse(MINIMAL).expect("valid").with_seed(99).with_hold_mode(HoldMode::UnfencedLock);
         assert_eq!(scenario.seed, 99);
         assert!(scenario.is_unsafe());
+    }
+
+    #[test]
+    fn record_replication_defaults_to_semi_sync_and_async_is_flagged_unsafe() {
+        let scenario = parse(MINIMAL).expect("valid");
+        assert_eq!(scenario.engine.record_replication, RecordReplication::SemiSync);
+        assert!(scenario.unsafe_settings().is_empty());
+        let text = format!("{MINIMAL}\n[engine]\nrecord_replication = \"async\"\n");
+        let unsafe_run = parse(&text).expect("the unsafe replication is allowed in scenarios");
+        assert_eq!(unsafe_run.unsafe_settings(), ["engine.record_replication = \"async\""]);
+        assert!(!unsafe_run.with_record_replication(RecordReplication::SemiSync).is_unsafe());
+        check_error(
+            "\n[engine]\nrecord_replication = \"sync\"\n",
+            "t.toml:25:22: key `engine.record_replication`: unknown variant `sync`, expected `semi-sync` or `async`",
+        );
     }
 
     #[test]

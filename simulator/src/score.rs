@@ -18,6 +18,9 @@ use crate::scenario::Scenario;
 use crate::world::WorldRun;
 
 mod agent;
+mod effects;
+
+pub use effects::{FaultWithoutEffect, faults_without_effect};
 
 /// The version of the run result's shape; a change of meaning is a new version.
 pub const RUN_SCHEMA: &str = "tcore.run/1";
@@ -369,6 +372,7 @@ pub fn run_result(
         "seed": scenario.seed,
         "commit": commit,
         "hold_mode": format!("{:?}", scenario.engine.hold_mode),
+        "record_replication": scenario.engine.record_replication.name(),
         "duration_s": scenario.duration_s,
         "tick_ms": scenario.network.tick_ms,
         "verdict": if safety_passed && slo_passed { "pass" } else { "fail" },
@@ -389,6 +393,7 @@ pub fn run_result(
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
         })).collect::<Vec<_>>(),
         "store_failovers": world.store_failovers,
+        "faults_without_effect": faults_without_effect(world, history),
         "agent_actions": agent_actions,
         "history_overflow": report.history_overflow,
     })

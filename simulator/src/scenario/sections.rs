@@ -86,6 +86,8 @@ pub struct Engine {
     pub store: StoreKind,
     /// How a seat is taken.
     pub hold_mode: HoldMode,
+    /// How the system of record replicates to its standby.
+    pub record_replication: RecordReplication,
     /// How long a hold lasts before it expires unpaid.
     pub hold_ttl_s: u64,
     /// The TTL of a seat lock (lock hold modes only).
@@ -105,6 +107,7 @@ impl Default for Engine {
             nodes: 3,
             store: StoreKind::Memory,
             hold_mode: HoldMode::Atomic,
+            record_replication: RecordReplication::SemiSync,
             hold_ttl_s: 300,
             lock_ttl_ms: 2_000,
             seats_per_user_max: 4,
@@ -124,6 +127,35 @@ pub enum StoreKind {
     /// Redis for the cache and MariaDB for the record: live runs only.
     #[serde(rename = "redis+mariadb")]
     RedisMariadb,
+}
+
+/// How the simulated system of record (`store-record`) replicates to its standby, so what a
+/// `store-failover` of it can take back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordReplication {
+    /// A write is acknowledged once a standby holds it (a round trip to the standby): a
+    /// failover loses nothing acknowledged.
+    #[default]
+    SemiSync,
+    /// **Known unsafe.** A write is acknowledged once the primary has it; the standby trails,
+    /// and a failover loses what it had not received, acknowledged confirmations included.
+    Async,
+}
+
+impl RecordReplication {
+    /// Whether a failover can lose a confirmation a client was told of.
+    pub fn is_unsafe(self) -> bool {
+        self == Self::Async
+    }
+
+    /// The mode's name as written in scenarios and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SemiSync => "semi-sync",
+            Self::Async => "async",
+        }
+    }
 }
 
 /// How a seat is taken: the engine's own safety modes (`atomic`, `fenced-lock`, and the

@@ -39,7 +39,8 @@ use self::agent::{AgentHost, AgentRun};
 use self::net::{ENGINE_PORT, HttpClient, RequestLog, SentRequest, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
-    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store,
+    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl, StoreHostConfig,
+    serve_store,
 };
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
@@ -75,10 +76,17 @@ pub struct FaultWindow {
 /// What a store failover did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreFailoverOutcome {
+    /// The index of the fault in the scenario's `[[faults]]`.
+    pub fault: usize,
     pub host: String,
     pub at_us: u64,
     pub writes_replayed: u64,
     pub writes_lost: u64,
+    /// Writes younger than `lose_last` kept because the standby had acknowledged them
+    /// (semi-sync): at stake, and saved.
+    pub writes_kept_by_standby: u64,
+    /// Store calls in flight when it ran, whose callers never learn their outcome.
+    pub calls_cut_off: u64,
     /// Why the failover did not happen, if it did not.
     pub refused: Option<String>,
 }
@@ -127,7 +135,7 @@ enum Action {
     Restart { host: String },
     Skew { host: String, skew_ms: i64 },
     SlowStore { host: String, extra: Duration },
-    FailOver { host: String, lose_last: Duration },
+    FailOver { fault: usize, host: String, lose_last: Duration },
 }
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
@@ -150,7 +158,7 @@ pub fn run_with(
             scenario.faults.iter().filter(|fault| matches!(fault, Fault::StoreFailover(f) if f.host == host)).count();
         u32::try_from(count).unwrap_or(u32::MAX)
     };
-    let store_host = |seed: u64, host: &str| {
+    let store_host = |seed: u64, host: &str, replication: Replication| {
         StoreControl::new(StoreHostConfig {
             // A store host judges admission and locks by its own, unskewed clock. It keeps the
             // whole outbox: no relay runs in a simulated world, and the checker reads every
@@ -163,11 +171,14 @@ pub fn run_with(
             .keeping_the_whole_outbox(),
             replication_window: REPLICATION_WINDOW,
             failovers_max: failovers(host),
+            replication,
             clock: JournalClock::Simulation,
         })
     };
-    let record = store_host(seed, scenario::STORE_RECORD_HOST);
-    let cache = store_host(seed.rotate_left(17), scenario::STORE_CACHE_HOST);
+    let record = store_host(seed, scenario::STORE_RECORD_HOST, record_replication(scenario, seed));
+    // The cache store replicates asynchronously, as a cache server does: its failover may lose
+    // holds' locks and places in line, which the fences and the system of record answer for.
+    let cache = store_host(seed.rotate_left(17), scenario::STORE_CACHE_HOST, Replication::Async);
     let stores: BTreeMap<String, StoreControl> = [
         (scenario::STORE_RECORD_HOST.to_owned(), record.clone()),
         (scenario::STORE_CACHE_HOST.to_owned(), cache.clone()),
@@ -387,26 +398,35 @@ pub fn run_with(
     drop(sim);
     let store_failovers = failover_tickets
         .into_iter()
-        .map(|(host, mut ticket)| match ticket.try_outcome() {
+        .map(|(fault, host, mut ticket)| match ticket.try_outcome() {
             Some(Ok(report)) => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: u64::try_from(report.at.as_micros()).unwrap_or(u64::MAX),
                 writes_replayed: report.writes_replayed as u64,
                 writes_lost: report.writes_lost as u64,
+                writes_kept_by_standby: report.writes_kept_by_standby as u64,
+                calls_cut_off: report.calls_cut_off,
                 refused: None,
             },
             Some(Err(error)) => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: 0,
                 writes_replayed: 0,
                 writes_lost: 0,
+                writes_kept_by_standby: 0,
+                calls_cut_off: 0,
                 refused: Some(error.to_string()),
             },
             None => StoreFailoverOutcome {
+                fault,
                 host,
                 at_us: 0,
                 writes_replayed: 0,
                 writes_lost: 0,
+                writes_kept_by_standby: 0,
+                calls_cut_off: 0,
                 refused: Some("did not run before the end".into()),
             },
         })
@@ -672,7 +692,7 @@ fn armed_pauses(scenario: &Scenario, host: &str) -> Vec<ArmedPause> {
 /// The timeline's network and host actions, in time order (ties keep the file's order).
 fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
     let mut actions = Vec::new();
-    for fault in &scenario.faults {
+    for (index, fault) in scenario.faults.iter().enumerate() {
         match fault {
             Fault::Partition(p) => {
                 let (a, b) = (p.a.resolve(hosts), p.b.resolve(hosts));
@@ -719,6 +739,7 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
             Fault::StoreFailover(failover) => actions.push((
                 us(failover.at_s),
                 Action::FailOver {
+                    fault: index,
                     host: failover.host.clone(),
                     lose_last: Duration::from_millis(failover.lose_last_ms),
                 },
@@ -735,7 +756,7 @@ fn apply(
     action: &Action,
     skews: &BTreeMap<String, Arc<AtomicI64>>,
     stores: &BTreeMap<String, StoreControl>,
-) -> Option<(String, FailoverTicket)> {
+) -> Option<(usize, String, FailoverTicket)> {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -762,10 +783,10 @@ fn apply(
                 store.set_extra_latency(*extra);
             }
         }
-        Action::FailOver { host, lose_last } => {
+        Action::FailOver { fault, host, lose_last } => {
             if let Some(store) = stores.get(host) {
                 // The failover runs on the store host; its report is read after the run.
-                return Some((host.clone(), store.fail_over(*lose_last)));
+                return Some((*fault, host.clone(), store.fail_over(*lose_last)));
             }
         }
     }
@@ -784,6 +805,20 @@ fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
 
 fn engine_hosts_of(scenario: &Scenario) -> Vec<String> {
     (1..=scenario.engine.nodes).map(scenario::engine_host).collect()
+}
+
+/// How the system of record replicates: semi-synchronously, each leg of the round trip to its
+/// standby drawn from the scenario's store latency (the standby sits beside the primary, as
+/// far from it as the engine nodes are), or asynchronously (known unsafe).
+fn record_replication(scenario: &Scenario, seed: u64) -> Replication {
+    match scenario.engine.record_replication {
+        scenario::RecordReplication::Async => Replication::Async,
+        scenario::RecordReplication::SemiSync => {
+            let latency = &scenario.network.store_latency_ms;
+            let micros = |ms: f64| Duration::from_micros((ms * 1000.0) as u64);
+            Replication::SemiSync(SemiSync { leg_latency: micros(latency.min)..=micros(latency.max), seed })
+        }
+    }
 }
 
 /// The latency of a link between an engine node and a store host: the midpoint of the

@@ -32,6 +32,10 @@
 //! - [`StoreHostConfig::failovers_max`] **standby** replicas, which apply each journal entry
 //!   once it leaves the journal.
 //!
+//! A failover that runs closes every connection the host has open (their peer was the old
+//! primary): the requests in flight ([`FailoverReport::calls_cut_off`]) are answered to nobody,
+//! and clients reconnect to the promoted standby.
+//!
 //! `MemoryStore` is deterministic for a given sequence of calls, which is what makes this work:
 //! [`StoreControl::fail_over`] promotes one standby, replays onto it the journal entries that are
 //! at least `lose_last` old, and drops the younger ones. The other standbys stay as they were,
@@ -59,6 +63,8 @@
 //! are answered with an error, never a panic.
 //! **Invariant:** nothing here iterates a hash map, so a simulated run replays exactly.
 
+mod replication;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -85,6 +91,9 @@ use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncMutexGuard, Notify, Ow
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+
+use self::replication::{Durable, LostWrites, StandbyStream};
+pub use self::replication::{Replication, SemiSync};
 
 /// The largest frame body either side sends or accepts, in bytes. A longer incoming frame
 /// closes the connection; a longer response is replaced by an `Unavailable` error.
@@ -613,6 +622,8 @@ pub struct StoreHostConfig {
     pub replication_window: Duration,
     /// How many failovers that lose writes the host can go through (one standby each).
     pub failovers_max: u32,
+    /// When a write is answered: once a standby holds it, or at once (known unsafe).
+    pub replication: Replication,
     /// The clock of the journal.
     pub clock: JournalClock,
 }
@@ -623,6 +634,7 @@ impl Default for StoreHostConfig {
             store: MemoryStoreConfig::default().keeping_the_whole_outbox(),
             replication_window: Duration::from_secs(30),
             failovers_max: 2,
+            replication: Replication::SemiSync(SemiSync::default()),
             clock: JournalClock::Simulation,
         }
     }
@@ -637,6 +649,12 @@ pub struct FailoverReport {
     pub writes_replayed: usize,
     /// Journaled writes lost (younger than `lose_last`).
     pub writes_lost: usize,
+    /// Journaled writes younger than `lose_last` kept because the standby had acknowledged
+    /// them (semi-sync): what an asynchronous standby would have lost.
+    pub writes_kept_by_standby: usize,
+    /// Requests that came over the network and had not been answered: their connections to
+    /// the old primary are closed, so their callers learn nothing of their outcome.
+    pub calls_cut_off: u64,
     /// Failovers that can still lose writes.
     pub failovers_left: usize,
 }
@@ -700,6 +718,12 @@ struct HostShared {
     state: AsyncMutex<HostState>,
     failovers_pending: parking_lot::Mutex<VecDeque<PendingFailover>>,
     failover_asked: Notify,
+    /// The writes failovers took back, for answers that waited for the standby meanwhile.
+    lost_writes: LostWrites,
+    /// Requests that came over the network and are not answered yet.
+    calls_in_flight: AtomicU64,
+    /// Wakes every connection when a failover ran, so each closes: its peer was the old primary.
+    failed_over: Notify,
 }
 
 struct PendingFailover {
@@ -719,10 +743,20 @@ struct HostState {
     journal_overflowed: u64,
     /// Whether this host can fail over at all; without standbys it keeps no journal.
     journaling: bool,
+    /// Semi-sync mode: the stream of writes to the standby.
+    standby_stream: Option<StandbyStream>,
+    /// The sequence number the next write gets. Sequence numbers are never reused, not even
+    /// those of writes a failover took back.
+    sequence_next: u64,
+    /// The sequence number of the newest write the primary's state holds.
+    sequence_applied: u64,
 }
 
 struct JournalEntry {
     at: Duration,
+    sequence: u64,
+    /// When the standby acknowledged the write (semi-sync mode).
+    acknowledged_at: Option<Duration>,
     request: StoreRequest,
 }
 
@@ -748,6 +782,12 @@ impl StoreControl {
             clock_last: Duration::ZERO,
             journal_overflowed: 0,
             journaling: standbys_count > 0,
+            standby_stream: match &config.replication {
+                Replication::Async => None,
+                Replication::SemiSync(semi_sync) => Some(StandbyStream::new(semi_sync)),
+            },
+            sequence_next: 1,
+            sequence_applied: 0,
         };
         let shared = HostShared {
             config,
@@ -756,6 +796,9 @@ impl StoreControl {
             state: AsyncMutex::new(state),
             failovers_pending: parking_lot::Mutex::new(VecDeque::new()),
             failover_asked: Notify::new(),
+            lost_writes: LostWrites::default(),
+            calls_in_flight: AtomicU64::new(0),
+            failed_over: Notify::new(),
         };
         Self { shared: Arc::new(shared) }
     }
@@ -787,25 +830,48 @@ impl StoreControl {
         FailoverTicket { outcome }
     }
 
-    /// Runs a request that came over the network.
+    /// Runs a request that came over the network. In semi-sync mode its answer waits until the
+    /// standby holds every write the request saw; if a failover took one of those back
+    /// meanwhile, the answer is `Unavailable` (the outcome is unknown), never what the lost
+    /// state said.
     async fn handle_remote(&self, request: StoreRequest) -> StoreResponse {
+        self.shared.calls_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _answered = AnsweredOnDrop(&self.shared.calls_in_flight);
         let latency = self.extra_latency();
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
-        self.apply(request).await
+        let (response, durable) = self.apply(request).await;
+        let Some((durable, wait)) = durable else { return response };
+        tokio::time::sleep(wait).await;
+        if self.shared.lost_writes.saw_a_lost_write(durable.sequence) {
+            return StoreResponse::Refused(WireError::Unavailable {
+                reason: "store failover: the write was lost before the standby held it".into(),
+            });
+        }
+        response
     }
 
-    /// Runs a request against the primary, journaling it if it writes. Only a journaled write
-    /// reads the clock: a host without standbys, and every read, needs no time.
-    async fn apply(&self, request: StoreRequest) -> StoreResponse {
+    /// Runs a request against the primary, journaling it if it writes. Returns the answer and,
+    /// in semi-sync mode when the standby does not hold the writes it saw yet, what it must
+    /// wait for and how long. Only a write, or a read in semi-sync mode, reads the clock: a
+    /// host without standbys in async mode needs no time.
+    async fn apply(&self, request: StoreRequest) -> (StoreResponse, Option<(Durable, Duration)>) {
         let mut state = self.lock_state().await;
-        // A host set up without standbys can never fail over: a journal would only cost.
-        if !request.is_write() || !state.journaling {
-            return execute(&state.primary, request).await;
+        let write = request.is_write();
+        // An async host without standbys can never fail over: a journal would only cost; and
+        // an async host answers reads at once.
+        if state.standby_stream.is_none() && !(write && state.journaling) {
+            return (execute(&state.primary, request).await, None);
         }
         let now = self.clock_now(&mut state);
-        state.execute_journaled(request, now, self.shared.config.replication_window).await
+        let (response, durable) = if write {
+            state.execute_write(request, now, self.shared.config.replication_window).await
+        } else {
+            (execute(&state.primary, request).await, state.durable_applied())
+        };
+        let waiting = durable.filter(|durable| durable.at > now).map(|durable| (durable, durable.at - now));
+        (response, waiting)
     }
 
     /// The state, after running any failover asked for.
@@ -814,7 +880,16 @@ impl StoreControl {
         loop {
             let Some(pending) = self.shared.failovers_pending.lock().pop_front() else { break };
             let now = self.clock_now(&mut state);
-            let outcome = state.fail_over(pending.lose_last, now, self.shared.config.failovers_max).await;
+            let outcome = state
+                .fail_over(pending.lose_last, now, self.shared.config.failovers_max, &self.shared.lost_writes)
+                .await
+                .map(|report| FailoverReport {
+                    calls_cut_off: self.shared.calls_in_flight.load(Ordering::Relaxed),
+                    ..report
+                });
+            if outcome.is_ok() {
+                self.shared.failed_over.notify_waiters();
+            }
             match &outcome {
                 Ok(report) => tracing::info!(?report, lose_last = ?pending.lose_last, "store failover"),
                 Err(error) => tracing::warn!(%error, "store failover refused"),
@@ -841,18 +916,46 @@ impl StoreControl {
         state.clock_last
     }
 
+    /// Resolves when a failover runs (register before it may run: poll it once first).
+    async fn failed_over(&self) {
+        self.shared.failed_over.notified().await;
+    }
+
+    /// A call from outside the network (seeding before a run, reading after it): no waiting
+    /// for the standby, as no failover can come between.
     async fn call(&self, request: StoreRequest) -> Result<StoreResponse, StoreError> {
-        Ok(self.apply(request).await)
+        Ok(self.apply(request).await.0)
     }
 }
 
 impl HostState {
-    /// Runs a write against the primary and journals it.
-    async fn execute_journaled(&mut self, request: StoreRequest, now: Duration, window: Duration) -> StoreResponse {
-        let response = execute(&self.primary, request.clone()).await;
-        self.journal.push_back(JournalEntry { at: now, request });
-        self.replicate(now, window).await;
-        response
+    /// Runs a write against the primary, ships it to the standby (semi-sync mode) and journals
+    /// it (a host that can fail over).
+    async fn execute_write(
+        &mut self,
+        request: StoreRequest,
+        now: Duration,
+        window: Duration,
+    ) -> (StoreResponse, Option<Durable>) {
+        let sequence = self.sequence_next;
+        self.sequence_next += 1;
+        self.sequence_applied = sequence;
+        let acknowledged_at = self.standby_stream.as_mut().map(|stream| stream.ship(now));
+        let response = if self.journaling {
+            let response = execute(&self.primary, request.clone()).await;
+            self.journal.push_back(JournalEntry { at: now, sequence, acknowledged_at, request });
+            self.replicate(now, window).await;
+            response
+        } else {
+            execute(&self.primary, request).await
+        };
+        (response, acknowledged_at.map(|at| Durable { sequence, at }))
+    }
+
+    /// Semi-sync mode: what an answer computed from the primary's state now waits for.
+    fn durable_applied(&self) -> Option<Durable> {
+        let stream = self.standby_stream.as_ref()?;
+        Some(Durable { sequence: self.sequence_applied, at: stream.acknowledged_last() })
     }
 
     /// Moves writes older than the window (or beyond the journal's maximum) to the standbys.
@@ -883,23 +986,41 @@ impl HostState {
         lose_last: Duration,
         now: Duration,
         failovers_max: u32,
+        lost_writes: &LostWrites,
     ) -> Result<FailoverReport, FailoverError> {
-        let kept = |at: Duration| at.saturating_add(lose_last) <= now;
-        if let Some(through) = self.standbys_through.filter(|through| !kept(*through)) {
+        let old_enough = |at: Duration| at.saturating_add(lose_last) <= now;
+        if let Some(through) = self.standbys_through.filter(|through| !old_enough(*through)) {
             return Err(FailoverError::BeyondJournal { lose_last, journal_covers: now.saturating_sub(through) });
         }
-        // The journal's times never go back, so the writes to keep are a prefix.
-        let writes_replayed = self.journal.iter().take_while(|entry| kept(entry.at)).count();
+        // A write survives when it is old enough to have reached the standby anyway, or when
+        // the standby acknowledged it (semi-sync). Both times never go back along the journal,
+        // so the writes to keep are a prefix.
+        let kept = |entry: &JournalEntry| {
+            old_enough(entry.at) || entry.acknowledged_at.is_some_and(|acknowledged| acknowledged <= now)
+        };
+        let writes_replayed = self.journal.iter().take_while(|entry| kept(entry)).count();
         let writes_lost = self.journal.len() - writes_replayed;
+        let writes_old_enough = self.journal.iter().take_while(|entry| old_enough(entry.at)).count();
+        let writes_kept_by_standby = writes_replayed - writes_old_enough;
         if writes_lost > 0 {
             let promoted = self.standbys.pop().ok_or(FailoverError::NoStandbyLeft { failovers_max })?;
+            let first_lost = self.journal[writes_replayed].sequence;
+            lost_writes.record(first_lost..=self.sequence_applied);
+            self.sequence_applied = first_lost - 1;
             self.journal.truncate(writes_replayed);
             for entry in &self.journal {
                 execute(&promoted, entry.request.clone()).await;
             }
             self.primary = promoted;
         }
-        Ok(FailoverReport { at: now, writes_replayed, writes_lost, failovers_left: self.standbys.len() })
+        Ok(FailoverReport {
+            at: now,
+            writes_replayed,
+            writes_lost,
+            writes_kept_by_standby,
+            calls_cut_off: 0,
+            failovers_left: self.standbys.len(),
+        })
     }
 }
 
@@ -1055,8 +1176,10 @@ where
     let _forget = forget;
     let (read_half, write_half) = tokio::io::split(stream);
     let (responses, responses_out) = mpsc::unbounded_channel();
+    let failed_over = control.clone();
     let reason = tokio::select! {
         biased;
+        () = failed_over.failed_over() => "store failover: the peer was the old primary".to_owned(),
         reason = read_requests(read_half, control, activity, responses) => reason,
         reason = write_frames(write_half, responses_out) => reason,
     };
@@ -1114,6 +1237,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Counts a network request as answered when its handling ends, however it ends.
+struct AnsweredOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for AnsweredOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -16,7 +16,8 @@ use tcore_engine::store::{
     AuditEntry, CacheStore, HoldRequest, MemoryStore, MemoryStoreConfig, RecordStore, SeatFilter, StoreError,
 };
 use tcore_sim::world::store_rpc::{
-    Accept, FailoverError, JournalClock, RemoteStore, RemoteStoreConfig, StoreControl, StoreHostConfig, serve_store,
+    Accept, FailoverError, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl,
+    StoreHostConfig, serve_store,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
@@ -30,11 +31,23 @@ const IDEMPOTENCY_TTL_MS: u64 = 86_400_000;
 /// A computed rate that serde_json's default float parsing would bring back one ulp off.
 const AWKWARD_RATE_PER_S: f64 = 3.0 * 0.37 + 0.123456789;
 
+/// A host that answers at once (asynchronous replication): these tests are about the wire and
+/// the journal; the semi-sync ones set their own.
 fn host_config(clock: JournalClock) -> StoreHostConfig {
     StoreHostConfig {
         store: MemoryStoreConfig { seed: SEED, ..MemoryStoreConfig::default() },
+        replication: Replication::Async,
         clock,
         ..StoreHostConfig::default()
+    }
+}
+
+/// A semi-sync host whose standby is `leg` away, each way.
+fn semi_sync_config(leg: Duration) -> StoreHostConfig {
+    StoreHostConfig {
+        replication: Replication::SemiSync(SemiSync { leg_latency: leg..=leg, seed: SEED }),
+        failovers_max: 1,
+        ..host_config(JournalClock::Tokio)
     }
 }
 
@@ -346,6 +359,36 @@ async fn failover_is_refused_beyond_the_journal_or_the_standbys() {
     assert_eq!(control.dump().await.expect("dump").accounts.len(), 2, "a refused failover changes nothing");
 }
 
+#[tokio::test(start_paused = true)]
+async fn semi_sync_answers_a_write_once_the_standby_holds_it_and_a_failover_keeps_it() {
+    let harness = in_memory(semi_sync_config(Duration::from_millis(2)), RemoteStoreConfig::default());
+    let started = tokio::time::Instant::now();
+    harness.store.create_user("ada".into(), 1_000, 0).await.expect("user");
+    assert_eq!(started.elapsed(), Duration::from_millis(4), "one round trip to the standby");
+    let report = harness.control.fail_over(Duration::from_secs(1)).outcome().await.expect("failover");
+    assert_eq!(report.writes_lost, 0, "the standby held the acknowledged write");
+    assert_eq!(harness.store.account(1).await.expect("kept").name, "ada");
+}
+
+#[tokio::test(start_paused = true)]
+async fn semi_sync_loses_only_a_write_in_flight_and_answers_it_unavailable() {
+    let harness = in_memory(semi_sync_config(Duration::from_millis(2)), RemoteStoreConfig::default());
+    harness.store.create_user("ada".into(), 1_000, 0).await.expect("user");
+    let store = Arc::new(harness.store);
+    let writing = tokio::spawn({
+        let store = store.clone();
+        async move { store.create_user("bob".into(), 0, 0).await }
+    });
+    // The primary has bob; the standby will hear of him 4 ms after.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let report = harness.control.fail_over(Duration::from_secs(1)).outcome().await.expect("failover");
+    assert_eq!((report.writes_replayed, report.writes_lost, report.calls_cut_off), (1, 1, 1));
+    let answer = writing.await.expect("no panic");
+    assert!(matches!(answer, Err(StoreError::Unavailable { .. })), "a lost write is never acknowledged: {answer:?}");
+    let names: Vec<String> = store.dump().await.expect("dump").accounts.into_iter().map(|a| a.name).collect();
+    assert_eq!(names, ["ada"]);
+}
+
 /// Writes one raw frame.
 async fn write_raw(stream: &mut tokio::net::TcpStream, body: &[u8]) {
     let length = u32::try_from(body.len()).expect("small frame");
@@ -456,6 +499,9 @@ fn failover_in_the_simulation_loses_the_last_second_of_holds() {
             sleep_until_s(10.0).await;
             let report = failover.fail_over(Duration::from_secs(1)).outcome().await?;
             assert_eq!(report.writes_lost, 1, "seed {SEED}: {report:?}");
+            // The failover closed the connection, whose peer was the old primary; once the
+            // client has seen it close, its next call connects to the promoted standby.
+            sleep_until_s(10.1).await;
             let seats: Vec<_> = store.dump().await?.reservations.iter().map(|r| r.seat_id).collect();
             assert_eq!(seats, vec![1, 2], "seed {SEED}");
             Ok(())

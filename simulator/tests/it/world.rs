@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tcore_sim::checker::{CheckReport, Invariant, check};
 use tcore_sim::history::Outcome;
-use tcore_sim::scenario::{HoldMode, Scenario};
+use tcore_sim::scenario::{HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
 
@@ -99,22 +99,65 @@ fn the_same_pause_is_harmless_with_fenced_lock_and_atomic_holds() {
     }
 }
 
+/// The record store's failover of `store-failover.toml`, as the run result reports it.
+fn record_failover(result: &serde_json::Value) -> &serde_json::Value {
+    result["store_failovers"]
+        .as_array()
+        .and_then(|failovers| failovers.iter().find(|failover| failover["host"] == "store-record"))
+        .expect("the record store failed over")
+}
+
 #[test]
-fn a_record_store_failover_during_payments_loses_acknowledged_confirmations_and_is_caught() {
-    let mut failover = scenario("store-failover.toml");
-    for fault in &mut failover.faults {
-        if let tcore_sim::scenario::Fault::StoreFailover(store_failover) = fault
-            && store_failover.host == tcore_sim::scenario::STORE_RECORD_HOST
-        {
-            // In the middle of the sale, losing the last second of writes.
-            store_failover.at_s = 7.0;
-            store_failover.lose_last_ms = 1_000;
-        }
-    }
-    let (_, report) = run(&failover);
+fn the_store_failover_comes_while_users_pay_and_async_replication_loses_confirmations_and_is_caught() {
+    let unsafe_run = scenario("store-failover.toml").with_record_replication(RecordReplication::Async);
+    assert!(unsafe_run.is_unsafe());
+    let (bytes, report) = run(&unsafe_run);
+    let result: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    let lost = record_failover(&result)["writes_lost"].as_u64().expect("writes_lost");
+    assert!(lost > 0, "the failover must not dodge the payments: {}", record_failover(&result));
     assert!(
         report.failed_invariants().contains(&Invariant::AcknowledgedConfirmationsDurable),
         "seed {}: {report}",
-        failover.seed
+        unsafe_run.seed
     );
+    let counterexample = report
+        .violations
+        .iter()
+        .find(|violation| violation.invariant == Invariant::AcknowledgedConfirmationsDurable)
+        .expect("a counterexample for the lost confirmation");
+    assert!(!counterexample.operations.is_empty(), "the acknowledged confirm is quoted: {counterexample}");
+    assert_eq!(counterexample.seed, unsafe_run.seed);
+}
+
+#[test]
+fn the_same_failover_loses_no_acknowledged_confirmation_with_semi_sync_replication() {
+    let safe_run = scenario("store-failover.toml");
+    assert_eq!(safe_run.engine.record_replication, RecordReplication::SemiSync, "safe without asking");
+    let (bytes, report) = run(&safe_run);
+    assert!(report.passed(), "seed {}: {report}", safe_run.seed);
+    let result: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    let failover = record_failover(&result);
+    assert!(failover["writes_kept_by_standby"].as_u64() > Some(0), "writes were at stake: {failover}");
+    assert_eq!(result["faults_without_effect"], serde_json::json!([]), "every fault bit");
+}
+
+#[test]
+fn a_fault_that_never_bites_is_listed_as_without_effect_in_the_run_result_and_the_report() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/concert-open.toml");
+    let text = std::fs::read_to_string(&path).expect("scenario");
+    // Atomic holds take no lock, so `hold.after_lock` is never reached.
+    let dodging = format!(
+        "{text}\n[[faults]]\nkind = \"pause-at\"\npoint = \"hold.after_lock\"\nhost = \"engine-1\"\npause_ms = 5_000\n"
+    );
+    let dodging = Scenario::parse(&dodging, "dodging.toml").unwrap_or_else(|error| panic!("{error}"));
+    assert_eq!(dodging.engine.hold_mode, HoldMode::Atomic);
+    let (bytes, report) = run(&dodging);
+    assert!(report.passed(), "seed {}: {report}", dodging.seed);
+    let result: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    let dodged = result["faults_without_effect"].as_array().expect("a list");
+    assert_eq!(dodged.len(), 1, "{dodged:?}");
+    assert_eq!((dodged[0]["fault"].as_u64(), dodged[0]["kind"].as_str()), (Some(0), Some("pause-at")));
+    assert!(dodged[0]["reason"].as_str().is_some_and(|reason| reason.starts_with("nothing paused")), "{dodged:?}");
+    let html = tcore_reports::render(&[result]).unwrap_or_else(|error| panic!("{error}"));
+    assert!(html.contains("Faults without effect") && html.contains("nothing paused"));
 }
