@@ -67,6 +67,8 @@ pub mod bounds {
     pub const RATE_LIMIT_PER_S: RangeInclusive<u32> = 1..=100_000;
     pub const RATE_LIMIT_BURST: RangeInclusive<u32> = 1..=100_000;
     pub const BLOCK_TTL_S: RangeInclusive<u64> = 1..=86_400;
+    /// A user an admin call names: accounts are numbered from 1.
+    pub const USER_ID: RangeInclusive<u64> = 1..=u64::MAX;
     pub const HOLD_TTL_S: RangeInclusive<u64> = 10..=3_600;
     pub const QUEUE_WAIT_S: RangeInclusive<u64> = 0..=30;
     /// Points one top-up may add (admin tool or payment webhook).

@@ -25,7 +25,7 @@ use crate::domain::{
     TransitionError, UserId, WriteGuard,
 };
 use crate::faults::{FaultContext, FaultHook, FaultPoint};
-use crate::guards::{Block, Guards, LimitScope, Rejection, rate_limited};
+use crate::guards::{Block, Guards, LimitScope, Rejection, UserBlock, rate_limited};
 use crate::known_users::{self, KnownUsers};
 use crate::recent_tokens::RecentTokens;
 use crate::sessions::{Session, Sessions};
@@ -138,6 +138,8 @@ pub struct Snapshot {
     pub hold_ttl_s: u64,
     pub rate_limits: RateLimits,
     pub blocks: Vec<Block>,
+    #[serde(default)]
+    pub user_blocks: Vec<UserBlock>,
 }
 
 /// Which token statuses a call accepts.
@@ -329,7 +331,7 @@ impl Engine {
     }
 
     /// Admits or turns away a public request from `ip` by the user of its verified session
-    /// (if any): the blocklist, then the rate limits, this node's own or, with
+    /// (if any): the blocklists, then the rate limits, this node's own or, with
     /// `rate_limits_shared`, the counters every node keeps in the cache store. Only verified
     /// users get a limiter entry of their own, so forged credentials cannot grow the limiter.
     /// A cache store that cannot answer lets the request through (the booking calls behind it
@@ -338,7 +340,7 @@ impl Engine {
         if !self.config.rate_limits_shared {
             return self.guards.check(ip, user);
         }
-        self.guards.check_blocked(ip)?;
+        self.guards.check_blocked(ip, user)?;
         let limits = self.guards.limits();
         let per_ip = RateLimit { per_s: limits.per_ip_per_s, burst: limits.burst };
         self.take_shared_rate(LimitScope::Ip, format!("ip:{ip}"), per_ip).await?;
@@ -952,6 +954,7 @@ impl Engine {
             hold_ttl_s: settings.hold_ttl_ms / 1000,
             rate_limits: self.guards.limits(),
             blocks: self.guards.blocks(),
+            user_blocks: self.guards.user_blocks(),
         }
     }
 
@@ -1053,30 +1056,81 @@ impl Engine {
 
     /// Blocks an IP for `ttl_s` seconds on this node.
     pub async fn block(&self, actor: &str, ip: IpAddr, ttl_s: u64) -> Result<serde_json::Value, EngineError> {
-        let requested = serde_json::json!({ "ip": ip, "ttl_s": ttl_s });
-        self.audited(actor, "block_ip", format!("ip/{ip}"), &requested, async {
+        let key = ("ip", serde_json::json!(ip));
+        let block =
+            |ttl_ms| self.guards.block(ip, ttl_ms).map_err(|full| EngineError::Invalid { reason: full.to_string() });
+        self.audited_block(actor, "block_ip", format!("ip/{ip}"), key, ttl_s, block).await
+    }
+
+    /// Lifts a block on this node.
+    pub async fn unblock(&self, actor: &str, ip: IpAddr) -> Result<serde_json::Value, EngineError> {
+        let key = ("ip", serde_json::json!(ip));
+        let missing = EngineError::NotFound { entity: "block", id: 0 };
+        self.audited_unblock(actor, "unblock_ip", format!("ip/{ip}"), key, || self.guards.unblock(ip), missing).await
+    }
+
+    /// Blocks a user for `ttl_s` seconds on this node: every public request their session
+    /// names is refused, from whatever address; the others behind their address pass.
+    pub async fn block_user(&self, actor: &str, user_id: UserId, ttl_s: u64) -> Result<serde_json::Value, EngineError> {
+        let key = ("user_id", serde_json::json!(user_id));
+        let block = |ttl_ms| {
+            check_bound("user_id", user_id, &bounds::USER_ID)?;
+            self.guards.block_user(user_id, ttl_ms).map_err(|full| EngineError::Invalid { reason: full.to_string() })
+        };
+        self.audited_block(actor, "block_user", format!("user/{user_id}"), key, ttl_s, block).await
+    }
+
+    /// Lifts a user's block on this node.
+    pub async fn unblock_user(&self, actor: &str, user_id: UserId) -> Result<serde_json::Value, EngineError> {
+        let key = ("user_id", serde_json::json!(user_id));
+        let missing = EngineError::NotFound { entity: "user block", id: user_id };
+        let unblock = || self.guards.unblock_user(user_id);
+        self.audited_unblock(actor, "unblock_user", format!("user/{user_id}"), key, unblock, missing).await
+    }
+
+    /// Blocks what `key` names (`ip` or `user_id`, and its value) with `block` for `ttl_s`
+    /// seconds, audited as `action` on `target`; `block` checks what it names.
+    async fn audited_block(
+        &self,
+        actor: &str,
+        action: &str,
+        target: String,
+        key: (&str, serde_json::Value),
+        ttl_s: u64,
+        block: impl FnOnce(u64) -> Result<Option<u64>, EngineError>,
+    ) -> Result<serde_json::Value, EngineError> {
+        let (name, value) = key;
+        let requested = serde_json::json!({ (name): value.clone(), "ttl_s": ttl_s });
+        self.audited(actor, action, target, &requested, async {
             check_bound("ttl_s", ttl_s, &bounds::BLOCK_TTL_S)?;
-            let before = self
-                .guards
-                .block(ip, ttl_s * 1000)
-                .map_err(|full| EngineError::Invalid { reason: full.to_string() })?;
+            let before = block(ttl_s * 1000)?;
             let until_ms = self.now_ms() + ttl_s * 1000;
             Ok((
                 serde_json::json!({ "blocked_until_ms": before }),
-                serde_json::json!({ "ip": ip, "blocked_until_ms": until_ms }),
+                serde_json::json!({ (name): value, "blocked_until_ms": until_ms }),
             ))
         })
         .await
     }
 
-    /// Lifts a block on this node.
-    pub async fn unblock(&self, actor: &str, ip: IpAddr) -> Result<serde_json::Value, EngineError> {
-        let requested = serde_json::json!({ "ip": ip });
-        self.audited(actor, "unblock_ip", format!("ip/{ip}"), &requested, async {
-            let before = self.guards.unblock(ip).ok_or(EngineError::NotFound { entity: "block", id: 0 })?;
+    /// Lifts the block of what `key` names with `unblock` (`missing` if there was none),
+    /// audited as `action` on `target`.
+    async fn audited_unblock(
+        &self,
+        actor: &str,
+        action: &str,
+        target: String,
+        key: (&str, serde_json::Value),
+        unblock: impl FnOnce() -> Option<u64>,
+        missing: EngineError,
+    ) -> Result<serde_json::Value, EngineError> {
+        let (name, value) = key;
+        let requested = serde_json::json!({ (name): value.clone() });
+        self.audited(actor, action, target, &requested, async {
+            let before = unblock().ok_or(missing)?;
             Ok((
                 serde_json::json!({ "blocked_until_ms": before }),
-                serde_json::json!({ "ip": ip, "blocked_until_ms": null }),
+                serde_json::json!({ (name): value, "blocked_until_ms": null }),
             ))
         })
         .await

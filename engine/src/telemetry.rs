@@ -3,7 +3,8 @@
 //!
 //! **Invariant:** all durations are measured on the engine's [`Clock`](crate::clock::Clock),
 //! so in the simulator they are simulated time; memory is bounded (a fixed window of
-//! seconds, a capped number of IPs per second).
+//! seconds, a capped number of IPs and of verified users per second, a capped number of
+//! addresses per user).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -19,12 +20,21 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::domain::UserId;
+
 /// Seconds the snapshot looks back over.
 pub const WINDOW_S: u64 = 10;
 /// Distinct IPs counted per second; beyond it requests are counted as overflow.
 pub const IPS_PER_SECOND_MAX: usize = 20_000;
 /// Top talkers listed in a snapshot.
 pub const TOP_TALKERS_MAX: usize = 10;
+/// Distinct verified users counted per second; beyond it their requests are counted as overflow.
+pub const USERS_PER_SECOND_MAX: usize = 20_000;
+/// Top users listed in a snapshot.
+pub const TOP_USERS_MAX: usize = 10;
+/// Addresses remembered per user and second, and per user over the window: enough to tell one
+/// address from many, never a list a user can grow.
+pub const USER_IPS_MAX: usize = 16;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
@@ -117,11 +127,52 @@ struct Window {
 struct Bucket {
     second: u64,
     routes: BTreeMap<String, RouteWindow>,
-    ips: HashMap<IpAddr, u32>,
+    ips: HashMap<IpAddr, IpCount>,
     ips_overflow: u64,
+    users: HashMap<UserId, UserCount>,
+    users_overflow: u64,
     store_latency: Hdr<u64>,
     confirmations: u64,
     holds: u64,
+}
+
+/// One address's requests in one second.
+#[derive(Debug, Default, Clone, Copy)]
+struct IpCount {
+    requests: u32,
+    /// Of those, the ones without a verified session.
+    sessionless: u32,
+}
+
+/// One verified user's requests in one second, and where they came from.
+#[derive(Debug)]
+struct UserCount {
+    requests: u32,
+    addresses: Addresses,
+}
+
+/// The distinct addresses of one user, at most [`USER_IPS_MAX`]. The first is kept inline:
+/// almost every user has one, and a second each would otherwise cost an allocation.
+#[derive(Debug, Clone)]
+struct Addresses {
+    first: IpAddr,
+    others: Vec<IpAddr>,
+}
+
+impl Addresses {
+    fn new(first: IpAddr) -> Self {
+        Self { first, others: Vec::new() }
+    }
+
+    fn insert(&mut self, ip: IpAddr) {
+        if ip != self.first && !self.others.contains(&ip) && self.others.len() + 1 < USER_IPS_MAX {
+            self.others.push(ip);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.first).chain(self.others.iter().copied())
+    }
 }
 
 #[derive(Debug)]
@@ -143,6 +194,8 @@ impl Bucket {
             routes: BTreeMap::new(),
             ips: HashMap::new(),
             ips_overflow: 0,
+            users: HashMap::new(),
+            users_overflow: 0,
             store_latency,
             confirmations: 0,
             holds: 0,
@@ -205,6 +258,25 @@ pub struct Talker {
     #[schema(value_type = String)]
     pub ip: IpAddr,
     pub requests_per_s: f64,
+    /// Of those, the requests without a verified session.
+    #[serde(default)]
+    pub sessionless_requests_per_s: f64,
+    /// Distinct verified users seen from this address: many mean a shared address (a
+    /// carrier's NAT, a venue's Wi-Fi), whose users are better judged one by one.
+    #[serde(default)]
+    pub users: u64,
+}
+
+/// One verified user's request rate over the window.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, ToSchema)]
+pub struct UserTalker {
+    pub user_id: UserId,
+    pub requests_per_s: f64,
+    /// Distinct addresses the user's requests came from (counted up to 16).
+    pub ips: u64,
+    /// The address, if all of them came from one.
+    #[schema(value_type = Option<String>)]
+    pub only_ip: Option<IpAddr>,
 }
 
 /// The traffic part of the admin snapshot.
@@ -223,6 +295,14 @@ pub struct TrafficSnapshot {
     /// The median request rate of the IPs seen: what "normal" looks like.
     pub ip_median_requests_per_s: f64,
     pub distinct_ips: u64,
+    /// The busiest users with a verified session.
+    #[serde(default)]
+    pub top_users: Vec<UserTalker>,
+    /// The median request rate of the verified users seen.
+    #[serde(default)]
+    pub user_median_requests_per_s: f64,
+    #[serde(default)]
+    pub distinct_users: u64,
     pub store_latency_us_p50: u64,
     pub store_latency_us_p99: u64,
 }
@@ -301,8 +381,16 @@ impl Telemetry {
         }
     }
 
-    /// Records one HTTP request.
-    pub fn record_request(&self, route: &str, status: u16, latency_us: u64, ip: IpAddr, now_ms: u64) {
+    /// Records one HTTP request from `ip`, by `user` if it carried a verified session.
+    pub fn record_request(
+        &self,
+        route: &str,
+        status: u16,
+        latency_us: u64,
+        ip: IpAddr,
+        user: Option<UserId>,
+        now_ms: u64,
+    ) {
         {
             let mut handles = self.handles.lock();
             let handles = entry_by_name(&mut handles.routes, route, || RouteHandles {
@@ -335,12 +423,23 @@ impl Telemetry {
         route_window.errors += u64::from(verdict == Verdict::Failed);
         route_window.rejections += u64::from(verdict == Verdict::Rejected);
         route_window.latency.saturating_record(latency_us.max(1));
+        let sessionless = u32::from(user.is_none());
         if let Some(count) = bucket.ips.get_mut(&ip) {
-            *count += 1;
+            count.requests += 1;
+            count.sessionless += sessionless;
         } else if bucket.ips.len() < IPS_PER_SECOND_MAX {
-            bucket.ips.insert(ip, 1);
+            bucket.ips.insert(ip, IpCount { requests: 1, sessionless });
         } else {
             bucket.ips_overflow += 1;
+        }
+        let Some(user) = user else { return };
+        if let Some(count) = bucket.users.get_mut(&user) {
+            count.requests += 1;
+            count.addresses.insert(ip);
+        } else if bucket.users.len() < USERS_PER_SECOND_MAX {
+            bucket.users.insert(user, UserCount { requests: 1, addresses: Addresses::new(ip) });
+        } else {
+            bucket.users_overflow += 1;
         }
     }
 
@@ -409,7 +508,8 @@ impl Telemetry {
         let mut routes: BTreeMap<&str, (u64, u64, u64, Hdr<u64>)> = BTreeMap::new();
         let mut all_latency = hdr();
         let mut store_latency = hdr();
-        let mut ips: BTreeMap<IpAddr, u64> = BTreeMap::new();
+        let mut ips: BTreeMap<IpAddr, IpTotal> = BTreeMap::new();
+        let mut users: BTreeMap<UserId, (u64, Addresses)> = BTreeMap::new();
         let (mut confirmations, mut holds) = (0, 0);
         for bucket in &recent {
             for (route, figures) in &bucket.routes {
@@ -421,7 +521,14 @@ impl Telemetry {
                 all_latency.add(&figures.latency).unwrap_or_else(|_| unreachable!("same bounds"));
             }
             for (&ip, &count) in &bucket.ips {
-                *ips.entry(ip).or_default() += u64::from(count);
+                let total = ips.entry(ip).or_default();
+                total.requests += u64::from(count.requests);
+                total.sessionless += u64::from(count.sessionless);
+            }
+            for (&user, count) in &bucket.users {
+                let (requests, addresses) = users.entry(user).or_insert_with(|| (0, count.addresses.clone()));
+                *requests += u64::from(count.requests);
+                count.addresses.iter().for_each(|ip| addresses.insert(ip));
             }
             store_latency.add(&bucket.store_latency).unwrap_or_else(|_| unreachable!("same bounds"));
             confirmations += bucket.confirmations;
@@ -430,11 +537,26 @@ impl Telemetry {
         let total: u64 = routes.values().map(|figures| figures.0).sum();
         let errors: u64 = routes.values().map(|figures| figures.1).sum();
         let rejections: u64 = routes.values().map(|figures| figures.2).sum();
-        let mut talkers: Vec<(IpAddr, u64)> = ips.into_iter().collect();
-        let mut counts: Vec<u64> = talkers.iter().map(|(_, count)| *count).collect();
-        counts.sort_unstable();
-        let median = counts.get(counts.len() / 2).copied().unwrap_or(0);
-        talkers.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let distinct_ips = ips.len() as u64;
+        let ip_median = median(ips.values().map(|total| total.requests));
+        let mut talkers: Vec<(IpAddr, IpTotal)> = ips.into_iter().collect();
+        talkers.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
+        talkers.truncate(TOP_TALKERS_MAX);
+        // How many users each top talker carries: one pass over the users' addresses.
+        let mut users_behind: BTreeMap<IpAddr, u64> = talkers.iter().map(|(ip, _)| (*ip, 0)).collect();
+        for (_, addresses) in users.values() {
+            for ip in addresses.iter() {
+                if let Some(count) = users_behind.get_mut(&ip) {
+                    *count += 1;
+                }
+            }
+        }
+        let distinct_users = users.len() as u64;
+        let user_median = median(users.values().map(|(requests, _)| *requests));
+        let mut top_users: Vec<(UserId, u64, &Addresses)> =
+            users.iter().map(|(&user, (requests, addresses))| (user, *requests, addresses)).collect();
+        top_users.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        top_users.truncate(TOP_USERS_MAX);
         TrafficSnapshot {
             window_s: WINDOW_S,
             requests_per_s: total as f64 / window_s,
@@ -455,17 +577,46 @@ impl Telemetry {
                     latency_us_p99: quantile(&latency, 0.99),
                 })
                 .collect(),
-            distinct_ips: counts.len() as u64,
+            distinct_ips,
             top_talkers: talkers
                 .into_iter()
-                .take(TOP_TALKERS_MAX)
-                .map(|(ip, count)| Talker { ip, requests_per_s: count as f64 / window_s })
+                .map(|(ip, total)| Talker {
+                    ip,
+                    requests_per_s: total.requests as f64 / window_s,
+                    sessionless_requests_per_s: total.sessionless as f64 / window_s,
+                    users: users_behind.get(&ip).copied().unwrap_or(0),
+                })
                 .collect(),
-            ip_median_requests_per_s: median as f64 / window_s,
+            ip_median_requests_per_s: ip_median as f64 / window_s,
+            top_users: top_users
+                .into_iter()
+                .map(|(user_id, requests, addresses)| UserTalker {
+                    user_id,
+                    requests_per_s: requests as f64 / window_s,
+                    ips: addresses.iter().count() as u64,
+                    only_ip: addresses.others.is_empty().then_some(addresses.first),
+                })
+                .collect(),
+            user_median_requests_per_s: user_median as f64 / window_s,
+            distinct_users,
             store_latency_us_p50: quantile(&store_latency, 0.5),
             store_latency_us_p99: quantile(&store_latency, 0.99),
         }
     }
+}
+
+/// One address's requests over the window.
+#[derive(Debug, Default, Clone, Copy)]
+struct IpTotal {
+    requests: u64,
+    sessionless: u64,
+}
+
+/// The median of `counts`, 0 for none.
+fn median(counts: impl Iterator<Item = u64>) -> u64 {
+    let mut counts: Vec<u64> = counts.collect();
+    counts.sort_unstable();
+    counts.get(counts.len() / 2).copied().unwrap_or(0)
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {
@@ -487,12 +638,12 @@ mod tests {
     fn the_window_reports_rates_errors_and_top_talkers_over_whole_seconds() {
         let telemetry = Telemetry::new("engine-1");
         for i in 0..90 {
-            telemetry.record_request("/v1/holds", 201, 1_000, A, 10_000 + i);
+            telemetry.record_request("/v1/holds", 201, 1_000, A, None, 10_000 + i);
         }
         for i in 0..10 {
-            telemetry.record_request("/v1/holds", 503, 9_000, B, 10_100 + i);
+            telemetry.record_request("/v1/holds", 503, 9_000, B, None, 10_100 + i);
         }
-        telemetry.record_request("/v1/holds", 201, 5, A, 12_500);
+        telemetry.record_request("/v1/holds", 201, 5, A, None, 12_500);
         let traffic = telemetry.traffic(12_000);
         assert_eq!(traffic.requests_per_s, 10.0);
         assert_eq!(traffic.error_rate, 0.1);
@@ -501,18 +652,70 @@ mod tests {
         assert!(traffic.latency_us_p99 >= 8_900, "p99 sees the slow failures: {}", traffic.latency_us_p99);
     }
 
+    #[test]
+    fn the_window_reports_top_users_their_addresses_and_the_users_behind_each_address() {
+        let telemetry = Telemetry::new("engine-1");
+        let shared = IpAddr::V4(std::net::Ipv4Addr::new(100, 64, 0, 1));
+        for second in 0..WINDOW_S {
+            let now_ms = 1_000 + second * 1_000;
+            // Ten fans behind one carrier address at 1 request/s, and one of them flooding.
+            for fan in 1..=10 {
+                telemetry.record_request("/v1/queue/{token}", 200, 100, shared, Some(fan), now_ms);
+            }
+            for _ in 0..50 {
+                telemetry.record_request("/v1/schedules/{id}/queue", 429, 100, shared, Some(10), now_ms);
+            }
+            // One user from twenty addresses, and a client without a session.
+            for host in 0..20_u8 {
+                let ip = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, host));
+                telemetry.record_request("/v1/schedules/{id}/queue", 429, 100, ip, Some(77), now_ms);
+            }
+            for _ in 0..30 {
+                telemetry.record_request("/v1/schedules", 200, 100, A, None, now_ms);
+            }
+        }
+        let traffic = telemetry.traffic(1_000 + WINDOW_S * 1_000);
+        let users: Vec<(u64, f64, u64)> =
+            traffic.top_users.iter().map(|user| (user.user_id, user.requests_per_s, user.ips)).collect();
+        assert_eq!(users[..2], [(10, 51.0, 1), (77, 20.0, USER_IPS_MAX as u64)]);
+        assert_eq!((traffic.top_users[0].only_ip, traffic.top_users[1].only_ip), (Some(shared), None));
+        assert_eq!(users.len(), TOP_USERS_MAX);
+        assert_eq!(traffic.distinct_users, 11);
+        assert_eq!(traffic.user_median_requests_per_s, 1.0);
+        let talker = |ip: IpAddr| traffic.top_talkers.iter().find(|talker| talker.ip == ip).expect("a top talker");
+        assert_eq!((talker(shared).requests_per_s, talker(shared).users), (60.0, 10));
+        assert_eq!(talker(shared).sessionless_requests_per_s, 0.0);
+        assert_eq!((talker(A).sessionless_requests_per_s, talker(A).users), (30.0, 0));
+    }
+
+    #[test]
+    fn users_counted_per_second_are_bounded() {
+        let telemetry = Telemetry::new("engine-1");
+        let extra = 100;
+        for user in 0..(USERS_PER_SECOND_MAX + extra) as u64 {
+            telemetry.record_request("/v1/queue/{token}", 200, 100, A, Some(user), 1_000);
+        }
+        let window = telemetry.window.lock();
+        let bucket = window.buckets.back().expect("a bucket");
+        assert_eq!(bucket.users.len(), USERS_PER_SECOND_MAX);
+        assert_eq!(bucket.users_overflow, extra as u64);
+        assert_eq!(bucket.ips[&A].requests as usize, USERS_PER_SECOND_MAX + extra, "the address counts them all");
+        drop(window);
+        assert_eq!(telemetry.traffic(2_000).distinct_users, USERS_PER_SECOND_MAX as u64);
+    }
+
     /// The histograms of seconds that left the window are used again, empty: nothing of an
     /// old second shows in a new one.
     #[test]
     fn a_second_that_left_the_window_leaves_nothing_behind() {
         let telemetry = Telemetry::new("engine-1");
         for i in 0..50 {
-            telemetry.record_request("/v1/holds", 503, 900_000, B, 1_000 + i);
+            telemetry.record_request("/v1/holds", 503, 900_000, B, None, 1_000 + i);
             telemetry.record_store_call("try_hold", 700_000, 1_000 + i);
         }
         let late_s = 2 + WINDOW_S * 3;
         for second in 2..=late_s {
-            telemetry.record_request("/v1/holds", 201, 1_000, A, second * 1_000);
+            telemetry.record_request("/v1/holds", 201, 1_000, A, None, second * 1_000);
             telemetry.record_store_call("try_hold", 500, second * 1_000);
         }
         let traffic = telemetry.traffic((late_s + 1) * 1_000);
@@ -528,11 +731,11 @@ mod tests {
     #[test]
     fn metrics_text_names_routes_and_reasons() {
         let telemetry = Telemetry::new("engine-1");
-        telemetry.record_request("/v1/holds", 409, 100, A, 1_000);
+        telemetry.record_request("/v1/holds", 409, 100, A, None, 1_000);
         telemetry.record_rejection("seat_taken");
         // Counted again through the handles kept after the first request of each kind.
-        telemetry.record_request("/v1/holds", 201, 100, A, 1_000);
-        telemetry.record_request("/v1/holds", 201, 100, A, 2_000);
+        telemetry.record_request("/v1/holds", 201, 100, A, None, 1_000);
+        telemetry.record_request("/v1/holds", 201, 100, A, None, 2_000);
         telemetry.record_store_call("try_hold", 50, 1_000);
         telemetry.record_store_call("try_hold", 70, 1_000);
         let text = telemetry.encode();

@@ -20,9 +20,10 @@ pub struct Limits {
     /// One decision moves a rate limit by at most this factor, up or down.
     pub rate_limit_change_factor_max: f64,
     pub block_ttl_s: RangeInclusive<u64>,
-    /// The most IPs one decision blocks.
+    /// The most IPs and users one decision blocks.
     pub blocks_per_decision_max: usize,
-    /// An IP is blocked only if the agent saw it at this many times the median IP's rate.
+    /// An IP (a user) is blocked only if the agent saw it at this many times the median IP's
+    /// (user's) rate.
     pub block_evidence_factor: f64,
     /// Hold TTLs the agent may set: never so short that a hold can expire during a payment.
     pub hold_ttl_s: RangeInclusive<u64>,
@@ -87,9 +88,12 @@ impl Guardrails {
             return Err(format!("{target} was already changed by this decision"));
         }
         self.check_values(call, seen)?;
-        if tool == ToolName::BlockIp {
+        if matches!(tool, ToolName::BlockIp | ToolName::BlockUser) {
             if budget.blocks >= self.limits.blocks_per_decision_max {
-                return Err(format!("one decision blocks at most {} IPs", self.limits.blocks_per_decision_max));
+                return Err(format!(
+                    "one decision blocks at most {} IPs and users",
+                    self.limits.blocks_per_decision_max
+                ));
             }
             budget.blocks += 1;
         }
@@ -130,13 +134,32 @@ impl Guardrails {
                 within("ttl_s", ttl_s, &limits.block_ttl_s)?;
                 let norm = seen.ip_median_requests_per_s.max(1.0);
                 let threshold = norm * limits.block_evidence_factor;
-                match seen.talker_rate(ip) {
+                match seen.talker(ip).map(|talker| talker.requests_per_s) {
                     Some(rate) if rate >= threshold => Ok(()),
                     Some(rate) => Err(format!(
                         "{ip} was seen at {rate:.1} requests/s, below {threshold:.1} ({} x the median IP)",
                         limits.block_evidence_factor
                     )),
                     None => Err(format!("{ip} is not among the observed top talkers")),
+                }
+            }
+            ToolCall::BlockUser { user_id, ttl_s } => {
+                within("ttl_s", ttl_s, &limits.block_ttl_s)?;
+                let threshold = seen.user_median_requests_per_s.max(1.0) * limits.block_evidence_factor;
+                match seen.user_rate(user_id) {
+                    Some(rate) if rate >= threshold => Ok(()),
+                    Some(rate) => Err(format!(
+                        "user {user_id} was seen at {rate:.1} requests/s, below {threshold:.1} ({} x the median user)",
+                        limits.block_evidence_factor
+                    )),
+                    None => Err(format!("user {user_id} is not among the observed busiest users")),
+                }
+            }
+            ToolCall::UnblockUser { user_id } => {
+                if seen.blocked_users.contains(&user_id) {
+                    Ok(())
+                } else {
+                    Err(format!("user {user_id} is not blocked"))
                 }
             }
             ToolCall::UnblockIp { ip } => {
@@ -167,6 +190,7 @@ fn target(call: &ToolCall) -> String {
         ToolCall::SetAdmission { schedule_id, .. } => format!("schedule/{schedule_id}"),
         ToolCall::SetRateLimits { .. } => "rate-limits".into(),
         ToolCall::BlockIp { ip, .. } | ToolCall::UnblockIp { ip } => format!("ip/{ip}"),
+        ToolCall::BlockUser { user_id, .. } | ToolCall::UnblockUser { user_id } => format!("user/{user_id}"),
         ToolCall::SetHoldTtl { .. } => "hold-ttl".into(),
     }
 }
@@ -191,7 +215,7 @@ fn step(name: &str, from: f64, to: f64, factor_max: f64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::observation::{TalkerView, calm};
+    use crate::agent::observation::{TalkerView, UserView, calm};
 
     fn check(call: ToolCall, seen: &Observation) -> Result<(), String> {
         Guardrails::allowing(&ToolName::ALL).check(&call, seen, &mut DecisionBudget::default())
@@ -199,7 +223,16 @@ mod tests {
 
     fn bot_seen() -> Observation {
         let mut seen = calm();
-        seen.talkers.push(TalkerView { ip: "100.64.0.1".parse().expect("ip"), requests_per_s: 400.0 });
+        seen.talkers.push(TalkerView::sessionless("100.64.0.1".parse().expect("ip"), 400.0));
+        seen
+    }
+
+    /// A carrier address shared by 40 fans, one of whom (user 7) floods at 300 requests/s.
+    fn shared_seen() -> Observation {
+        let mut seen = calm();
+        let ip = "100.64.0.2".parse().expect("ip");
+        seen.talkers.push(TalkerView { ip, requests_per_s: 340.0, sessionless_requests_per_s: 0.0, users: 41 });
+        seen.users.insert(0, UserView { user_id: 7, requests_per_s: 300.0, ips: 1, only_ip: Some(ip) });
         seen
     }
 
@@ -252,10 +285,23 @@ mod tests {
     }
 
     #[test]
+    fn a_user_block_needs_evidence_in_the_observation() {
+        let seen = shared_seen();
+        assert_eq!(check(ToolCall::BlockUser { user_id: 7, ttl_s: 60 }, &seen), Ok(()));
+        assert!(check(ToolCall::BlockUser { user_id: 1, ttl_s: 60 }, &seen).is_err(), "a fan at 3 requests/s");
+        assert!(check(ToolCall::BlockUser { user_id: 99, ttl_s: 60 }, &seen).is_err(), "a user never seen");
+        assert!(check(ToolCall::BlockUser { user_id: 7, ttl_s: 86_400 }, &seen).is_err(), "beyond the TTL bound");
+        assert!(check(ToolCall::UnblockUser { user_id: 7 }, &seen).is_err(), "not blocked");
+        let mut blocked = shared_seen();
+        blocked.blocked_users.push(7);
+        assert_eq!(check(ToolCall::UnblockUser { user_id: 7 }, &blocked), Ok(()));
+    }
+
+    #[test]
     fn one_decision_blocks_a_bounded_number_of_ips_and_changes_each_thing_once() {
         let mut seen = calm();
         seen.talkers = (1..=40)
-            .map(|host| TalkerView { ip: format!("100.64.0.{host}").parse().expect("ip"), requests_per_s: 400.0 })
+            .map(|host| TalkerView::sessionless(format!("100.64.0.{host}").parse().expect("ip"), 400.0))
             .collect();
         let guardrails = Guardrails::allowing(&ToolName::ALL);
         let mut budget = DecisionBudget::default();

@@ -245,6 +245,8 @@ pub fn admin_request(call: &ToolCall) -> AdminRequest {
         ToolCall::SetRateLimits { .. } => ("PUT", "/admin/v1/rate-limits".into(), Some(args)),
         ToolCall::BlockIp { .. } => ("POST", "/admin/v1/blocks".into(), Some(args)),
         ToolCall::UnblockIp { ip } => ("DELETE", format!("/admin/v1/blocks/{ip}"), None),
+        ToolCall::BlockUser { .. } => ("POST", "/admin/v1/user-blocks".into(), Some(args)),
+        ToolCall::UnblockUser { user_id } => ("DELETE", format!("/admin/v1/user-blocks/{user_id}"), None),
         ToolCall::SetHoldTtl { .. } => ("PUT", "/admin/v1/hold-ttl".into(), Some(args)),
     };
     AdminRequest { method, path, body: body.map(|body| body.to_string()) }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::RateLimits;
+use crate::domain::UserId;
 use crate::engine::Snapshot;
 
 /// Routes whose latency is a wait the client asked for (long polls), not service time.
@@ -20,6 +21,29 @@ pub const TALKERS_MAX: usize = 20;
 pub struct TalkerView {
     pub ip: IpAddr,
     pub requests_per_s: f64,
+    /// Of those, the requests without a verified session.
+    pub sessionless_requests_per_s: f64,
+    /// Distinct verified users behind the address, as the node that saw the most counted them
+    /// (a user that reached several nodes is one user).
+    pub users: u64,
+}
+
+impl TalkerView {
+    /// An address without sessions at `requests_per_s`: one client of its own.
+    pub fn sessionless(ip: IpAddr, requests_per_s: f64) -> Self {
+        Self { ip, requests_per_s, sessionless_requests_per_s: requests_per_s, users: 0 }
+    }
+}
+
+/// One verified user's request rate, summed over the nodes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UserView {
+    pub user_id: UserId,
+    pub requests_per_s: f64,
+    /// Distinct addresses of the user, as the node that saw the most counted them.
+    pub ips: u64,
+    /// The address, if every node saw all of the user's requests come from that one.
+    pub only_ip: Option<IpAddr>,
 }
 
 /// One waiting line and its admission policy.
@@ -52,6 +76,10 @@ pub struct Observation {
     /// The median request rate of one IP: what "normal" looks like.
     pub ip_median_requests_per_s: f64,
     pub talkers: Vec<TalkerView>,
+    /// The median request rate of one verified user.
+    pub user_median_requests_per_s: f64,
+    /// The busiest verified users.
+    pub users: Vec<UserView>,
     pub queues: Vec<QueueView>,
     pub hold_ttl_s: Option<u64>,
     pub rate_limits: Option<RateLimits>,
@@ -61,6 +89,11 @@ pub struct Observation {
     /// cut off when the block was sent.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub blocked_partly: Vec<IpAddr>,
+    /// Users blocked on at least one node that answered.
+    pub blocked_users: Vec<UserId>,
+    /// Of those, the ones some node that answered does not block.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub blocked_users_partly: Vec<UserId>,
 }
 
 impl Observation {
@@ -73,16 +106,38 @@ impl Observation {
             }
             snapshots.iter().map(|s| rate(s) * s.traffic.requests_per_s).sum::<f64>() / requests_per_s
         };
-        let mut talkers: BTreeMap<IpAddr, f64> = BTreeMap::new();
+        let mut talkers: BTreeMap<IpAddr, TalkerView> = BTreeMap::new();
         for talker in snapshots.iter().flat_map(|s| &s.traffic.top_talkers) {
-            *talkers.entry(talker.ip).or_default() += talker.requests_per_s;
+            let view = talkers.entry(talker.ip).or_insert_with(|| TalkerView::sessionless(talker.ip, 0.0));
+            view.requests_per_s += talker.requests_per_s;
+            view.sessionless_requests_per_s += talker.sessionless_requests_per_s;
+            view.users = view.users.max(talker.users);
         }
-        let mut talkers: Vec<TalkerView> =
-            talkers.into_iter().map(|(ip, requests_per_s)| TalkerView { ip, requests_per_s }).collect();
+        let mut talkers: Vec<TalkerView> = talkers.into_values().collect();
         talkers.sort_by(|a, b| b.requests_per_s.total_cmp(&a.requests_per_s).then(a.ip.cmp(&b.ip)));
         talkers.truncate(TALKERS_MAX);
-        let mut medians: Vec<f64> = snapshots.iter().map(|s| s.traffic.ip_median_requests_per_s).collect();
-        medians.sort_by(f64::total_cmp);
+        let mut users: BTreeMap<UserId, UserView> = BTreeMap::new();
+        for user in snapshots.iter().flat_map(|s| &s.traffic.top_users) {
+            let view = users.entry(user.user_id).or_insert(UserView {
+                user_id: user.user_id,
+                requests_per_s: 0.0,
+                ips: 0,
+                only_ip: user.only_ip,
+            });
+            if view.only_ip != user.only_ip {
+                view.only_ip = None;
+            }
+            view.requests_per_s += user.requests_per_s;
+            view.ips = view.ips.max(user.ips);
+        }
+        let mut users: Vec<UserView> = users.into_values().collect();
+        users.sort_by(|a, b| b.requests_per_s.total_cmp(&a.requests_per_s).then(a.user_id.cmp(&b.user_id)));
+        users.truncate(TALKERS_MAX);
+        let median_of = |rate: fn(&Snapshot) -> f64| {
+            let mut medians: Vec<f64> = snapshots.iter().map(rate).collect();
+            medians.sort_by(f64::total_cmp);
+            medians.get(medians.len() / 2).copied().unwrap_or(0.0)
+        };
         let mut queues: BTreeMap<u64, QueueView> = BTreeMap::new();
         for queue in snapshots.iter().flat_map(|s| &s.queues) {
             let view = queues.entry(queue.schedule_id).or_insert(QueueView {
@@ -101,6 +156,12 @@ impl Observation {
             *blocked.entry(block.ip).or_default() += 1;
         }
         let blocked_partly = blocked.iter().filter(|(_, nodes)| **nodes < snapshots.len()).map(|(ip, _)| *ip).collect();
+        let mut blocked_users: BTreeMap<UserId, usize> = BTreeMap::new();
+        for block in snapshots.iter().flat_map(|s| &s.user_blocks) {
+            *blocked_users.entry(block.user_id).or_default() += 1;
+        }
+        let blocked_users_partly =
+            blocked_users.iter().filter(|(_, nodes)| **nodes < snapshots.len()).map(|(user, _)| *user).collect();
         Observation {
             at_ms,
             nodes: snapshots.iter().map(|s| s.node.clone()).collect(),
@@ -116,13 +177,17 @@ impl Observation {
                 .max()
                 .unwrap_or(0),
             store_latency_us_p99: snapshots.iter().map(|s| s.traffic.store_latency_us_p99).max().unwrap_or(0),
-            ip_median_requests_per_s: medians.get(medians.len() / 2).copied().unwrap_or(0.0),
+            ip_median_requests_per_s: median_of(|s| s.traffic.ip_median_requests_per_s),
             talkers,
+            user_median_requests_per_s: median_of(|s| s.traffic.user_median_requests_per_s),
+            users,
             queues: queues.into_values().collect(),
             hold_ttl_s: snapshots.iter().map(|s| s.hold_ttl_s).min(),
             rate_limits: snapshots.first().map(|s| s.rate_limits),
             blocked: blocked.into_keys().collect(),
             blocked_partly,
+            blocked_users: blocked_users.into_keys().collect(),
+            blocked_users_partly,
         }
     }
 
@@ -141,9 +206,14 @@ impl Observation {
         self.queues.iter().find(|queue| queue.schedule_id == schedule_id)
     }
 
-    /// The rate of one IP, if it is among the talkers.
-    pub fn talker_rate(&self, ip: IpAddr) -> Option<f64> {
-        self.talkers.iter().find(|talker| talker.ip == ip).map(|talker| talker.requests_per_s)
+    /// One IP's figures, if it is among the talkers.
+    pub fn talker(&self, ip: IpAddr) -> Option<&TalkerView> {
+        self.talkers.iter().find(|talker| talker.ip == ip)
+    }
+
+    /// The rate of one user, if they are among the busiest users.
+    pub fn user_rate(&self, user_id: UserId) -> Option<f64> {
+        self.users.iter().find(|user| user.user_id == user_id).map(|user| user.requests_per_s)
     }
 }
 
@@ -152,7 +222,8 @@ pub(crate) fn hex_prefix(digest: &[u8]) -> String {
     digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// A calm observation of one line, for tests: p99 10 ms, no errors, 1000 IPs at 1 request/s.
+/// A calm observation of one line, for tests: p99 10 ms, no errors, 1000 IPs at 1 request/s,
+/// each a user at 1 request/s.
 #[cfg(test)]
 pub(crate) fn calm() -> Observation {
     Observation {
@@ -165,7 +236,14 @@ pub(crate) fn calm() -> Observation {
         latency_us_p99: 10_000,
         store_latency_us_p99: 1_000,
         ip_median_requests_per_s: 1.0,
-        talkers: vec![TalkerView { ip: "10.0.0.1".parse().expect("ip"), requests_per_s: 3.0 }],
+        talkers: vec![TalkerView {
+            ip: "10.0.0.1".parse().expect("ip"),
+            requests_per_s: 3.0,
+            sessionless_requests_per_s: 0.0,
+            users: 1,
+        }],
+        user_median_requests_per_s: 1.0,
+        users: vec![UserView { user_id: 1, requests_per_s: 3.0, ips: 1, only_ip: "10.0.0.1".parse().ok() }],
         queues: vec![QueueView {
             schedule_id: 1,
             waiting: 100,
@@ -178,5 +256,7 @@ pub(crate) fn calm() -> Observation {
         rate_limits: Some(RateLimits { per_ip_per_s: 20, per_token_per_s: 10, burst: 40 }),
         blocked: Vec::new(),
         blocked_partly: Vec::new(),
+        blocked_users: Vec::new(),
+        blocked_users_partly: Vec::new(),
     }
 }

@@ -7,12 +7,23 @@
 //!   was before the first cut. Between the two bands nothing changes, so the rates do not flap.
 //! - An IP at `ip_factor` times the median IP's rate (and at least `ip_rate_min_per_s`) on
 //!   `ip_strikes` observations in a row: block it for `block_ttl_s`, again if some node that
-//!   answered lacks the block (it restarted, or was cut off when the block was sent).
+//!   answered lacks the block (it restarted, or was cut off when the block was sent). Unless
+//!   the address is shared (a carrier's NAT, a venue's Wi-Fi): without the abusive users whose
+//!   only address it is, at least `shared_ip_users_min` verified users remain and they average
+//!   at most `shared_ip_user_factor` times the median user's rate. Then its abusive users are
+//!   blocked (next rule) and the address is not; a sessionless flood, or a farm of accounts
+//!   each a few times busier than a fan, still blocks it.
+//! - A verified user at `user_factor` times the median user's rate (and at least
+//!   `user_rate_min_per_s`) on `user_strikes` observations in a row, from one address or
+//!   many: block the user for `block_ttl_s`, the same way; the others behind their address
+//!   keep being served.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use super::observation::Observation;
+use crate::domain::UserId;
+
+use super::observation::{Observation, TalkerView};
 use super::policy::{Policy, Proposal};
 use super::tools::{ToolCall, ToolName};
 
@@ -30,6 +41,11 @@ pub struct RulesConfig {
     pub ip_factor: f64,
     pub ip_rate_min_per_s: f64,
     pub ip_strikes: u32,
+    pub shared_ip_users_min: u64,
+    pub shared_ip_user_factor: f64,
+    pub user_factor: f64,
+    pub user_rate_min_per_s: f64,
+    pub user_strikes: u32,
     pub block_ttl_s: u64,
 }
 
@@ -47,6 +63,11 @@ impl Default for RulesConfig {
             ip_factor: 20.0,
             ip_rate_min_per_s: 50.0,
             ip_strikes: 2,
+            shared_ip_users_min: 5,
+            shared_ip_user_factor: 3.0,
+            user_factor: 20.0,
+            user_rate_min_per_s: 20.0,
+            user_strikes: 2,
             block_ttl_s: 120,
         }
     }
@@ -61,6 +82,7 @@ pub struct RulesPolicy {
     /// Each line's admission rate before the first cut; empty when nothing is cut.
     rates_before_cut: BTreeMap<u64, f64>,
     ip_strikes: BTreeMap<IpAddr, u32>,
+    user_strikes: BTreeMap<UserId, u32>,
 }
 
 /// How the cluster looks against the thresholds.
@@ -72,7 +94,7 @@ enum Health {
 }
 
 impl RulesPolicy {
-    pub const TOOLS: [ToolName; 2] = [ToolName::SetAdmission, ToolName::BlockIp];
+    pub const TOOLS: [ToolName; 3] = [ToolName::SetAdmission, ToolName::BlockIp, ToolName::BlockUser];
 
     pub fn new(config: RulesConfig) -> Self {
         Self {
@@ -81,6 +103,7 @@ impl RulesPolicy {
             calm_streak: 0,
             rates_before_cut: BTreeMap::new(),
             ip_strikes: BTreeMap::new(),
+            user_strikes: BTreeMap::new(),
         }
     }
 
@@ -148,12 +171,24 @@ impl RulesPolicy {
         }
     }
 
-    fn abusers(&mut self, seen: &Observation, reasons: &mut Vec<String>, calls: &mut Vec<ToolCall>) {
+    fn abusive_ips(&mut self, seen: &Observation, reasons: &mut Vec<String>, calls: &mut Vec<ToolCall>) {
         let config = &self.config;
         let threshold = (seen.ip_median_requests_per_s * config.ip_factor).max(config.ip_rate_min_per_s);
         let mut strikes = BTreeMap::new();
         for talker in seen.talkers.iter().filter(|talker| talker.requests_per_s >= threshold) {
             let count = self.ip_strikes.get(&talker.ip).copied().unwrap_or(0) + 1;
+            strikes.insert(talker.ip, count);
+            if let Some((users, rate_per_user)) = self.shared(talker, seen) {
+                if count == config.ip_strikes {
+                    reasons.push(format!(
+                        "{} at {:.0} requests/s is shared by {} users ({users} of them at {rate_per_user:.1} \
+                         requests/s each on average, median user {:.1}); its users are judged one by one, the \
+                         address is not blocked",
+                        talker.ip, talker.requests_per_s, talker.users, seen.user_median_requests_per_s
+                    ));
+                }
+                continue;
+            }
             let partly = seen.blocked_partly.contains(&talker.ip);
             if count >= config.ip_strikes && (partly || !seen.blocked.contains(&talker.ip)) {
                 calls.push(ToolCall::BlockIp { ip: talker.ip, ttl_s: config.block_ttl_s });
@@ -165,9 +200,55 @@ impl RulesPolicy {
                     if partly { " on every node (some had no block)" } else { "" }
                 ));
             }
-            strikes.insert(talker.ip, count);
         }
         self.ip_strikes = strikes;
+    }
+
+    /// The rate at which a user is abusive.
+    fn user_threshold(&self, seen: &Observation) -> f64 {
+        (seen.user_median_requests_per_s * self.config.user_factor).max(self.config.user_rate_min_per_s)
+    }
+
+    /// Whether `talker` is an address shared by normal users: if so, how many remain without
+    /// its abusive users (those at the user threshold whose only address it is) and their
+    /// average rate.
+    fn shared(&self, talker: &TalkerView, seen: &Observation) -> Option<(u64, f64)> {
+        let threshold = self.user_threshold(seen);
+        let abusive =
+            seen.users.iter().filter(|user| user.requests_per_s >= threshold && user.only_ip == Some(talker.ip));
+        let (abusive_count, abusive_rate) =
+            abusive.fold((0, 0.0), |(count, rate), user| (count + 1, rate + user.requests_per_s));
+        let users = talker.users.saturating_sub(abusive_count);
+        if users < self.config.shared_ip_users_min {
+            return None;
+        }
+        let rate_per_user = (talker.requests_per_s - abusive_rate).max(0.0) / users as f64;
+        (rate_per_user <= seen.user_median_requests_per_s * self.config.shared_ip_user_factor)
+            .then_some((users, rate_per_user))
+    }
+
+    fn abusive_users(&mut self, seen: &Observation, reasons: &mut Vec<String>, calls: &mut Vec<ToolCall>) {
+        let threshold = self.user_threshold(seen);
+        let config = &self.config;
+        let mut strikes = BTreeMap::new();
+        for user in seen.users.iter().filter(|user| user.requests_per_s >= threshold) {
+            let count = self.user_strikes.get(&user.user_id).copied().unwrap_or(0) + 1;
+            strikes.insert(user.user_id, count);
+            let partly = seen.blocked_users_partly.contains(&user.user_id);
+            if count >= config.user_strikes && (partly || !seen.blocked_users.contains(&user.user_id)) {
+                calls.push(ToolCall::BlockUser { user_id: user.user_id, ttl_s: config.block_ttl_s });
+                reasons.push(format!(
+                    "user {} at {:.0} requests/s from {} address(es) (threshold {threshold:.0}, median user {:.1}); \
+                     blocked{}",
+                    user.user_id,
+                    user.requests_per_s,
+                    user.ips,
+                    seen.user_median_requests_per_s,
+                    if partly { " on every node (some had no block)" } else { "" }
+                ));
+            }
+        }
+        self.user_strikes = strikes;
     }
 }
 
@@ -188,7 +269,8 @@ impl Policy for RulesPolicy {
     async fn decide(&mut self, seen: &Observation) -> Proposal {
         let (mut reasons, mut calls) = (Vec::new(), Vec::new());
         self.admission(seen, &mut reasons, &mut calls);
-        self.abusers(seen, &mut reasons, &mut calls);
+        self.abusive_ips(seen, &mut reasons, &mut calls);
+        self.abusive_users(seen, &mut reasons, &mut calls);
         let reason = if reasons.is_empty() {
             format!(
                 "no rule fired: p99 {} us, error rate {:.3}, busiest IP {:.0} requests/s",
@@ -206,7 +288,7 @@ impl Policy for RulesPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::observation::{TalkerView, calm};
+    use crate::agent::observation::{TalkerView, UserView, calm};
 
     fn decide(policy: &mut RulesPolicy, seen: &Observation) -> Vec<ToolCall> {
         let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
@@ -284,7 +366,7 @@ mod tests {
     fn an_ip_far_above_the_norm_is_blocked_on_its_second_strike() {
         let bot: IpAddr = "100.64.0.1".parse().expect("ip");
         let mut seen = calm();
-        seen.talkers.push(TalkerView { ip: bot, requests_per_s: 400.0 });
+        seen.talkers.push(TalkerView::sessionless(bot, 400.0));
         let mut policy = RulesPolicy::new(RulesConfig::default());
         assert_eq!(decide(&mut policy, &seen), Vec::new(), "one strike");
         assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockIp { ip: bot, ttl_s: 120 }]);
@@ -299,7 +381,7 @@ mod tests {
         // A strike, a normal observation, a strike: not twice in a row.
         let mut policy = RulesPolicy::new(RulesConfig::default());
         let mut busy = calm();
-        busy.talkers.push(TalkerView { ip: bot, requests_per_s: 400.0 });
+        busy.talkers.push(TalkerView::sessionless(bot, 400.0));
         decide(&mut policy, &busy);
         decide(&mut policy, &calm());
         assert_eq!(decide(&mut policy, &busy), Vec::new());
@@ -310,7 +392,68 @@ mod tests {
         let mut seen = calm();
         // 19 x the median and above the floor: under the factor of 20.
         seen.ip_median_requests_per_s = 3.0;
-        seen.talkers.push(TalkerView { ip: "10.0.0.9".parse().expect("ip"), requests_per_s: 57.0 });
+        seen.talkers.push(TalkerView::sessionless("10.0.0.9".parse().expect("ip"), 57.0));
+        let mut policy = RulesPolicy::new(RulesConfig::default());
+        for _ in 0..5 {
+            assert_eq!(decide(&mut policy, &seen), Vec::new());
+        }
+    }
+
+    /// A carrier address: 40 fans at 1 request/s each, and user 7 flooding at 300 requests/s.
+    fn behind_a_shared_address() -> (Observation, IpAddr) {
+        let shared: IpAddr = "100.64.0.2".parse().expect("ip");
+        let mut seen = calm();
+        let talker = TalkerView { ip: shared, requests_per_s: 340.0, sessionless_requests_per_s: 0.0, users: 41 };
+        seen.talkers.insert(0, talker);
+        seen.users.insert(0, UserView { user_id: 7, requests_per_s: 300.0, ips: 1, only_ip: Some(shared) });
+        (seen, shared)
+    }
+
+    #[test]
+    fn a_flooding_user_behind_a_shared_address_is_blocked_and_the_address_is_not() {
+        let (mut seen, _) = behind_a_shared_address();
+        let mut policy = RulesPolicy::new(RulesConfig::default());
+        assert_eq!(decide(&mut policy, &seen), Vec::new(), "one strike");
+        assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockUser { user_id: 7, ttl_s: 120 }]);
+        seen.blocked_users.push(7);
+        assert_eq!(decide(&mut policy, &seen), Vec::new(), "already blocked");
+        seen.blocked_users_partly.push(7);
+        assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockUser { user_id: 7, ttl_s: 120 }], "a node lacks it");
+    }
+
+    #[test]
+    fn a_shared_address_flooded_without_sessions_or_by_a_farm_of_accounts_is_blocked() {
+        let (mut sessionless, shared) = behind_a_shared_address();
+        sessionless.users.remove(0);
+        sessionless.talkers[0].users = 40;
+        sessionless.talkers[0].sessionless_requests_per_s = 300.0;
+        // A hundred accounts at 8 requests/s each: no one of them abusive, all of them busy.
+        let (mut farm, _) = behind_a_shared_address();
+        farm.users.remove(0);
+        farm.talkers[0] = TalkerView { ip: shared, requests_per_s: 800.0, sessionless_requests_per_s: 0.0, users: 100 };
+        for seen in [sessionless, farm] {
+            let mut policy = RulesPolicy::new(RulesConfig::default());
+            decide(&mut policy, &seen);
+            assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockIp { ip: shared, ttl_s: 120 }], "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_user_flooding_from_many_addresses_is_blocked() {
+        let mut seen = calm();
+        // 200 addresses at 1.5 requests/s each: no address stands out, the user does.
+        seen.users.insert(0, UserView { user_id: 9, requests_per_s: 300.0, ips: 16, only_ip: None });
+        let mut policy = RulesPolicy::new(RulesConfig::default());
+        decide(&mut policy, &seen);
+        assert_eq!(decide(&mut policy, &seen), vec![ToolCall::BlockUser { user_id: 9, ttl_s: 120 }]);
+    }
+
+    #[test]
+    fn a_busy_user_under_the_user_threshold_is_not_blocked() {
+        let mut seen = calm();
+        // 19 x the median user and above the floor: under the factor of 20.
+        seen.user_median_requests_per_s = 2.0;
+        seen.users.insert(0, UserView { user_id: 9, requests_per_s: 38.0, ips: 1, only_ip: "10.0.0.9".parse().ok() });
         let mut policy = RulesPolicy::new(RulesConfig::default());
         for _ in 0..5 {
             assert_eq!(decide(&mut policy, &seen), Vec::new());

@@ -6,6 +6,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::domain::UserId;
+
 /// The name of one admin tool. There is no tool for the hold mode: it is a correctness
 /// setting, fixed at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -15,13 +17,22 @@ pub enum ToolName {
     SetRateLimits,
     BlockIp,
     UnblockIp,
+    BlockUser,
+    UnblockUser,
     SetHoldTtl,
 }
 
 impl ToolName {
     /// Every tool, in a fixed order.
-    pub const ALL: [ToolName; 5] =
-        [ToolName::SetAdmission, ToolName::SetRateLimits, ToolName::BlockIp, ToolName::UnblockIp, ToolName::SetHoldTtl];
+    pub const ALL: [ToolName; 7] = [
+        ToolName::SetAdmission,
+        ToolName::SetRateLimits,
+        ToolName::BlockIp,
+        ToolName::UnblockIp,
+        ToolName::BlockUser,
+        ToolName::UnblockUser,
+        ToolName::SetHoldTtl,
+    ];
 
     /// The tool's name as the admin API, the audit log and the language model see it.
     pub fn as_str(self) -> &'static str {
@@ -30,6 +41,8 @@ impl ToolName {
             ToolName::SetRateLimits => "set_rate_limits",
             ToolName::BlockIp => "block_ip",
             ToolName::UnblockIp => "unblock_ip",
+            ToolName::BlockUser => "block_user",
+            ToolName::UnblockUser => "unblock_user",
             ToolName::SetHoldTtl => "set_hold_ttl",
         }
     }
@@ -48,6 +61,10 @@ impl ToolName {
             ToolName::SetRateLimits => "Set the per-IP and per-token request rate limits (requests per second, burst).",
             ToolName::BlockIp => "Block one client IP for ttl_s seconds.",
             ToolName::UnblockIp => "Lift the block on one client IP.",
+            ToolName::BlockUser => {
+                "Block one signed-in user for ttl_s seconds, from every IP; the other users of their IP are still served."
+            }
+            ToolName::UnblockUser => "Lift the block on one user.",
             ToolName::SetHoldTtl => "Set how long new seat holds last before they expire, in seconds.",
         }
     }
@@ -77,6 +94,11 @@ impl ToolName {
                 object(json!({ "ip": { "type": "string" }, "ttl_s": { "type": "integer" } }), &["ip", "ttl_s"])
             }
             ToolName::UnblockIp => object(json!({ "ip": { "type": "string" } }), &["ip"]),
+            ToolName::BlockUser => object(
+                json!({ "user_id": { "type": "integer" }, "ttl_s": { "type": "integer" } }),
+                &["user_id", "ttl_s"],
+            ),
+            ToolName::UnblockUser => object(json!({ "user_id": { "type": "integer" } }), &["user_id"]),
             ToolName::SetHoldTtl => object(json!({ "ttl_s": { "type": "integer" } }), &["ttl_s"]),
         }
     }
@@ -90,6 +112,8 @@ pub enum ToolCall {
     SetRateLimits { per_ip_per_s: u32, per_token_per_s: u32, burst: u32 },
     BlockIp { ip: IpAddr, ttl_s: u64 },
     UnblockIp { ip: IpAddr },
+    BlockUser { user_id: UserId, ttl_s: u64 },
+    UnblockUser { user_id: UserId },
     SetHoldTtl { ttl_s: u64 },
 }
 
@@ -110,6 +134,8 @@ impl ToolCall {
             ToolCall::SetRateLimits { .. } => ToolName::SetRateLimits,
             ToolCall::BlockIp { .. } => ToolName::BlockIp,
             ToolCall::UnblockIp { .. } => ToolName::UnblockIp,
+            ToolCall::BlockUser { .. } => ToolName::BlockUser,
+            ToolCall::UnblockUser { .. } => ToolName::UnblockUser,
             ToolCall::SetHoldTtl { .. } => ToolName::SetHoldTtl,
         }
     }
@@ -137,9 +163,14 @@ mod tests {
 
     #[test]
     fn a_call_round_trips_through_name_and_arguments() {
-        let call = ToolCall::BlockIp { ip: "100.64.0.1".parse().expect("ip"), ttl_s: 60 };
-        let parsed = ToolCall::parse(call.tool().as_str(), &call.args().to_string());
-        assert_eq!(parsed, Ok(call));
+        let calls = [
+            ToolCall::BlockIp { ip: "100.64.0.1".parse().expect("ip"), ttl_s: 60 },
+            ToolCall::BlockUser { user_id: 42, ttl_s: 60 },
+        ];
+        for call in calls {
+            let parsed = ToolCall::parse(call.tool().as_str(), &call.args().to_string());
+            assert_eq!(parsed, Ok(call));
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/rate-limits", put(set_rate_limits))
         .route("/blocks", post(block))
         .route("/blocks/{ip}", delete(unblock))
+        .route("/user-blocks", post(block_user))
+        .route("/user-blocks/{user_id}", delete(unblock_user))
         .route("/hold-ttl", put(set_hold_ttl))
         .route("/users/{id}/points", post(top_up))
         .route("/seat-limit", put(set_seat_limit))
@@ -100,6 +102,16 @@ pub(super) struct BlockRequest {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+pub(super) struct UserBlockRequest {
+    /// The user, as their sessions name them.
+    #[schema(minimum = 1)]
+    user_id: u64,
+    #[schema(minimum = 1, maximum = 86_400)]
+    ttl_s: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub(super) struct HoldTtl {
     #[schema(minimum = 10, maximum = 3_600)]
     ttl_s: u64,
@@ -129,7 +141,8 @@ pub(super) struct AuditQuery {
     limit: Option<u32>,
 }
 
-/// Rates, latencies, error rates, lines, top talkers and store latency of this node.
+/// Rates, latencies, error rates, lines, top talkers and users, blocks and store latency of
+/// this node.
 #[utoipa::path(get, path = "/admin/v1/snapshot", security(("admin_token" = [])), responses((status = 200, body = Snapshot)))]
 pub(super) async fn snapshot(State(state): State<AppState>) -> Response {
     respond(StatusCode::OK, state.engine.snapshot().await.map_err(ApiError::from))
@@ -185,6 +198,31 @@ pub(super) async fn unblock(
     ApiPath(ip): ApiPath<IpAddr>,
 ) -> Response {
     respond(StatusCode::OK, state.engine.unblock(&actor, ip.to_canonical()).await.map_err(ApiError::from))
+}
+
+/// Blocks a user for a while: every public request their session names is refused (403
+/// `user_blocked`), from whatever address; the others behind their address are served.
+#[utoipa::path(post, path = "/admin/v1/user-blocks", request_body = UserBlockRequest,
+    security(("admin_token" = [])), responses((status = 200, description = "The user and when their block ends.", body = Object),
+        (status = 422, description = "`out_of_bounds`: a TTL beyond its bounds; `validation_failed`: the user blocklist is full.", body = super::Problem)))]
+pub(super) async fn block_user(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiJson(body): ApiJson<UserBlockRequest>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.block_user(&actor, body.user_id, body.ttl_s).await.map_err(ApiError::from))
+}
+
+/// Lifts a user's block.
+#[utoipa::path(delete, path = "/admin/v1/user-blocks/{user_id}", params(("user_id" = u64, Path)),
+    security(("admin_token" = [])), responses((status = 200, description = "The user, no longer blocked.", body = Object),
+        (status = 404, description = "`not_found`: the user is not blocked.", body = super::Problem)))]
+pub(super) async fn unblock_user(
+    State(state): State<AppState>,
+    Actor(actor): Actor,
+    ApiPath(user_id): ApiPath<u64>,
+) -> Response {
+    respond(StatusCode::OK, state.engine.unblock_user(&actor, user_id).await.map_err(ApiError::from))
 }
 
 /// Sets the TTL of new holds.

@@ -29,8 +29,10 @@
 //!   number on the node, which its problem body (if any) and the node's logs name too;
 //! - every request to a route is measured on the engine's clock, under its route's template;
 //!   an unknown path (the fallback) is not, so a scan of random paths cannot grow the metrics;
-//! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklist and the rate
-//!   limits before its handler runs; operations and admin routes do not;
+//!   a public request is counted for its address and, with a verified session, its user;
+//! - every request to the public API ([`PUBLIC_PREFIX`]) passes the blocklists (of addresses,
+//!   and of users for a verified session) and the rate limits before its handler runs;
+//!   operations and admin routes do not;
 //! - a public request's session is verified once, here, and only a verified session's user
 //!   gets a rate limit of its own; a request to a route that acts for a user
 //!   ([`super::public::needs_session`]) without a valid session is refused 401 after the
@@ -57,6 +59,7 @@ use tower::{Layer, Service};
 use super::idempotency::{self, IDEMPOTENCY_KEY};
 use super::problem::RequestId;
 use super::{ApiError, AppState, ClientIp, REQUEST_BODY_MAX, REQUEST_ID_HEADER, RejectionCode, SessionCheck, bearer};
+use crate::domain::UserId;
 
 /// Every public route's template starts with this; no other route's does.
 pub(super) const PUBLIC_PREFIX: &str = "/v1/";
@@ -194,23 +197,29 @@ where
     let clock = Arc::clone(state.engine.clock());
     let start_us = clock.monotonic_us();
     let ip = client_ip(&state, &request);
-    let response = if route.as_str().starts_with(PUBLIC_PREFIX) {
+    let (response, user) = if route.as_str().starts_with(PUBLIC_PREFIX) {
         guard(&state, ip, route.as_str(), inner, request).await
     } else {
-        answer(inner.call(*request).await)
+        (answer(inner.call(*request).await), None)
     };
     let status = response.status().as_u16();
     if status >= 500 && status != 503 {
         tracing::error!(request_id = %id, route = route.as_str(), status, "request failed");
     }
     let latency_us = clock.monotonic_us().saturating_sub(start_us);
-    state.engine.telemetry().record_request(route.as_str(), status, latency_us, ip, clock.now_ms());
+    state.engine.telemetry().record_request(route.as_str(), status, latency_us, ip, user, clock.now_ms());
     response
 }
 
-/// The session, blocklist and rate limits, before any public handler runs; then idempotency
-/// for a `POST`.
-async fn guard<S>(state: &AppState, ip: IpAddr, route: &str, mut inner: S, mut request: Box<Request>) -> Response
+/// The session, blocklists and rate limits, before any public handler runs; then idempotency
+/// for a `POST`. Returns the answer and the user of the verified session, if any.
+async fn guard<S>(
+    state: &AppState,
+    ip: IpAddr,
+    route: &str,
+    mut inner: S,
+    mut request: Box<Request>,
+) -> (Response, Option<UserId>)
 where
     S: Service<Request, Response = Response, Error = Infallible>,
 {
@@ -222,7 +231,7 @@ where
     if let Err(rejection) = state.engine.admit_request(ip, user).await {
         let error = ApiError::from(rejection);
         state.engine.telemetry().record_rejection(error.code);
-        return error.into_response();
+        return (error.into_response(), user);
     }
     // A call that needs a session and has none is refused before it can claim an idempotency
     // key: an outsider's calls store nothing, and cannot make a later call's key mismatch.
@@ -231,7 +240,7 @@ where
     {
         let refused = ApiError::from(error);
         state.engine.telemetry().record_rejection(refused.code);
-        return refused.into_response();
+        return (refused.into_response(), user);
     }
     request.extensions_mut().insert(SessionCheck(session));
     request.extensions_mut().insert(ClientIp(ip));
@@ -247,7 +256,7 @@ where
     if let Some(code) = response.extensions().get::<RejectionCode>() {
         state.engine.telemetry().record_rejection(code.0);
     }
-    response
+    (response, user)
 }
 
 pub(super) fn answer(result: Result<Response, Infallible>) -> Response {

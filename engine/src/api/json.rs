@@ -82,9 +82,12 @@ fn integral_numbers_as_integers(value: &mut Value) -> bool {
             *number = integer;
             true
         }
-        Value::Array(items) => items.iter_mut().fold(false, |any, item| integral_numbers_as_integers(item) || any),
+        // Every item is visited: `any` would stop at the first one it changed.
+        Value::Array(items) => {
+            items.iter_mut().map(integral_numbers_as_integers).filter(|changed| *changed).count() > 0
+        }
         Value::Object(fields) => {
-            fields.values_mut().fold(false, |any, field| integral_numbers_as_integers(field) || any)
+            fields.values_mut().map(integral_numbers_as_integers).filter(|changed| *changed).count() > 0
         }
         Value::Null | Value::Bool(_) | Value::String(_) => false,
     }

@@ -31,6 +31,7 @@ pub fn document() -> &'static Value {
         public::queue_status, public::seat_map, public::hold, public::confirm, public::cancel, public::get_reservation,
         webhook::top_up,
         admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
+        admin::block_user, admin::unblock_user,
         admin::set_hold_ttl, admin::top_up, admin::set_seat_limit, admin::audit, admin::record_decision,
     ),
     components(schemas(Problem)),
@@ -128,6 +129,9 @@ const SHARED: &[Shared] = &[
     Shared { status: 401, code: "token_invalid", meets: |f| f.queue_token },
     Shared { status: 401, code: "admin_unauthorized", meets: |f| f.admin },
     Shared { status: 403, code: "ip_blocked", meets: |f| f.public },
+    // The guards judge the session of any public request that carries one, not only of the
+    // routes that need one.
+    Shared { status: 403, code: "user_blocked", meets: |f| f.public },
     Shared { status: 403, code: "token_not_yours", meets: |f| f.queue_token },
     Shared { status: 403, code: "token_wrong_schedule", meets: |f| f.queue_token },
     Shared { status: 403, code: "token_not_admitted", meets: |f| f.queue_token },
@@ -344,6 +348,26 @@ mod tests {
         for field in body.as_object().into_iter().flatten().map(|(field, _)| field.as_str()) {
             assert!(required.contains(&field), "{field} is not in the Problem schema's required fields");
         }
+    }
+
+    #[test]
+    fn a_blocked_users_refusal_is_documented_on_every_session_route() {
+        let mut session_routes = 0;
+        for (path, method, operation) in operations() {
+            if operation["security"].as_array().into_iter().flatten().any(|r| r.get("session").is_some()) {
+                session_routes += 1;
+                let forbidden = operation["responses"]["403"]["description"].as_str().unwrap_or_default();
+                assert!(forbidden.contains("`user_blocked`"), "{method} {path}: {forbidden}");
+            }
+        }
+        assert!(session_routes >= 8, "only {session_routes} session routes");
+        let admin = &document()["paths"]["/admin/v1/user-blocks"]["post"];
+        assert_eq!(
+            admin["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/UserBlockRequest"
+        );
+        let ttl = &document()["components"]["schemas"]["UserBlockRequest"]["properties"]["ttl_s"];
+        assert_eq!((ttl["minimum"].as_u64(), ttl["maximum"].as_u64()), (Some(1), Some(86_400)));
     }
 
     #[test]

@@ -190,6 +190,9 @@ impl From<Rejection> for ApiError {
             Rejection::Blocked { until_ms } => {
                 Self::new(StatusCode::FORBIDDEN, "ip_blocked", format!("this address is blocked until {until_ms} ms"))
             }
+            Rejection::UserBlocked { until_ms } => {
+                Self::new(StatusCode::FORBIDDEN, "user_blocked", format!("this user is blocked until {until_ms} ms"))
+            }
             Rejection::RateLimited { scope, retry_after_s } => {
                 let what = match scope {
                     LimitScope::Ip => "this address",

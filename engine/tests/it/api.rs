@@ -663,6 +663,56 @@ async fn rate_limits_answer_429_with_retry_after_and_blocks_403() {
     assert!(metrics.contains("reason=\"ip_blocked\"} 1"), "{metrics}");
 }
 
+/// A user block refuses every call the user's session makes, from any address, while the
+/// others behind the same address are served; it is audited, listed, lifted and expires.
+#[tokio::test]
+async fn a_blocked_user_is_refused_from_any_address_and_the_others_behind_theirs_are_served() {
+    let api = Api::new().await;
+    let (ada, _) = api.user_in_line("ada", 0).await;
+    let (bob, _) = api.user_in_line("bob", 0).await;
+    let read = |user_id: u64, ip: &'static str| {
+        api.get(&format!("/v1/users/{user_id}")).session(user_id).with_forwarded_ip(ip).send()
+    };
+    let blocked =
+        api.admin(Method::POST, "/admin/v1/user-blocks").json(json!({ "user_id": ada, "ttl_s": 30 })).send().await;
+    assert_eq!(blocked.status, StatusCode::OK, "{:?}", blocked.bytes);
+    assert_eq!(blocked.json()["blocked_until_ms"], START_MS + 30_000);
+    for ip in ["203.0.113.5", "198.51.100.20"] {
+        check_problem(&read(ada, ip).await, StatusCode::FORBIDDEN, "user_blocked");
+    }
+    let join = api.post("/v1/schedules/1/queue").session(ada).with_forwarded_ip("203.0.113.5").send().await;
+    check_problem(&join, StatusCode::FORBIDDEN, "user_blocked");
+    assert_eq!(read(bob, "203.0.113.5").await.status, StatusCode::OK, "the others behind the address");
+    assert_eq!(api.get("/v1/schedules").with_forwarded_ip("203.0.113.5").send().await.status, StatusCode::OK);
+    let snapshot = api.admin(Method::GET, "/admin/v1/snapshot").send().await.json();
+    assert_eq!(snapshot["user_blocks"], json!([{ "user_id": ada, "until_ms": START_MS + 30_000 }]));
+    assert_eq!(snapshot["blocks"], json!([]), "no address is blocked");
+
+    let audit = api.admin(Method::GET, "/admin/v1/audit").send().await.json();
+    let entry =
+        audit.as_array().expect("entries").iter().find(|entry| entry["action"] == "block_user").expect("audited");
+    assert_eq!(
+        (&entry["target"], &entry["outcome"], &entry["after"]["blocked_until_ms"]),
+        (&json!(format!("user/{ada}")), &json!("applied"), &json!(START_MS + 30_000))
+    );
+
+    // Lifted by hand, then blocked again: the second block expires on its own.
+    assert_eq!(api.admin(Method::DELETE, &format!("/admin/v1/user-blocks/{ada}")).send().await.status, StatusCode::OK);
+    assert_eq!(read(ada, "203.0.113.5").await.status, StatusCode::OK);
+    let again = api.admin(Method::DELETE, &format!("/admin/v1/user-blocks/{ada}")).send().await;
+    check_problem(&again, StatusCode::NOT_FOUND, "not_found");
+    api.admin(Method::POST, "/admin/v1/user-blocks").json(json!({ "user_id": ada, "ttl_s": 10 })).send().await;
+    check_problem(&read(ada, "203.0.113.5").await, StatusCode::FORBIDDEN, "user_blocked");
+    api.advance(Duration::from_secs(10)).await;
+    assert_eq!(read(ada, "203.0.113.5").await.status, StatusCode::OK, "the block expired");
+    let audit = api.admin(Method::GET, "/admin/v1/audit").send().await.json();
+    let actions: Vec<&str> =
+        audit.as_array().expect("entries").iter().filter_map(|entry| entry["action"].as_str()).collect();
+    assert_eq!(actions.iter().filter(|action| action.ends_with("_user")).count(), 4, "{actions:?}");
+    let metrics = String::from_utf8(api.get("/metrics").send().await.bytes.to_vec()).expect("utf-8");
+    assert!(metrics.contains("reason=\"user_blocked\"} 4"), "{metrics}");
+}
+
 /// Every public route passes the guards (found through the OpenAPI document, so a route added
 /// later is covered too); the operations and admin routes do not, so operators can still reach
 /// a node from an address that is blocked; a refusal is measured under its route.
@@ -674,7 +724,11 @@ async fn the_guards_cover_every_public_route_and_no_other() {
     let paths = openapi["paths"].as_object().expect("paths");
     let mut public = 0;
     for (template, operations) in paths {
-        let uri = template.replace("{id}", "1").replace("{token}", "t").replace("{ip}", "192.0.2.1");
+        let uri = template
+            .replace("{id}", "1")
+            .replace("{token}", "t")
+            .replace("{ip}", "192.0.2.1")
+            .replace("{user_id}", "1");
         for method in operations.as_object().expect("operations").keys() {
             let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
             let reply = if template.starts_with("/admin/") {
@@ -771,6 +825,9 @@ async fn admin_values_out_of_bounds_are_422_never_clamped() {
         (Method::PUT, "/admin/v1/rate-limits", json!({ "per_ip_per_s": 5, "per_token_per_s": 5, "burst": 1_000_000 })),
         (Method::POST, "/admin/v1/blocks", json!({ "ip": "192.0.2.1", "ttl_s": 0 })),
         (Method::POST, "/admin/v1/blocks", json!({ "ip": "192.0.2.1", "ttl_s": 86_401 })),
+        (Method::POST, "/admin/v1/user-blocks", json!({ "user_id": 1, "ttl_s": 0 })),
+        (Method::POST, "/admin/v1/user-blocks", json!({ "user_id": 0, "ttl_s": 60 })),
+        (Method::POST, "/admin/v1/user-blocks", json!({ "user_id": 1, "ttl_s": 86_401 })),
         (Method::PUT, "/admin/v1/hold-ttl", json!({ "ttl_s": 9 })),
         (Method::PUT, "/admin/v1/hold-ttl", json!({ "ttl_s": 3_601 })),
     ];
@@ -780,6 +837,7 @@ async fn admin_values_out_of_bounds_are_422_never_clamped() {
     }
     let snapshot = api.admin(Method::GET, "/admin/v1/snapshot").send().await.json();
     assert_eq!(snapshot["hold_ttl_s"], 60, "nothing was applied");
+    assert_eq!(snapshot["user_blocks"], json!([]), "nothing was applied");
     assert_eq!(snapshot["rate_limits"]["per_ip_per_s"], 50);
 }
 

@@ -7,8 +7,9 @@
 //!   that begins [`MITIGATED_SECONDS`] seconds in a row within the agent's bounds, as the users
 //!   saw them (see [`seconds_within_bounds`]).
 //! - A false alarm is an action applied before any disturbance (or in a run without one).
-//! - Harm: legitimate (non-bot) IPs the agent blocked, and users refused because of an
-//!   action (`ip_blocked`, or `rate_limited` once the agent has changed the rate limits).
+//! - Harm: legitimate (non-bot) IPs and users (the fans' accounts, not the bots') the agent
+//!   blocked, and users refused because of an action (`ip_blocked`, `user_blocked`, or
+//!   `rate_limited` once the agent has changed the rate limits).
 //! - The agent caused a safety violation when it applied an action in a run that failed a
 //!   safety invariant: a conservative verdict; the same seed without an agent tells whether
 //!   the violation is the agent's.
@@ -150,7 +151,7 @@ fn mitigated_at_us(within: &BTreeMap<u64, bool>, from_us: u64) -> Option<u64> {
     None
 }
 
-/// Legitimate IPs blocked, and users refused because of an applied action.
+/// Legitimate IPs and users blocked, and users refused because of an applied action.
 fn harm(scenario: &Scenario, history: &History, applied: &[(u64, &tcore_engine::agent::ActionRecord)]) -> (u64, u64) {
     let bots: BTreeSet<IpAddr> =
         scenario.bots.iter().enumerate().flat_map(|(index, bot)| bot.addresses(index)).collect();
@@ -160,6 +161,13 @@ fn harm(scenario: &Scenario, history: &History, applied: &[(u64, &tcore_engine::
         .filter_map(|(_, action)| action.args["ip"].as_str().and_then(|ip| ip.parse().ok()))
         .filter(|ip| !bots.contains(ip))
         .collect();
+    // The fans' accounts come first (1..=users), the bots' after them.
+    let fans_blocked: BTreeSet<u64> = applied
+        .iter()
+        .filter(|(_, action)| action.tool == ToolName::BlockUser)
+        .filter_map(|(_, action)| action.args["user_id"].as_u64())
+        .filter(|user_id| *user_id <= scenario.users_total())
+        .collect();
     let limits_changed_us =
         applied.iter().filter(|(_, action)| action.tool == ToolName::SetRateLimits).map(|(at, _)| *at).min();
     let turned_away: BTreeSet<u64> = history
@@ -167,7 +175,7 @@ fn harm(scenario: &Scenario, history: &History, applied: &[(u64, &tcore_engine::
         .iter()
         .filter(|operation| !bots.contains(&operation.ip))
         .filter(|operation| match &operation.outcome {
-            Outcome::Fail { code, .. } if code == "ip_blocked" => true,
+            Outcome::Fail { code, .. } if code == "ip_blocked" || code == "user_blocked" => true,
             Outcome::Fail { code, .. } if code == "rate_limited" => {
                 limits_changed_us.is_some_and(|at| operation.invoke_us >= at)
             }
@@ -175,5 +183,5 @@ fn harm(scenario: &Scenario, history: &History, applied: &[(u64, &tcore_engine::
         })
         .map(|operation| operation.client)
         .collect();
-    (blocked.len() as u64, turned_away.len() as u64)
+    ((blocked.len() + fans_blocked.len()) as u64, turned_away.len() as u64)
 }

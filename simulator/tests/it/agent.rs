@@ -54,6 +54,45 @@ fn in_the_bot_storm_sessionless_scalpers_take_no_seat_and_the_rules_agent_blocks
     }));
 }
 
+/// A scalper with two accounts of their own, spread over 40 addresses: each address is as
+/// quiet as a fan, each account floods. The bots log in with their accounts' sessions, so their
+/// joins are served (a sessionless bot's are refused 401), and the rules agent blocks the two
+/// users, no address, harming no fan.
+#[test]
+fn bots_with_accounts_call_with_their_own_sessions_and_the_rules_agent_blocks_the_users() {
+    let text =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/calm-opening.toml"))
+            .expect("scenario");
+    let bot = "\n[[bots]]\nname = \"farm\"\nips = 40\nrate_per_s = 400\nstart_s = 3\nend_s = 30\naccounts = 2\n\
+               targets = [\"queue-join\"]\n";
+    let mut farm = Scenario::parse(&format!("{text}{bot}"), "farm.toml").unwrap_or_else(|error| panic!("{error}"));
+    farm.slo.thresholds.retain(|threshold| !threshold.metric.starts_with("agent."));
+    assert_eq!(farm.bots[0].accounts, 2);
+    let (bytes, report) = run(&farm);
+    let seed = farm.seed;
+    assert!(report.passed(), "seed {seed}: {report}");
+    let result = json_of(&bytes);
+    let answers = &result["score"]["bots"]["answers"];
+    assert!(answers.get("401").is_none(), "seed {seed}: every bot call carried a session: {answers}");
+    assert!(
+        figure(&result, "/score/bots/answers/201") > 0.0,
+        "seed {seed}: the bots' own joins were served: {answers}"
+    );
+    assert!(figure(&result, "/score/bots/answers/403") > 0.0, "seed {seed}: then refused as blocked: {answers}");
+    let actions = result["agent_actions"].as_array().expect("actions");
+    let blocked: std::collections::BTreeSet<u64> = actions
+        .iter()
+        .filter(|action| action["tool"] == "block_user" && action["outcome"] == "applied")
+        .filter_map(|action| action["args"]["user_id"].as_u64())
+        .collect();
+    // The bot's accounts come after the fans' (see `scenarios/README.md`).
+    let first_bot_account = farm.users_total() + 1;
+    assert_eq!(blocked, [first_bot_account, first_bot_account + 1].into(), "seed {seed}: {actions:?}");
+    assert!(actions.iter().all(|action| action["tool"] != "block_ip"), "seed {seed}: no address blocked: {actions:?}");
+    assert_eq!(figure(&result, "/score/agent/harm/legitimate_users_blocked"), 0.0, "seed {seed}");
+    assert_eq!(figure(&result, "/score/agent/harm/legitimate_users_turned_away"), 0.0, "seed {seed}");
+}
+
 #[test]
 fn without_faults_the_rules_agent_decides_but_takes_no_action() {
     let calm = scenario("calm-opening.toml");
