@@ -53,10 +53,41 @@ impl AppState {
     }
 }
 
-/// A path whose rejections are problem responses.
-#[derive(Debug, FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(ApiError))]
+/// A path whose rejections are problem responses. As in JSON bodies (see [`json`]), an
+/// integral number written with a fraction (`75.0`) is read as the integer the OpenAPI
+/// document's `integer` allows.
+#[derive(Debug)]
 pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        let rejection = match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => return Ok(ApiPath(value)),
+            Err(rejection) => ApiError::from(rejection),
+        };
+        let Ok(raw) = axum::extract::RawPathParams::from_request_parts(parts, state).await else {
+            return Err(rejection);
+        };
+        let integral = |text: &str| {
+            let (whole, fraction) = text.split_once('.')?;
+            let whole =
+                whole.parse::<u64>().ok().filter(|_| !fraction.is_empty() && fraction.bytes().all(|b| b == b'0'))?;
+            Some(serde_json::Value::from(whole))
+        };
+        let mut values: Vec<serde_json::Value> = Vec::new();
+        for (_, text) in &raw {
+            values.push(integral(text).ok_or_else(|| rejection.clone())?);
+        }
+        let value = if values.len() == 1 { values.remove(0) } else { serde_json::Value::Array(values) };
+        serde_json::from_value(value).map(ApiPath).map_err(|_| rejection)
+    }
+}
 
 /// A query whose rejections are problem responses.
 #[derive(Debug, FromRequestParts)]

@@ -432,7 +432,11 @@ async fn malformed_requests_get_problem_bodies() {
         assert_eq!(opened.status, StatusCode::CREATED, "{name:?}");
         assert_eq!(opened.json()["name"], name);
     }
-    // JSON Schema counts 42.0 as an integer, and so does the API; 42.5 is no integer.
+    // JSON Schema counts 42.0 as an integer, and so does the API, in paths as in bodies.
+    let whole = api.get(&format!("/v1/users/{}.0", 1)).session(1).send().await;
+    assert_eq!(whole.status, StatusCode::OK, "{:?}", whole.bytes);
+    check_problem(&api.get("/v1/users/1.5").session(1).send().await, StatusCode::BAD_REQUEST, "invalid_path");
+    check_problem(&api.get("/v1/users/1.").session(1).send().await, StatusCode::BAD_REQUEST, "invalid_path");
     let user = api.post("/v1/users").json(json!({ "name": "floats" })).send().await.json();
     let id = user["id"].as_u64().expect("id");
     let top_up = format!("/admin/v1/users/{id}/points");
