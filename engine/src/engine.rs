@@ -281,6 +281,12 @@ impl Engine {
         &self.telemetry
     }
 
+    /// How many verified sessions the node remembers (at most
+    /// [`VERIFIED_SESSIONS_MAX`](crate::sessions::VERIFIED_SESSIONS_MAX)).
+    pub fn sessions_remembered(&self) -> usize {
+        self.sessions.remembered()
+    }
+
     fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }

@@ -236,6 +236,11 @@ impl Sessions {
         Ok(session)
     }
 
+    /// How many verified sessions are remembered.
+    pub fn remembered(&self) -> usize {
+        self.verified.lock().len()
+    }
+
     /// A session for `user_id` from `now_ms`, lasting the configured TTL; `None` when the key
     /// is a public key, which cannot sign.
     pub fn issue(&self, user_id: UserId, now_ms: u64) -> Option<(String, Session)> {

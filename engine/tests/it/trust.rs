@@ -7,7 +7,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 use tcore_engine::api::{WEBHOOK_SIGNATURE_HEADER, sign_webhook};
 use tcore_engine::clock::Clock;
-use tcore_engine::config::{EngineConfig, HoldMode};
+use tcore_engine::config::{EngineConfig, HoldMode, RateLimits};
 use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, SESSION_LEEWAY_S, SessionClaims, SessionConfig, sign_hs256};
 
 use crate::api::{Api, Reply, check_problem};
@@ -119,6 +119,43 @@ async fn a_call_without_a_session_is_refused_before_it_can_claim_an_idempotency_
     assert_eq!(opened.status, StatusCode::CREATED, "{:?}", opened.bytes);
     let replayed = api.post("/v1/users").key("shared-key").json(json!({ "name": "cleo" })).send().await;
     assert_eq!(replayed.json()["id"], opened.json()["id"], "the retry replays the first answer");
+}
+
+/// An outsider's flood of forged sessions, forged queue tokens, idempotency keys and accounts
+/// leaves the engine's state bounded: nothing forged is remembered, no key is claimed without a
+/// session, and an address opens only its hourly allowance of accounts.
+#[tokio::test]
+async fn a_flood_of_forged_credentials_keys_and_accounts_leaves_the_state_bounded() {
+    // Rate limits out of the way: what is measured is what the flood leaves behind.
+    let limits = RateLimits { per_ip_per_s: 100_000, per_token_per_s: 100_000, burst: 100_000 };
+    let config = EngineConfig { accounts_per_ip_per_hour: 20, rate_limits: limits, ..config(HoldMode::Atomic) };
+    let api = Api::with_config(config).await;
+    let (ada, token) = api.admitted_user("ada", 1_000).await;
+    // Ada's own session, as the flood below sends it, is remembered once.
+    assert_eq!(api.get(&format!("/v1/queue/{token}")).session(ada).send().await.status, StatusCode::OK);
+    let remembered = api.engine.sessions_remembered();
+    let mut opened = 0;
+    for n in 0..2_000 {
+        let forged = format!("eyJhbGciOiJIUzI1NiJ9.forged-{n}.signature");
+        let status = api.get(&format!("/v1/queue/{token}")).bearer(&forged).send().await;
+        check_problem(&status, StatusCode::UNAUTHORIZED, "session_invalid");
+        let forged_token = format!("v2.1.{ada}.{n}.{n:016x}.forged-mac");
+        let call = api.get(&format!("/v1/queue/{forged_token}")).session(ada);
+        check_problem(&call.send().await, StatusCode::UNAUTHORIZED, "token_invalid");
+        let keyed = api.post("/v1/holds").key(&format!("k-{n}")).json(json!({ "schedule_id": 1, "seat_id": 1 }));
+        check_problem(&keyed.send().await, StatusCode::UNAUTHORIZED, "session_missing");
+        let account = api.post("/v1/users").json(json!({ "name": format!("sock-{n}") })).send().await;
+        if account.status == StatusCode::CREATED {
+            opened += 1;
+        } else {
+            check_problem(&account, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        }
+    }
+    assert_eq!(api.engine.sessions_remembered(), remembered, "no forged session is remembered");
+    assert!(opened <= 20, "one address opened {opened} accounts in an hour");
+    // None of the keys was claimed: the same key with another request is still only a 401.
+    let again = api.post("/v1/holds").key("k-7").json(json!({ "schedule_id": 1, "seat_id": 2 }));
+    check_problem(&again.send().await, StatusCode::UNAUTHORIZED, "session_missing");
 }
 
 #[tokio::test]
