@@ -38,8 +38,12 @@ fn has_json_content_type(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()) else {
         return false;
     };
-    let essence = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json" || essence.strip_prefix("application/").is_some_and(|sub| sub.ends_with("+json"))
+    // Compared without an allocation: this runs for every request with a JSON body.
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let Some((kind, subtype)) = essence.split_once('/') else { return false };
+    let suffix = subtype.len().checked_sub(5).and_then(|at| subtype.get(at..));
+    kind.eq_ignore_ascii_case("application")
+        && (subtype.eq_ignore_ascii_case("json") || suffix.is_some_and(|suffix| suffix.eq_ignore_ascii_case("+json")))
 }
 
 /// Reads `bytes` as a `T`: see the module's invariant.
@@ -104,6 +108,25 @@ mod tests {
     struct Hold {
         seat_id: u64,
         rate: f64,
+    }
+
+    #[test]
+    fn json_content_types_are_told_apart_from_others() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, value.parse().expect("header value"));
+            has_json_content_type(&headers)
+        };
+        for json in
+            ["application/json", "Application/JSON; charset=utf-8", "application/problem+json", "application/x+JSON"]
+        {
+            assert!(with(json), "{json}");
+        }
+        for other in ["text/json", "application/jsonx", "application/+jso", "json", "application/x-www-form-urlencoded"]
+        {
+            assert!(!with(other), "{other}");
+        }
+        assert!(!has_json_content_type(&HeaderMap::new()));
     }
 
     #[test]
