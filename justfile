@@ -7,6 +7,11 @@ default:
 run SCENARIO="scenarios/concert-open.toml":
     cargo run --release -p tcore-sim --bin tcore -- run {{SCENARIO}}
 
+# A live run: goose drives engine nodes this command starts (Redis + MariaDB for the shared scenarios).
+live SCENARIO="scenarios/live/small-opening.toml":
+    cargo build -q --release -p tcore-engine -p tcore-sim --bins
+    ./target/release/tcore load {{SCENARIO}} --spawn
+
 # Every small scenario of scenarios/ci, each of which must pass.
 ci-scenarios:
     for scenario in scenarios/ci/*.toml; do cargo run -q -p tcore-sim --bin tcore -- run --quiet "$scenario" || exit 1; done

@@ -287,7 +287,7 @@ impl Engine {
         self.sessions.remembered()
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         self.clock.now_ms()
     }
 
@@ -1202,6 +1202,64 @@ impl Engine {
     /// The newest audit entries.
     pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, EngineError> {
         self.timed("audit", self.record.audit(limit)).await
+    }
+
+    /// One part of the state, in the stores' own order, as its records serialize: what a live
+    /// run reads after its end to check the history against.
+    pub async fn export(&self, part: ExportPart) -> Result<Vec<serde_json::Value>, EngineError> {
+        if part == ExportPart::Admissions {
+            let admissions = self.timed("export", self.cache.admissions()).await?;
+            return Ok(admissions.iter().map(json).collect());
+        }
+        let dump = self.timed("export", self.record.dump()).await?;
+        Ok(match part {
+            ExportPart::Schedules => dump.schedules.iter().map(json).collect(),
+            ExportPart::Accounts => dump.accounts.iter().map(json).collect(),
+            ExportPart::Ledger => dump.ledger.iter().map(json).collect(),
+            ExportPart::Reservations => dump.reservations.iter().map(json).collect(),
+            ExportPart::Fences => dump.fences.iter().map(json).collect(),
+            ExportPart::Outbox => dump.outbox.iter().map(json).collect(),
+            ExportPart::Admissions => Vec::new(),
+        })
+    }
+}
+
+/// The parts of the state [`Engine::export`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportPart {
+    Schedules,
+    Accounts,
+    Ledger,
+    Reservations,
+    Fences,
+    Outbox,
+    /// Admissions to the waiting lines, from the cache store.
+    Admissions,
+}
+
+impl ExportPart {
+    pub const ALL: [ExportPart; 7] = [
+        ExportPart::Schedules,
+        ExportPart::Accounts,
+        ExportPart::Ledger,
+        ExportPart::Reservations,
+        ExportPart::Fences,
+        ExportPart::Outbox,
+        ExportPart::Admissions,
+    ];
+
+    /// The part's name in paths.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportPart::Schedules => "schedules",
+            ExportPart::Accounts => "accounts",
+            ExportPart::Ledger => "ledger",
+            ExportPart::Reservations => "reservations",
+            ExportPart::Fences => "fences",
+            ExportPart::Outbox => "outbox",
+            ExportPart::Admissions => "admissions",
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod catalogue;
 pub mod clock;
 pub mod config;
 pub mod domain;

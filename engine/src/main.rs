@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::RngExt;
+use tcore_engine::catalogue::{Catalogue, Loaded};
 use tcore_engine::clock::SystemClock;
 use tcore_engine::config::{
     AdminToken, ConnectionLimits, EngineConfig, HoldMode, RateLimits, TrustedProxies, connection_defaults,
@@ -168,6 +169,10 @@ struct ServeArgs {
     /// admin API is not served.
     #[arg(long = "admin-token", env = "TCORE_ADMIN_TOKENS", value_delimiter = ',', value_parser = AdminToken::parse, hide_env_values = true)]
     admin_tokens: Vec<AdminToken>,
+    /// Put the schedules and accounts of this JSON catalogue on sale at start (see
+    /// `tcore_engine::catalogue`), unless another node sharing the stores already did.
+    #[arg(long, env = "TCORE_CATALOG")]
+    catalog: Option<std::path::PathBuf>,
     /// Load a demo concert with this many seats (0: none).
     #[arg(long, env = "TCORE_DEMO_SEATS", default_value_t = 0)]
     demo_seats: u32,
@@ -572,6 +577,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .context("refusing to start")?;
     if let Some(relay) = stores.relay {
         tokio::spawn(relay.run());
+    }
+    if let Some(path) = &args.catalog {
+        let catalogue = Catalogue::read(path)?;
+        match catalogue.load_into(&engine).await.with_context(|| format!("loading {}", path.display()))? {
+            Loaded::Loaded { schedules, accounts } => tracing::info!(schedules, accounts, "catalogue loaded"),
+            Loaded::AlreadyThere => tracing::info!("catalogue already loaded by another node"),
+        }
     }
     if args.demo_seats > 0 {
         load_demo(&engine, &args).await?;

@@ -244,9 +244,27 @@ fn run_facts(html: &mut String, run: &Run) {
     fact("seed", &run.seed.to_string());
     fact("commit", &run.commit);
     fact("hold mode", &run.hold_mode);
-    fact("simulated duration", &format!("{} s", format_number(run.duration_s)));
-    if let Some(tick_ms) = run.tick_ms {
-        fact("tick (time resolution)", &format!("{tick_ms} ms"));
+    if let Some(live) = &run.live {
+        fact("mode", "live: real engine processes over real HTTP (not byte-reproducible)");
+        fact("deployment", live["deployment"].as_str().unwrap_or("?"));
+        fact(
+            "journeys",
+            &format!(
+                "{} of {} started, {} late (lateness p99 {} µs), pool of {}",
+                live["journeys_started"],
+                live["arrivals"],
+                live["journeys_late"],
+                live["lateness_p99_us"],
+                live["pool"]
+            ),
+        );
+        fact("duration", &format!("{} s", format_number(run.duration_s)));
+    } else {
+        fact("mode", &run.mode);
+        fact("simulated duration", &format!("{} s", format_number(run.duration_s)));
+        if let Some(tick_ms) = run.tick_ms {
+            fact("tick (time resolution)", &format!("{tick_ms} ms"));
+        }
     }
     if let Some(replay) = &run.replay {
         fact("replay", replay);

@@ -11,6 +11,10 @@ use serde_json::Value;
 /// The run result schema this crate reads.
 pub const RUN_SCHEMA: &str = "tcore.run/1";
 
+fn simulated() -> String {
+    "simulated".to_owned()
+}
+
 /// One run result.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Run {
@@ -20,6 +24,12 @@ pub struct Run {
     pub commit: String,
     #[serde(default)]
     pub hold_mode: String,
+    /// `simulated` or `live`; older run results are simulated.
+    #[serde(default = "simulated")]
+    pub mode: String,
+    /// What a live run measured beyond the score: its pool, late journeys, deployment.
+    #[serde(default)]
+    pub live: Option<Value>,
     #[serde(default)]
     pub duration_s: f64,
     #[serde(default)]

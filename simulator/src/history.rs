@@ -19,10 +19,13 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use anyhow::Context;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tcore_engine::domain::Admitted;
 /// The engine's own reservation statuses, ledger reasons and outbox kinds, with the same
 /// names on the wire.
 pub use tcore_engine::domain::{LedgerReason, OutboxKind, ReservationStatus};
+use tcore_engine::store::RecordDump;
 
 /// Identifies one client operation within a history; the recorder hands them out from 0.
 pub type OpId = u64;
@@ -613,6 +616,18 @@ impl HistoryRecorder {
         self.next_op_id
     }
 
+    /// [`Self::finish`] with what the stores hold at the end: the final state, the fences they
+    /// accepted and the admissions they made (as [`from_stores`] reads them).
+    pub fn finish_with(mut self, (final_state, fences, admissions): StoresRead) -> History {
+        for fence in fences {
+            self.fence(fence);
+        }
+        for admission in admissions {
+            self.admission(admission);
+        }
+        self.finish(final_state)
+    }
+
     /// Ends the recording with the state read after the run. Operations still out stay
     /// [`UnknownReason::RunEnded`] with no completion time.
     pub fn finish(self, final_state: FinalState) -> History {
@@ -637,6 +652,95 @@ fn push_bounded<T>(records: &mut Vec<T>, record: T, records_max: usize, overflow
     } else {
         records.push(record);
     }
+}
+
+/// What the stores hold after a run, in the history's terms: the final state, accepted
+/// fences, admissions.
+pub type StoresRead = (FinalState, Vec<AcceptedFence>, Vec<Admission>);
+
+/// The stores' state after a run, in the history's terms: the system of record's `dump` and
+/// the cache store's admissions, with `to_us` turning an engine time (ms since the Unix epoch)
+/// into the run's µs.
+pub fn from_stores(dump: &RecordDump, admitted: &[Admitted], to_us: impl Fn(u64) -> u64) -> anyhow::Result<StoresRead> {
+    let final_state = FinalState {
+        reservations: dump
+            .reservations
+            .iter()
+            .map(|r| FinalReservation {
+                id: r.id,
+                schedule_id: r.schedule_id,
+                seat_id: r.seat_id,
+                user_id: r.user_id,
+                status: r.status,
+                fence: r.fence.0,
+                held_us: to_us(r.held_at_ms),
+                expires_us: to_us(r.expires_at_ms),
+                confirmed_us: r.confirmed_at_ms.map(&to_us),
+                amount_paid: r.paid_points,
+            })
+            .collect(),
+        users: dump
+            .accounts
+            .iter()
+            .map(|a| FinalUser { id: a.user_id, balance: i64::try_from(a.balance).unwrap_or(i64::MAX) })
+            .collect(),
+        ledger: dump
+            .ledger
+            .iter()
+            .map(|entry| LedgerRecord {
+                user_id: entry.user_id,
+                delta: entry.delta,
+                reason: entry.reason,
+                reservation_id: entry.reservation_id,
+                idempotency_key: entry.idempotency_key.clone(),
+                at_us: to_us(entry.at_ms),
+            })
+            .collect(),
+        schedules: dump.schedules.iter().map(|s| FinalSchedule { id: s.id, capacity: s.seats_total() }).collect(),
+        outbox: dump
+            .outbox
+            .iter()
+            .map(|event| OutboxRecord {
+                kind: event.kind,
+                reservation_id: event.reservation_id,
+                user_id: event.user_id,
+                at_us: to_us(event.at_ms),
+            })
+            .collect(),
+    };
+    let fences = dump
+        .fences
+        .iter()
+        .map(|f| {
+            Ok(AcceptedFence {
+                schedule_id: f.schedule_id,
+                seat_id: f.seat_id,
+                fence: f.fence.0,
+                reservation_id: f.reservation_id,
+                node: node_index(&f.node)?,
+                at_us: to_us(f.at_ms),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let admissions = admitted
+        .iter()
+        .map(|a| Admission {
+            schedule_id: a.schedule_id,
+            user_id: a.user_id,
+            join_seq: a.seq,
+            joined_us: to_us(a.joined_at_ms),
+            admitted_us: to_us(a.admitted_at_ms),
+        })
+        .collect();
+    Ok((final_state, fences, admissions))
+}
+
+/// The 0-based index of an engine node `engine-N`, as the history names nodes.
+fn node_index(node: &str) -> anyhow::Result<u32> {
+    node.strip_prefix("engine-")
+        .and_then(|number| number.parse::<u32>().ok())
+        .and_then(|number| number.checked_sub(1))
+        .with_context(|| format!("a fence was accepted from {node:?}, which is not an engine node"))
 }
 
 #[cfg(test)]

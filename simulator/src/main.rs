@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tcore_sim::checker::check;
 use tcore_sim::scenario::{AgentPolicy, HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::{run_result, safety_passed, slo_passed};
-use tcore_sim::world;
+use tcore_sim::{live, world};
 
 /// A simulated run allocates and frees millions of small buffers (frames, headers, futures)
 /// on one thread; mimalloc does that several times faster than the system allocator and keeps
@@ -39,6 +39,8 @@ struct Cli {
 enum Command {
     /// Run a scenario in the simulated world, check it and score it.
     Run(RunArgs),
+    /// Replay a scenario live: goose drives real engine nodes over HTTP, then the same checks.
+    Load(LoadArgs),
     /// Render run results as HTML: one, or several side by side.
     Report(cli::report::ReportArgs),
     /// Judge scenarios or run results by safety, SLOs and baselines, for CI.
@@ -85,11 +87,55 @@ struct RunArgs {
     compare_agent: Option<AgentPolicy>,
 }
 
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// The scenario file (TOML).
+    scenario: PathBuf,
+    /// Start the scenario's engine nodes, and stop them at the end (the default without
+    /// --target): one on the embedded memory store, or `[engine] nodes` on Redis + MariaDB
+    /// with a fresh database and key prefix.
+    #[arg(long, conflicts_with = "target")]
+    spawn: bool,
+    /// Base URL of a node that already runs; repeat (or separate with commas) for each. Its
+    /// nodes must be named `engine-N`, trust this machine's `X-Forwarded-For`, and verify
+    /// sessions with --session-secret.
+    #[arg(long, value_delimiter = ',', requires_all = ["admin_token", "session_secret"])]
+    target: Vec<String>,
+    /// With --target: a bearer token of the nodes' admin API (to read the state at the end).
+    #[arg(long, env = "TCORE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// With --target: the HS256 secret the nodes verify fans' sessions with.
+    #[arg(long, env = "TCORE_SESSION_SECRET", hide_env_values = true)]
+    session_secret: Option<String>,
+    /// Replace the scenario's seed (it draws the arrivals and the fans' choices).
+    #[arg(long, env = "TCORE_SEED")]
+    seed: Option<u64>,
+    /// Replace the scenario's hold mode.
+    #[arg(long, value_enum)]
+    hold_mode: Option<HoldMode>,
+    /// Where run.json, the report and the nodes' logs go (default: target/tcore/<scenario>/live-<seed>).
+    #[arg(long, env = "TCORE_OUT")]
+    out: Option<PathBuf>,
+    /// With --spawn: the engine binary (default: `tcore-engine` beside this program).
+    #[arg(long, env = "TCORE_ENGINE_BIN")]
+    engine_bin: Option<PathBuf>,
+    /// With --spawn and redis+mariadb: the Redis server.
+    #[arg(long, env = "TCORE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// With --spawn and redis+mariadb: the MariaDB server, without a database.
+    #[arg(long, env = "TCORE_MARIADB_URL", default_value = "mysql://root@127.0.0.1:3306")]
+    mariadb_url: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() -> ExitCode {
     tcore_sim::allocator::configure_for_a_run();
     tcore_sim::logs::init();
     let outcome = match Cli::parse().command {
         Command::Run(args) => run(&args),
+        Command::Load(args) => load(&args),
         Command::Report(args) => cli::report::report(&args).map(|path| {
             println!("report: {}", path.display());
             true
@@ -280,15 +326,6 @@ fn run_one(
     let report = check(&world.history);
     let mut result = run_result(scenario, file, &commit(), &world, &report);
     result["replay"] = serde_json::Value::String(format!("tcore run {replay} --seed {}", scenario.seed));
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let run_path = out.join("run.json");
-    let mut bytes = serde_json::to_vec_pretty(&result)?;
-    bytes.push(b'\n');
-    std::fs::write(&run_path, bytes).with_context(|| format!("writing {}", run_path.display()))?;
-    let report_path = cli::report::write_beside(&result, out)?;
-    if save_history {
-        std::fs::write(out.join("history.json"), serde_json::to_vec(&world.history)?)?;
-    }
     let operations = world.history.operations.len() as u64;
     let wall = serde_json::json!({
         "wall_s": simulated_s,
@@ -296,7 +333,7 @@ fn run_one(
         "operations": operations,
         "operations_per_wall_s": operations as f64 / simulated_s.max(1e-9),
     });
-    std::fs::write(out.join("wall.json"), serde_json::to_vec_pretty(&wall)?)?;
+    let (run_path, report_path) = write_outputs(out, &result, &wall, save_history.then_some(&world.history))?;
     if let Some(cassette) = world.agent.as_ref().and_then(|agent| agent.cassette.as_ref()) {
         let path = scenario.agent.cassette.as_ref().map_or_else(|| out.join("cassette.json"), PathBuf::from);
         cassette.save(&path).map_err(anyhow::Error::msg)?;
@@ -310,6 +347,122 @@ fn run_one(
         slo_passed: slo_passed(&result),
         faults_without_effect: result["faults_without_effect"].as_array().map_or(0, Vec::len),
     })
+}
+
+/// Writes `run.json`, `wall.json`, `report.html` and, if given, `history.json` into `out`.
+fn write_outputs(
+    out: &Path,
+    result: &serde_json::Value,
+    wall: &serde_json::Value,
+    history: Option<&tcore_sim::history::History>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let run_path = out.join("run.json");
+    let mut bytes = serde_json::to_vec_pretty(result)?;
+    bytes.push(b'\n');
+    std::fs::write(&run_path, bytes).with_context(|| format!("writing {}", run_path.display()))?;
+    let report_path = cli::report::write_beside(result, out)?;
+    if let Some(history) = history {
+        std::fs::write(out.join("history.json"), serde_json::to_vec(history)?)?;
+    }
+    std::fs::write(out.join("wall.json"), serde_json::to_vec_pretty(wall)?)?;
+    Ok((run_path, report_path))
+}
+
+fn load(args: &LoadArgs) -> anyhow::Result<bool> {
+    let scenario = apply_hold_mode(Scenario::load_live(&args.scenario)?, args.hold_mode);
+    let seed = args.seed.unwrap_or(scenario.seed);
+    let scenario = scenario.with_seed(seed);
+    for setting in scenario.unsafe_settings() {
+        println!("warning: known-unsafe configuration {setting}: the checker is expected to catch a violation");
+    }
+    println!("seed: {seed}");
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/tcore").join(&scenario.name).join(format!("live-{seed}")));
+    let mut replay = args.scenario.display().to_string();
+    if let Some(hold_mode) = args.hold_mode {
+        replay.push_str(" --hold-mode ");
+        replay.push_str(hold_mode.name());
+    }
+    let mut deployment = if args.target.is_empty() {
+        let engine_bin = match &args.engine_bin {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?.with_file_name("tcore-engine"),
+        };
+        let options = live::deploy::SpawnOptions {
+            engine_bin,
+            dir: out.clone(),
+            redis_url: args.redis_url.clone(),
+            mariadb_url: args.mariadb_url.clone(),
+        };
+        live::deploy::Deployment::spawn(&scenario, &options, scenario.users_total())?
+    } else {
+        live::deploy::Deployment::target(
+            args.target.clone(),
+            args.admin_token.clone().unwrap_or_default(),
+            args.session_secret.clone().unwrap_or_default().into_bytes(),
+        )
+    };
+    println!("engine: {}", deployment.description);
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(1_000) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let users = scenario.users_total();
+    let mut last = (Instant::now(), 0_u64);
+    let run = live::load(&scenario, &replay, &deployment, &mut |progress| {
+        let rate = (progress.requests - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+        last = (Instant::now(), progress.requests);
+        bar.set_length((progress.duration_s * 1e3) as u64);
+        bar.set_position((progress.elapsed_s.max(0.0) * 1e3) as u64);
+        bar.set_message(format!(
+            "{:>6.1} s of {:.0} s · arrivals {}/{users} ({} late) · {rate:.0} req/s · p99 {:.1} ms · {} errors",
+            progress.elapsed_s,
+            progress.duration_s,
+            progress.started,
+            progress.late,
+            progress.p99_us as f64 / 1e3,
+            progress.errors
+        ));
+    });
+    bar.finish_and_clear();
+    deployment.stop();
+    let run = run?;
+    let report = check(&run.world.history);
+    let mut result = run_result(&scenario, &args.scenario.display().to_string(), &commit(), &run.world, &report);
+    result["mode"] = serde_json::Value::String("live".into());
+    result["reproducible"] = serde_json::Value::Bool(false);
+    result["partial"] = serde_json::Value::Bool(run.figures.partial);
+    result["live"] = serde_json::to_value(&run.figures)?;
+    result["replay"] = serde_json::Value::String(format!("tcore load {replay} --seed {seed}"));
+    let operations = run.world.history.operations.len() as u64;
+    let wall = serde_json::json!({
+        "wall_s": run.figures.wall_s,
+        "operations": operations,
+        "operations_per_wall_s": operations as f64 / run.figures.wall_s.max(1e-9),
+    });
+    let (run_path, report_path) = write_outputs(&out, &result, &wall, None)?;
+    print_summary(&result, &report, run.figures.wall_s);
+    let figures = &run.figures;
+    println!(
+        "{:<34} {} started of {} ({} late; lateness p99 {} us), pool {}",
+        "journeys",
+        figures.journeys_started,
+        figures.arrivals,
+        figures.journeys_late,
+        figures.lateness_p99_us,
+        figures.pool
+    );
+    if figures.partial {
+        println!("partial: the run stopped before every arrival ran");
+    }
+    println!("run result: {}", run_path.display());
+    println!("report: {}", report_path.display());
+    Ok(safety_passed(&result) && slo_passed(&result) && !figures.partial)
 }
 
 fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckReport, wall_s: f64) {

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
+use tcore_engine::catalogue::{AccountGroup, Catalogue, CatalogueSchedule};
 
 pub use arrivals::{ArrivalCurve, Constant, Ramp, Spike, Step, Steps, USERS_MAX};
 pub use faults::{
@@ -157,6 +158,70 @@ impl Scenario {
             Some(problem) => Err(source.problem_error(problem)),
             None => Ok(scenario),
         }
+    }
+
+    /// Reads the scenario at `path` for a live run (`tcore load`), which also refuses what a
+    /// live run cannot do, naming the key: a fault, a bot or an agent (live runs replay the
+    /// fans' journeys; their faults, bots and agent are not applied live yet).
+    pub fn load_live(path: impl AsRef<Path>) -> Result<Scenario, ScenarioError> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.to_owned(), source })?;
+        let file = path.display().to_string();
+        let scenario = Self::parse(&text, &file)?;
+        let source = Source::parse(&text, &file)?;
+        let problems = scenario.live_problems();
+        match problems.iter().min_by_key(|problem| source.problem_offset(problem)) {
+            Some(problem) => Err(source.problem_error(problem)),
+            None => Ok(scenario),
+        }
+    }
+
+    fn live_problems(&self) -> Vec<source::Problem> {
+        let mut checks = Checks::default();
+        let root = KeyPath::root();
+        for (index, fault) in self.faults.iter().enumerate() {
+            let message = format!("a `{}` fault is not applied in a live run (run it with `tcore run`)", fault.kind());
+            checks.fail(root.key("faults").index(index).key("kind"), message);
+        }
+        for index in 0..self.bots.len() {
+            checks.fail(root.key("bots").index(index), "bots are not replayed in a live run (run it with `tcore run`)");
+        }
+        if self.agent.policy != AgentPolicy::None {
+            checks.fail(root.key("agent").key("policy"), "the ops agent does not run in a live run yet");
+        }
+        checks.into_problems()
+    }
+
+    /// The venue and the accounts to open, as the engine loads them (`tcore_engine::catalogue`):
+    /// the `users` fans' accounts first (user ids from 1), then each bot's, in `[[bots]]` order.
+    pub fn catalogue(&self, users: u64) -> Catalogue {
+        let schedules = self
+            .venue
+            .schedules
+            .iter()
+            .map(|schedule| CatalogueSchedule {
+                id: schedule.id,
+                concert: schedule.concert.clone(),
+                opens_in_ms: (schedule.opens_at_s.max(0.0) * 1000.0) as u64,
+                sections: schedule
+                    .sections
+                    .iter()
+                    .map(|section| tcore_engine::domain::Section {
+                        name: section.name.clone(),
+                        price_points: section.price_points,
+                        seats_count: section.seats,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut accounts = vec![AccountGroup { prefix: "user-".into(), count: users, points: self.users.points }];
+        accounts.extend(self.bots.iter().map(|bot| AccountGroup {
+            prefix: format!("{}-", bot.name),
+            count: u64::from(bot.accounts),
+            points: 0,
+        }));
+        Catalogue { schedules, accounts }
     }
 
     /// The same scenario with another seed (`tcore run --seed N`).

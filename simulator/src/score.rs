@@ -368,6 +368,7 @@ pub fn run_result(
     let slo_passed = slo.iter().all(|result| result.passed);
     json!({
         "schema": RUN_SCHEMA,
+        "mode": "simulated",
         "scenario": { "name": scenario.name, "file": scenario_file, "description": scenario.description },
         "seed": scenario.seed,
         "commit": commit,

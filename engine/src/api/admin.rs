@@ -16,11 +16,13 @@ use super::admin_auth::Refusal;
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, bearer, respond};
 use crate::agent::DecisionRecord;
 use crate::config::RateLimits;
-use crate::engine::{AdmissionChange, Snapshot};
+use crate::engine::{AdmissionChange, ExportPart, Snapshot};
 use crate::store::AuditEntry;
 
 /// The most audit entries one call returns.
 const AUDIT_PAGE_MAX: u32 = 1_000;
+/// The most records one export page holds.
+const EXPORT_PAGE_MAX: u32 = 10_000;
 
 pub(super) fn routes(state: AppState) -> Router<AppState> {
     Router::new()
@@ -35,6 +37,7 @@ pub(super) fn routes(state: AppState) -> Router<AppState> {
         .route("/users/{id}/points", post(top_up))
         .route("/seat-limit", put(set_seat_limit))
         .route("/audit", get(audit))
+        .route("/export/{part}", get(export))
         .route("/decisions", post(record_decision))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
@@ -289,6 +292,56 @@ pub(super) async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQue
             .into_response();
     }
     respond(StatusCode::OK, state.engine.audit_log(limit).await.map_err(ApiError::from))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ExportQuery {
+    /// How many records to skip: 0, then the `next` of the page before.
+    #[param(minimum = 0, nullable = false)]
+    after: Option<u64>,
+    /// How many records one page holds (at most 10000).
+    #[param(minimum = 1, maximum = 10000, nullable = false)]
+    limit: Option<u32>,
+}
+
+/// One page of an export.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub(super) struct ExportPage {
+    part: ExportPart,
+    /// The records, as the stores keep them.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<serde_json::Value>,
+    /// The `after` of the next page; absent on the last.
+    #[schema(minimum = 1)]
+    next: Option<u64>,
+}
+
+/// One part of the state (the system of record's schedules, accounts, ledger, reservations,
+/// accepted fences and outbox, or the cache store's admissions), page by page: read-only, for
+/// checking a run against what its clients were told.
+#[utoipa::path(get, path = "/admin/v1/export/{part}", params(("part" = ExportPart, Path), ExportQuery),
+    security(("admin_token" = [])), responses((status = 200, body = ExportPage),
+        (status = 422, description = "`out_of_bounds`: a limit beyond 10000.", body = super::Problem)))]
+pub(super) async fn export(
+    State(state): State<AppState>,
+    ApiPath(part): ApiPath<ExportPart>,
+    ApiQuery(query): ApiQuery<ExportQuery>,
+) -> Response {
+    let limit = query.limit.unwrap_or(1_000);
+    if !(1..=EXPORT_PAGE_MAX).contains(&limit) {
+        return ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "out_of_bounds", "limit must be in 1..=10000")
+            .into_response();
+    }
+    let after = usize::try_from(query.after.unwrap_or(0)).unwrap_or(usize::MAX);
+    let page = state.engine.export(part).await.map(|records| {
+        let end = after.saturating_add(limit as usize);
+        let next = (end < records.len()).then_some(end as u64);
+        let items = records.into_iter().skip(after).take(limit as usize).collect();
+        ExportPage { part, items, next }
+    });
+    respond(StatusCode::OK, page.map_err(ApiError::from))
 }
 
 /// Writes an ops agent's decision (what it saw, why, what it did) to the audit log.

@@ -32,7 +32,7 @@ pub fn document() -> &'static Value {
         webhook::top_up,
         admin::snapshot, admin::set_admission, admin::set_rate_limits, admin::block, admin::unblock,
         admin::block_user, admin::unblock_user,
-        admin::set_hold_ttl, admin::top_up, admin::set_seat_limit, admin::audit, admin::record_decision,
+        admin::set_hold_ttl, admin::top_up, admin::set_seat_limit, admin::audit, admin::export, admin::record_decision,
     ),
     components(schemas(Problem)),
     modifiers(&SecuritySchemes),

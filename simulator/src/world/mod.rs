@@ -10,7 +10,7 @@
 pub mod agent;
 pub mod net;
 pub mod node;
-mod reply;
+
 pub mod store_rpc;
 pub mod users;
 
@@ -29,7 +29,7 @@ use tcore_engine::clock::ManualClock;
 use tcore_engine::config::{
     ADMIN_TOKEN_NAME_DEFAULT, AdminToken, ConnectionLimits, EngineConfig, RateLimits, TrustedProxies,
 };
-use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
+use tcore_engine::domain::AdmissionPolicy;
 use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::sessions::{SessionConfig, SessionKey};
 use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
@@ -42,11 +42,9 @@ use self::store_rpc::{
     FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl, StoreHostConfig,
     serve_store,
 };
-use self::users::{ClientContext, SectionChoice, UserOutcomes};
-use crate::history::{
-    AcceptedFence, Admission, CheckConfig, FinalReservation, FinalSchedule, FinalState, FinalUser, History,
-    HistoryRecorder, LedgerRecord, OutboxRecord,
-};
+use self::users::SimTransport;
+use crate::history::{CheckConfig, History, HistoryRecorder, StoresRead};
+use crate::journey::{JourneyPlan, Journeys, UserOutcomes};
 use crate::scenario::{self, Fault, Scenario};
 
 /// Wall time the engine believes it is at the start of every run.
@@ -271,23 +269,7 @@ pub fn run_with(
             Some(log)
         }
     };
-    let schedules: Vec<(u64, Vec<SectionChoice>)> = scenario
-        .venue
-        .schedules
-        .iter()
-        .map(|schedule| {
-            let sections = schedule
-                .sections
-                .iter()
-                .map(|section| SectionChoice {
-                    name: section.name.clone(),
-                    popularity: section.popularity,
-                    price_points: section.price_points,
-                })
-                .collect();
-            (schedule.id, sections)
-        })
-        .collect();
+    let plan = Arc::new(JourneyPlan::of(scenario, engine_hosts.clone(), session_secret(seed)));
     let clients = scenario.clients.max(1);
     let arrivals = Rc::new(arrivals);
     let request_logs: Vec<RequestLog> =
@@ -297,15 +279,9 @@ pub fn run_with(
             Some(log) => HttpClient::logging(Rc::clone(log)),
             None => HttpClient::default(),
         };
-        let context = Rc::new(ClientContext {
-            seed,
-            http,
-            recorder: Rc::clone(&recorder),
-            outcomes: Rc::clone(&outcomes),
-            nodes: engine_hosts.clone(),
-            users: scenario.users.clone(),
-            schedules: schedules.clone(),
-            session_secret: session_secret(seed),
+        let context = Rc::new(Journeys {
+            transport: SimTransport { http, recorder: Rc::clone(&recorder), outcomes: Rc::clone(&outcomes) },
+            plan: Arc::clone(&plan),
         });
         let arrivals = Rc::clone(&arrivals);
         let first_accounts = bot_first_accounts(scenario, users_total);
@@ -341,7 +317,8 @@ pub fn run_with(
                     continue;
                 }
                 sleep_until_us(arrival_us).await;
-                running.spawn(Rc::clone(&context).journey(index as u64));
+                let context = Rc::clone(&context);
+                running.spawn(async move { context.journey(index as u64).await });
             }
             let all = running.all_ended();
             let _ =
@@ -431,16 +408,8 @@ pub fn run_with(
             },
         })
         .collect();
-    let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
-    let mut recorder =
-        Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
-    for fence in fences {
-        recorder.fence(fence);
-    }
-    for admission in admissions {
-        recorder.admission(admission);
-    }
-    let mut history = recorder.finish(final_state);
+    let recorder = Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
+    let mut history = recorder.finish_with(read_final_state(&record, &cache)?);
     history.config.end_us = end_us;
     let outcomes = outcomes.borrow().clone();
     let fired_pauses = fired.lock().clone();
@@ -615,39 +584,13 @@ fn setup_stores(
             cache: Arc::new(cache.clone()) as Arc<dyn CacheStore>,
             faults: Arc::new(NoFaults),
         })?;
-        for schedule in &scenario.venue.schedules {
-            let sections = schedule
-                .sections
-                .iter()
-                .map(|section| Section {
-                    name: section.name.clone(),
-                    price_points: section.price_points,
-                    seats_count: section.seats,
-                })
-                .collect();
-            engine
-                .add_schedule(Schedule {
-                    id: schedule.id,
-                    concert: Concert { id: schedule.id, name: schedule.concert.clone() },
-                    opens_at_ms: EPOCH_MS + (schedule.opens_at_s * 1000.0) as u64,
-                    sections,
-                })
-                .await?;
-        }
-        for index in 0..users {
-            record.create_user(format!("user-{index}"), scenario.users.points, EPOCH_MS).await?;
-        }
-        // Bots' accounts come after the users', in `[[bots]]` order (see `bot_first_accounts`).
-        for bot in &scenario.bots {
-            for index in 0..bot.accounts {
-                record.create_user(format!("{}-{index}", bot.name), 0, EPOCH_MS).await?;
-            }
-        }
+        // The clock reads the epoch: schedules open at the epoch plus their `opens_at_s`.
+        scenario.catalogue(users).load_into(&engine).await?;
         anyhow::Ok(())
     })
 }
 
-fn check_config(scenario: &Scenario, heal_us: u64, end_us: u64) -> CheckConfig {
+pub(crate) fn check_config(scenario: &Scenario, heal_us: u64, end_us: u64) -> CheckConfig {
     CheckConfig {
         hold_ttl_us: scenario.engine.hold_ttl_s * 1_000_000,
         hold_expiry_grace_us: 3_000_000,
@@ -876,14 +819,6 @@ fn fault_windows(scenario: &Scenario, hosts: &[String]) -> Vec<FaultWindow> {
         .collect()
 }
 
-/// The 0-based index of an engine host `engine-N`, as the history names nodes.
-fn node_index(host: &str) -> anyhow::Result<u32> {
-    host.strip_prefix("engine-")
-        .and_then(|number| number.parse::<u32>().ok())
-        .and_then(|number| number.checked_sub(1))
-        .with_context(|| format!("a fence was accepted from {host:?}, which is not an engine host"))
-}
-
 pub(crate) fn to_us(at_ms: u64) -> u64 {
     at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
 }
@@ -896,84 +831,11 @@ fn holds_pending(record: &StoreControl) -> anyhow::Result<bool> {
     Ok(dump.reservations.iter().any(|reservation| reservation.status == tcore_engine::domain::ReservationStatus::Held))
 }
 
-fn read_final_state(
-    record: &StoreControl,
-    cache: &StoreControl,
-) -> anyhow::Result<(FinalState, Vec<AcceptedFence>, Vec<Admission>)> {
+fn read_final_state(record: &StoreControl, cache: &StoreControl) -> anyhow::Result<StoresRead> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("final state runtime")?;
     let (dump, admitted) =
         runtime.block_on(async { anyhow::Ok((RecordStore::dump(record).await?, cache.admissions().await?)) })?;
-    let final_state = FinalState {
-        reservations: dump
-            .reservations
-            .iter()
-            .map(|r| FinalReservation {
-                id: r.id,
-                schedule_id: r.schedule_id,
-                seat_id: r.seat_id,
-                user_id: r.user_id,
-                status: r.status,
-                fence: r.fence.0,
-                held_us: to_us(r.held_at_ms),
-                expires_us: to_us(r.expires_at_ms),
-                confirmed_us: r.confirmed_at_ms.map(to_us),
-                amount_paid: r.paid_points,
-            })
-            .collect(),
-        users: dump
-            .accounts
-            .iter()
-            .map(|a| FinalUser { id: a.user_id, balance: i64::try_from(a.balance).unwrap_or(i64::MAX) })
-            .collect(),
-        ledger: dump
-            .ledger
-            .iter()
-            .map(|entry| LedgerRecord {
-                user_id: entry.user_id,
-                delta: entry.delta,
-                reason: entry.reason,
-                reservation_id: entry.reservation_id,
-                idempotency_key: entry.idempotency_key.clone(),
-                at_us: to_us(entry.at_ms),
-            })
-            .collect(),
-        schedules: dump.schedules.iter().map(|s| FinalSchedule { id: s.id, capacity: s.seats_total() }).collect(),
-        outbox: dump
-            .outbox
-            .iter()
-            .map(|event| OutboxRecord {
-                kind: event.kind,
-                reservation_id: event.reservation_id,
-                user_id: event.user_id,
-                at_us: to_us(event.at_ms),
-            })
-            .collect(),
-    };
-    let fences = dump
-        .fences
-        .iter()
-        .map(|f| {
-            Ok(AcceptedFence {
-                schedule_id: f.schedule_id,
-                seat_id: f.seat_id,
-                fence: f.fence.0,
-                reservation_id: f.reservation_id,
-                node: node_index(&f.node)?,
-                at_us: to_us(f.at_ms),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let admissions = admitted
-        .iter()
-        .map(|a| Admission {
-            schedule_id: a.schedule_id,
-            user_id: a.user_id,
-            join_seq: a.seq,
-            joined_us: to_us(a.joined_at_ms),
-            admitted_us: to_us(a.admitted_at_ms),
-        })
-        .collect();
-    Ok((final_state, fences, admissions))
+    crate::history::from_stores(&dump, &admitted, to_us)
 }
 
 #[cfg(test)]

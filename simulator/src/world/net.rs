@@ -51,35 +51,7 @@ impl axum::serve::Listener for SimListener {
     }
 }
 
-/// What came back from one HTTP call.
-#[derive(Debug, Clone)]
-pub struct HttpReply {
-    pub status: u16,
-    pub body: Bytes,
-}
-
-/// Why an HTTP call has no answer: the outcome is unknown to the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpFailure {
-    /// No answer within the timeout.
-    Timeout,
-    /// The connection could not be made or broke.
-    ConnectionLost,
-}
-
-/// One request to send.
-#[derive(Debug, Clone)]
-pub struct HttpRequest {
-    pub method: &'static str,
-    pub path: String,
-    /// The fan's session, sent as `Authorization: Bearer`.
-    pub bearer: Option<String>,
-    /// The queue token of a booking call, sent as `X-Queue-Token`.
-    pub queue_token: Option<String>,
-    pub idempotency_key: Option<String>,
-    pub forwarded_for: String,
-    pub body: Option<String>,
-}
+pub use crate::journey::{HttpFailure, HttpReply, HttpRequest};
 
 /// One request as a client host sent it: when, to which node, and what.
 #[derive(Debug, Clone)]

@@ -3,6 +3,8 @@
 mod agent;
 mod checker;
 mod gate;
+mod journey;
+mod live;
 mod report;
 mod runs;
 mod scenario;

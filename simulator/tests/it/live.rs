@@ -1,0 +1,144 @@
+//! A live run end to end against an engine served on a real socket (memory store, in this
+//! process), and the checker catching a doctored live history.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use tcore_engine::clock::SystemClock;
+use tcore_engine::config::{AdminToken, EngineConfig, RateLimits, TrustedProxies};
+use tcore_engine::domain::ReservationStatus;
+use tcore_engine::faults::NoFaults;
+use tcore_engine::sessions::{SessionConfig, SessionKey};
+use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::{Engine, EngineParts};
+use tcore_sim::checker::{CheckReport, check};
+use tcore_sim::history::{FinalReservation, History};
+use tcore_sim::live::deploy::Deployment;
+use tcore_sim::live::{LiveRun, load};
+use tcore_sim::scenario::Scenario;
+
+const SESSION_SECRET: &str = "a-live-test-session-secret-of-32-bytes-or-more";
+const ADMIN_SECRET: &str = "a-live-test-admin-token";
+
+const SCENARIO: &str = r#"
+name = "live-test"
+seed = 11
+duration_s = 8
+
+[venue]
+[[venue.schedules]]
+id = 1
+concert = "Live Test"
+opens_at_s = 0
+[[venue.schedules.sections]]
+name = "Floor"
+seats = 40
+price_points = 100
+popularity = 1.0
+
+[engine]
+nodes = 1
+hold_ttl_s = 10
+
+[engine.admission]
+rate_per_s = 100
+active_max = 200
+
+[[arrivals]]
+shape = "spike"
+users = 100
+start_s = 0.5
+ramp_s = 1
+decay_s = 1
+
+[users]
+patience_s = 5
+poll_interval_ms = { min = 100, max = 300 }
+request_timeout_ms = 2_000
+points = 1_000
+"#;
+
+/// Serves an engine on the memory store on a loopback port, with the scenario's sale loaded,
+/// on a runtime of its own (the live driver blocks the calling thread).
+fn serve(scenario: &Scenario) -> (Deployment, tokio::runtime::Runtime) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let address = runtime.block_on(async {
+        let store = Arc::new(MemoryStore::new(MemoryStoreConfig::default()));
+        let config = EngineConfig {
+            node: "engine-1".into(),
+            sessions: SessionConfig {
+                key: SessionKey::Hs256 { secret: SESSION_SECRET.as_bytes().to_vec() },
+                ..SessionConfig::default()
+            },
+            admin_tokens: vec![AdminToken { name: "load".into(), secret: ADMIN_SECRET.into() }],
+            trusted_proxies: TrustedProxies::new([IpAddr::V4(Ipv4Addr::LOCALHOST)]),
+            rate_limits: RateLimits { per_ip_per_s: 100_000, per_token_per_s: 100_000, burst: 100_000 },
+            hold_ttl_ms: scenario.engine.hold_ttl_s * 1_000,
+            token_secret: b"a-live-test-queue-token-secret".to_vec(),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(EngineParts {
+            config,
+            clock: Arc::new(SystemClock::new()),
+            record: Arc::clone(&store) as Arc<dyn RecordStore>,
+            cache: store as Arc<dyn CacheStore>,
+            faults: Arc::new(NoFaults),
+        })
+        .expect("an engine");
+        scenario.catalogue(scenario.users_total()).load_into(&engine).await.expect("the sale loads");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let address = listener.local_addr().expect("its address");
+        tokio::spawn(tcore_engine::server::serve(listener, engine, std::future::pending()));
+        address
+    });
+    let deployment =
+        Deployment::target(vec![format!("http://{address}")], ADMIN_SECRET.into(), SESSION_SECRET.as_bytes().to_vec());
+    (deployment, runtime)
+}
+
+fn verdict(report: &CheckReport, invariant: &str) -> (bool, u64) {
+    let verdict = report.verdicts.iter().find(|verdict| verdict.invariant.name() == invariant).expect("an invariant");
+    (verdict.passed, verdict.violations)
+}
+
+fn confirmed(history: &History) -> Vec<FinalReservation> {
+    let state = &history.final_state;
+    state
+        .reservations
+        .iter()
+        .filter(|reservation| reservation.status == ReservationStatus::Confirmed)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_live_run_passes_and_its_history_doctored_with_a_double_sale_or_a_lost_confirmation_fails() {
+    let scenario = Scenario::parse(SCENARIO, "live-test.toml").expect("a scenario");
+    let (deployment, _runtime) = serve(&scenario);
+    let LiveRun { world, figures } = load(&scenario, "live-test.toml", &deployment, &mut |_| {}).expect("a live run");
+
+    assert_eq!(figures.arrivals, 100);
+    assert_eq!(figures.journeys_started, 100);
+    assert!(!figures.partial);
+    let report = check(&world.history);
+    assert!(report.verdicts.iter().all(|verdict| verdict.passed), "{:#?}", report.violations);
+    let sold = confirmed(&world.history);
+    assert!(!sold.is_empty(), "nothing was sold: the run tested nothing");
+
+    // A second confirmed reservation of a sold seat, for another user: a double sale.
+    let mut doubled = world.history.clone();
+    let twin = FinalReservation {
+        id: doubled.final_state.reservations.iter().map(|reservation| reservation.id).max().unwrap_or(0) + 1,
+        user_id: sold[0].user_id % 100 + 1,
+        ..sold[0].clone()
+    };
+    doubled.final_state.reservations.push(twin);
+    let (passed, violations) = verdict(&check(&doubled), "no-double-sale");
+    assert!(!passed && violations > 0, "a double sale went unseen");
+
+    // A confirmation a fan was told of, gone from the system of record.
+    let mut lost = world.history.clone();
+    lost.final_state.reservations.retain(|reservation| reservation.id != sold[0].id);
+    let (passed, violations) = verdict(&check(&lost), "acknowledged-confirmations-durable");
+    assert!(!passed && violations > 0, "a lost confirmation went unseen");
+}
