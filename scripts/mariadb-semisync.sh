@@ -64,8 +64,10 @@ instance_pid() {
 }
 # Whether process `pid` runs (a killed one may linger as a zombie until its parent reaps it).
 alive() {
-    local state
-    state=$(ps -o stat= -p "$1" 2>/dev/null) && [ "${state:0:1}" != Z ]
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat:0:1}" != Z ]
 }
 port_taken() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
