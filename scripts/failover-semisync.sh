@@ -151,7 +151,7 @@ done
 # Until a quarter of the fans are done, or for TCORE_FAILOVER_PAY_S at most: on a fast machine
 # the rest still pay when the faults come.
 pay_until_us=$((${EPOCHREALTIME/./} + pay_s * 1000000))
-while [ "${EPOCHREALTIME/./}" -lt "$pay_until_us" ] && [ "$(cat "$out"/fan-*.txt | wc -l)" -lt $((users / 4)) ]; do
+while [ "${EPOCHREALTIME/./}" -lt "$pay_until_us" ] && [ "$(cat "$out"/fan-*.txt 2>/dev/null | wc -l)" -lt $((users / 4)) ]; do
     sleep 0.2
 done
 # When the first fault hits: the link drop or, without one, the crash.
