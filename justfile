@@ -52,6 +52,10 @@ bench-sim:
 smoke:
     bash scripts/smoke-live.sh
 
+# A real MariaDB failover: the primary SIGKILLed while fans pay, its semi-sync replica promoted; nothing acknowledged is lost (`just failover --async` loses payments).
+failover *ARGS:
+    bash scripts/failover-semisync.sh {{ARGS}}
+
 # The API contract: schemathesis against live engines, every check and phase.
 contract:
     bash scripts/api-contract.sh
