@@ -28,7 +28,6 @@ use axum::serve::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -204,53 +203,63 @@ where
 }
 
 /// What one connection is doing: requests in flight, and since when it has had none.
+///
+/// Requests mark it with atomics only and wake no one: the watcher ([`Activity::idle_past`])
+/// sleeps until the earliest moment the connection could have idled too long and judges it
+/// then, so a busy connection costs one timer per idle period, not a wakeup and a timer per
+/// request.
 #[derive(Debug)]
 struct Activity {
-    state: Mutex<ActivityState>,
-    /// Told when the last request in flight ends.
-    quiet: Notify,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ActivityState {
-    in_flight: u64,
+    /// When the connection opened: the origin of `quiet_since_us`.
+    opened: Instant,
+    in_flight: AtomicU64,
     /// Whether a request has started on this connection.
-    started: bool,
-    /// When the last request ended (or the connection opened).
-    quiet_since: Instant,
+    started: AtomicBool,
+    /// When the last request ended (or the connection opened), in µs since `opened`.
+    quiet_since_us: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
-        let state = ActivityState { in_flight: 0, started: false, quiet_since: Instant::now() };
-        Self { state: Mutex::new(state), quiet: Notify::new() }
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+            quiet_since_us: AtomicU64::new(0),
+        }
     }
 
     /// Resolves once the connection has had no request in flight for too long: before its
     /// first request, the header-read timeout; after, the idle timeout. Never without an idle
     /// timeout: the simulator runs without one, and a timer per connection there, even one
-    /// that never fires, changes a run's bytes. No timer runs while a request is in flight.
+    /// that never fires, changes a run's bytes.
     async fn idle_past(&self, limits: &ConnectionLimits) {
         let Some(idle) = limits.idle_timeout_ms.map(Duration::from_millis) else {
             return std::future::pending().await;
         };
         let first = Duration::from_millis(limits.header_read_timeout_ms);
+        let mut timer = pin!(tokio::time::sleep_until(self.opened + first.min(idle)));
         loop {
-            let state = *self.state.lock();
-            let allowed = if state.started { idle } else { first };
-            if state.in_flight > 0 {
-                self.quiet.notified().await;
-                continue;
-            }
-            let deadline = state.quiet_since + allowed;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::select! {
-                biased;
-                () = self.quiet.notified() => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
+            timer.as_mut().await;
+            let now = Instant::now();
+            // A request in flight, or one that starts now, ends no earlier than now, so the
+            // connection cannot idle too long before `now + idle`.
+            let deadline = if !self.started.load(Ordering::Acquire) {
+                let deadline = self.opened + first;
+                if now >= deadline {
+                    return;
+                }
+                deadline.min(now + idle)
+            } else if self.in_flight.load(Ordering::Acquire) > 0 {
+                now + idle
+            } else {
+                let deadline = self.opened + Duration::from_micros(self.quiet_since_us.load(Ordering::Acquire)) + idle;
+                if now >= deadline {
+                    return;
+                }
+                deadline
+            };
+            timer.as_mut().reset(deadline);
         }
     }
 }
@@ -261,24 +270,22 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(activity: &Arc<Activity>) -> Self {
-        let mut state = activity.state.lock();
-        state.in_flight += 1;
-        state.started = true;
-        drop(state);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        if !activity.started.load(Ordering::Relaxed) {
+            activity.started.store(true, Ordering::Release);
+        }
         Self(Arc::clone(activity))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        state.in_flight -= 1;
-        if state.in_flight == 0 {
-            state.quiet_since = Instant::now();
-            drop(state);
-            // A permit is kept if the watcher is not waiting yet, so no end is missed.
-            self.0.quiet.notify_one();
-        }
+        let activity = &self.0;
+        let ended_us = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Before the count drops, so a watcher that sees no request in flight sees this end;
+        // the latest end wins when requests of an HTTP/2 connection end at once.
+        activity.quiet_since_us.fetch_max(ended_us, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -287,4 +294,72 @@ impl Drop for Busy {
 struct Stopping {
     flag: AtomicBool,
     notify: Notify,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER_READ: Duration = Duration::from_secs(1);
+    const IDLE: Duration = Duration::from_secs(5);
+
+    /// Watches `activity` as a connection task would; resolves to when it found the
+    /// connection idle.
+    fn watch(activity: &Arc<Activity>, header_read: Duration, idle: Duration) -> tokio::task::JoinHandle<Instant> {
+        let limits = ConnectionLimits {
+            header_read_timeout_ms: header_read.as_millis() as u64,
+            body_read_timeout_ms: header_read.as_millis() as u64,
+            idle_timeout_ms: Some(idle.as_millis() as u64),
+            connections_max: 1,
+        };
+        let activity = Arc::clone(activity);
+        tokio::spawn(async move {
+            activity.idle_past(&limits).await;
+            Instant::now()
+        })
+    }
+
+    /// `actual` is `expected`, give or take the timer's millisecond.
+    fn check(actual: Duration, expected: Duration) {
+        assert!(actual >= expected && actual <= expected + Duration::from_millis(2), "{actual:?}, not {expected:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_starts_no_request_is_idle_after_the_header_read_timeout() {
+        let activity = Arc::new(Activity::new());
+        let idle_at = watch(&activity, HEADER_READ, IDLE).await.expect("the watcher ends");
+        check(idle_at - activity.opened, HEADER_READ);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_past_the_idle_timeout_keeps_its_connection_until_idle_after_it() {
+        let activity = Arc::new(Activity::new());
+        let watcher = watch(&activity, HEADER_READ, IDLE);
+        tokio::time::sleep(HEADER_READ / 2).await;
+        let request = Busy::start(&activity);
+        tokio::time::sleep(IDLE * 3).await;
+        assert!(!watcher.is_finished(), "closed with a request in flight");
+        drop(request);
+        let ended = Instant::now();
+        // Requests that come and go within the idle timeout each put the end off again.
+        for _ in 0..3 {
+            tokio::time::sleep(IDLE / 2).await;
+            drop(Busy::start(&activity));
+        }
+        let last_ended = Instant::now();
+        assert!(last_ended > ended);
+        let idle_at = watcher.await.expect("the watcher ends");
+        check(idle_at - last_ended, IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_header_read_timeout_counts_from_the_first_request() {
+        let activity = Arc::new(Activity::new());
+        let watcher = watch(&activity, IDLE, HEADER_READ);
+        tokio::time::sleep(HEADER_READ / 10).await;
+        drop(Busy::start(&activity));
+        let ended = Instant::now();
+        let idle_at = watcher.await.expect("the watcher ends");
+        check(idle_at - ended, HEADER_READ);
+    }
 }
