@@ -17,9 +17,10 @@
 //! simulated time.
 
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,6 +29,7 @@ use axum::serve::Listener;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::time::Instant;
@@ -88,7 +90,6 @@ where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send + 'static,
 {
-    let builder = Arc::new(connection_builder(&limits));
     let permits = Arc::new(Semaphore::new(limits.connections_max as usize));
     let refused = AtomicU64::new(0);
     let stopping = Arc::new(Stopping::default());
@@ -127,12 +128,13 @@ where
                     }
                 }),
         );
-        let (builder, stopping, open, metrics) =
-            (Arc::clone(&builder), Arc::clone(&stopping), open.clone(), metrics.clone());
+        let (stopping, open, metrics) = (Arc::clone(&stopping), open.clone(), metrics.clone());
         tokio::spawn(async move {
             let _open = open;
             let mut stop = pin!(stopping.notify.notified());
             stop.as_mut().enable();
+            // A builder of its own: its header-read timer is the connection's.
+            let builder = connection_builder(&limits);
             let mut connection = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
             let idle = pin!(activity.idle_past(&limits));
             if !stopping.flag.load(Ordering::Acquire) {
@@ -163,7 +165,7 @@ where
     Ok(())
 }
 
-/// hyper's connection settings for `limits`.
+/// hyper's settings for one connection under `limits`.
 fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(HTTP2_STREAMS_MAX);
@@ -171,7 +173,10 @@ fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor>
     // host's wall clock, which a simulated run must never see.
     builder.http1().auto_date_header(false);
     builder.http2().auto_date_header(false);
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    builder
+        .http1()
+        .timer(HeadTimer::default())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
     if limits.idle_timeout_ms.is_some() {
         builder
             .http2()
@@ -181,6 +186,61 @@ fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor>
     }
     builder
 }
+
+/// The header-read timer of one HTTP/1.1 connection, on tokio's timer.
+///
+/// hyper asks its timer for a new sleep each time it starts waiting for a request's head, and
+/// drops it once the head is in: on a keep-alive connection, once per request. Each of
+/// tokio's sleeps is registered in the timer wheel and removed again, under the wheel's lock.
+/// This timer keeps one tokio sleep for the connection and moves it only when it fires before
+/// the deadline awaited then, so a busy connection moves it about once per header-read
+/// timeout; a sleep it hands out still resolves at its own deadline, not before.
+#[derive(Debug, Clone, Default)]
+struct HeadTimer(Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>);
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadDeadline { deadline: Instant::from_std(deadline), timer: Arc::clone(&self.0) })
+    }
+
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+}
+
+/// A sleep [`HeadTimer`] hands out: done at `deadline`.
+#[derive(Debug)]
+struct HeadDeadline {
+    deadline: Instant,
+    timer: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl Future for HeadDeadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline;
+        let mut timer = self.timer.lock();
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            match sleep.as_mut().poll(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if sleep.deadline() >= deadline => return Poll::Ready(()),
+                // It fired for an earlier head: wait on for this one.
+                Poll::Ready(()) => sleep.as_mut().reset(deadline),
+            }
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadDeadline {}
 
 /// Answers a connection beyond the maximum with a bare 503 and closes it, without holding up
 /// the accept loop; counts it, and logs the first refusal of every [`REFUSALS_PER_LOG`].
@@ -361,5 +421,27 @@ mod tests {
         let ended = Instant::now();
         let idle_at = watcher.await.expect("the watcher ends");
         check(idle_at - ended, HEADER_READ);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_head_deadline_resolves_at_its_own_time_on_the_connections_one_timer() {
+        use hyper::rt::Timer as _;
+        let timer = HeadTimer::default();
+        // A head awaited for a while and then received: its sleep is dropped unfired.
+        let mut received = timer.sleep(HEADER_READ);
+        assert!(tokio::time::timeout(HEADER_READ / 10, &mut received).await.is_err());
+        drop(received);
+        tokio::time::sleep(HEADER_READ / 2).await;
+        // The next head: the connection's timer fires at the first deadline, and this sleep
+        // still waits for its own.
+        let start = Instant::now();
+        timer.sleep(HEADER_READ).await;
+        check(start.elapsed(), HEADER_READ);
+        // A shorter wait than the timer's is not held back by it either.
+        let mut long = timer.sleep(HEADER_READ * 10);
+        assert!(tokio::time::timeout(HEADER_READ / 10, &mut long).await.is_err());
+        let start = Instant::now();
+        timer.sleep(HEADER_READ).await;
+        check(start.elapsed(), HEADER_READ);
     }
 }
