@@ -17,9 +17,10 @@
 //! simulated time.
 
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -89,7 +90,6 @@ where
     L: Listener<Addr = SocketAddr>,
     L::Io: Send + 'static,
 {
-    let builder = Arc::new(connection_builder(&limits));
     let permits = Arc::new(Semaphore::new(limits.connections_max as usize));
     let refused = AtomicU64::new(0);
     let stopping = Arc::new(Stopping::default());
@@ -128,12 +128,13 @@ where
                     }
                 }),
         );
-        let (builder, stopping, open, metrics) =
-            (Arc::clone(&builder), Arc::clone(&stopping), open.clone(), metrics.clone());
+        let (stopping, open, metrics) = (Arc::clone(&stopping), open.clone(), metrics.clone());
         tokio::spawn(async move {
             let _open = open;
             let mut stop = pin!(stopping.notify.notified());
             stop.as_mut().enable();
+            // A builder of its own: its header-read timer is the connection's.
+            let builder = connection_builder(&limits);
             let mut connection = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
             let idle = pin!(activity.idle_past(&limits));
             if !stopping.flag.load(Ordering::Acquire) {
@@ -164,7 +165,7 @@ where
     Ok(())
 }
 
-/// hyper's connection settings for `limits`.
+/// hyper's settings for one connection under `limits`.
 fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(HTTP2_STREAMS_MAX);
@@ -172,7 +173,10 @@ fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor>
     // host's wall clock, which a simulated run must never see.
     builder.http1().auto_date_header(false);
     builder.http2().auto_date_header(false);
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    builder
+        .http1()
+        .timer(HeadTimer::default())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
     if limits.idle_timeout_ms.is_some() {
         builder
             .http2()
@@ -182,6 +186,61 @@ fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor>
     }
     builder
 }
+
+/// The header-read timer of one HTTP/1.1 connection, on tokio's timer.
+///
+/// hyper asks its timer for a new sleep each time it starts waiting for a request's head, and
+/// drops it once the head is in: on a keep-alive connection, once per request. Each of
+/// tokio's sleeps is registered in the timer wheel and removed again, under the wheel's lock.
+/// This timer keeps one tokio sleep for the connection and moves it only when it fires before
+/// the deadline awaited then, so a busy connection moves it about once per header-read
+/// timeout; a sleep it hands out still resolves at its own deadline, not before.
+#[derive(Debug, Clone, Default)]
+struct HeadTimer(Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>);
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadDeadline { deadline: Instant::from_std(deadline), timer: Arc::clone(&self.0) })
+    }
+
+    fn now(&self) -> std::time::Instant {
+        Instant::now().into_std()
+    }
+}
+
+/// A sleep [`HeadTimer`] hands out: done at `deadline`.
+#[derive(Debug)]
+struct HeadDeadline {
+    deadline: Instant,
+    timer: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl Future for HeadDeadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline;
+        let mut timer = self.timer.lock();
+        let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        loop {
+            match sleep.as_mut().poll(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if sleep.deadline() >= deadline => return Poll::Ready(()),
+                // It fired for an earlier head: wait on for this one.
+                Poll::Ready(()) => sleep.as_mut().reset(deadline),
+            }
+        }
+    }
+}
+
+impl hyper::rt::Sleep for HeadDeadline {}
 
 /// Answers a connection beyond the maximum with a bare 503 and closes it, without holding up
 /// the accept loop; counts it, and logs the first refusal of every [`REFUSALS_PER_LOG`].
@@ -204,53 +263,63 @@ where
 }
 
 /// What one connection is doing: requests in flight, and since when it has had none.
+///
+/// Requests mark it with atomics only and wake no one: the watcher ([`Activity::idle_past`])
+/// sleeps until the earliest moment the connection could have idled too long and judges it
+/// then, so a busy connection costs one timer per idle period, not a wakeup and a timer per
+/// request.
 #[derive(Debug)]
 struct Activity {
-    state: Mutex<ActivityState>,
-    /// Told when the last request in flight ends.
-    quiet: Notify,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ActivityState {
-    in_flight: u64,
+    /// When the connection opened: the origin of `quiet_since_us`.
+    opened: Instant,
+    in_flight: AtomicU64,
     /// Whether a request has started on this connection.
-    started: bool,
-    /// When the last request ended (or the connection opened).
-    quiet_since: Instant,
+    started: AtomicBool,
+    /// When the last request ended (or the connection opened), in µs since `opened`.
+    quiet_since_us: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
-        let state = ActivityState { in_flight: 0, started: false, quiet_since: Instant::now() };
-        Self { state: Mutex::new(state), quiet: Notify::new() }
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicU64::new(0),
+            started: AtomicBool::new(false),
+            quiet_since_us: AtomicU64::new(0),
+        }
     }
 
     /// Resolves once the connection has had no request in flight for too long: before its
     /// first request, the header-read timeout; after, the idle timeout. Never without an idle
     /// timeout: the simulator runs without one, and a timer per connection there, even one
-    /// that never fires, changes a run's bytes. No timer runs while a request is in flight.
+    /// that never fires, changes a run's bytes.
     async fn idle_past(&self, limits: &ConnectionLimits) {
         let Some(idle) = limits.idle_timeout_ms.map(Duration::from_millis) else {
             return std::future::pending().await;
         };
         let first = Duration::from_millis(limits.header_read_timeout_ms);
+        let mut timer = pin!(tokio::time::sleep_until(self.opened + first.min(idle)));
         loop {
-            let state = *self.state.lock();
-            let allowed = if state.started { idle } else { first };
-            if state.in_flight > 0 {
-                self.quiet.notified().await;
-                continue;
-            }
-            let deadline = state.quiet_since + allowed;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::select! {
-                biased;
-                () = self.quiet.notified() => {}
-                () = tokio::time::sleep_until(deadline) => {}
-            }
+            timer.as_mut().await;
+            let now = Instant::now();
+            // A request in flight, or one that starts now, ends no earlier than now, so the
+            // connection cannot idle too long before `now + idle`.
+            let deadline = if !self.started.load(Ordering::Acquire) {
+                let deadline = self.opened + first;
+                if now >= deadline {
+                    return;
+                }
+                deadline.min(now + idle)
+            } else if self.in_flight.load(Ordering::Acquire) > 0 {
+                now + idle
+            } else {
+                let deadline = self.opened + Duration::from_micros(self.quiet_since_us.load(Ordering::Acquire)) + idle;
+                if now >= deadline {
+                    return;
+                }
+                deadline
+            };
+            timer.as_mut().reset(deadline);
         }
     }
 }
@@ -261,24 +330,22 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(activity: &Arc<Activity>) -> Self {
-        let mut state = activity.state.lock();
-        state.in_flight += 1;
-        state.started = true;
-        drop(state);
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        if !activity.started.load(Ordering::Relaxed) {
+            activity.started.store(true, Ordering::Release);
+        }
         Self(Arc::clone(activity))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut state = self.0.state.lock();
-        state.in_flight -= 1;
-        if state.in_flight == 0 {
-            state.quiet_since = Instant::now();
-            drop(state);
-            // A permit is kept if the watcher is not waiting yet, so no end is missed.
-            self.0.quiet.notify_one();
-        }
+        let activity = &self.0;
+        let ended_us = u64::try_from(activity.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        // Before the count drops, so a watcher that sees no request in flight sees this end;
+        // the latest end wins when requests of an HTTP/2 connection end at once.
+        activity.quiet_since_us.fetch_max(ended_us, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -287,4 +354,94 @@ impl Drop for Busy {
 struct Stopping {
     flag: AtomicBool,
     notify: Notify,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER_READ: Duration = Duration::from_secs(1);
+    const IDLE: Duration = Duration::from_secs(5);
+
+    /// Watches `activity` as a connection task would; resolves to when it found the
+    /// connection idle.
+    fn watch(activity: &Arc<Activity>, header_read: Duration, idle: Duration) -> tokio::task::JoinHandle<Instant> {
+        let limits = ConnectionLimits {
+            header_read_timeout_ms: header_read.as_millis() as u64,
+            body_read_timeout_ms: header_read.as_millis() as u64,
+            idle_timeout_ms: Some(idle.as_millis() as u64),
+            connections_max: 1,
+        };
+        let activity = Arc::clone(activity);
+        tokio::spawn(async move {
+            activity.idle_past(&limits).await;
+            Instant::now()
+        })
+    }
+
+    /// `actual` is `expected`, give or take the timer's millisecond.
+    fn check(actual: Duration, expected: Duration) {
+        assert!(actual >= expected && actual <= expected + Duration::from_millis(2), "{actual:?}, not {expected:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_starts_no_request_is_idle_after_the_header_read_timeout() {
+        let activity = Arc::new(Activity::new());
+        let idle_at = watch(&activity, HEADER_READ, IDLE).await.expect("the watcher ends");
+        check(idle_at - activity.opened, HEADER_READ);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_past_the_idle_timeout_keeps_its_connection_until_idle_after_it() {
+        let activity = Arc::new(Activity::new());
+        let watcher = watch(&activity, HEADER_READ, IDLE);
+        tokio::time::sleep(HEADER_READ / 2).await;
+        let request = Busy::start(&activity);
+        tokio::time::sleep(IDLE * 3).await;
+        assert!(!watcher.is_finished(), "closed with a request in flight");
+        drop(request);
+        let ended = Instant::now();
+        // Requests that come and go within the idle timeout each put the end off again.
+        for _ in 0..3 {
+            tokio::time::sleep(IDLE / 2).await;
+            drop(Busy::start(&activity));
+        }
+        let last_ended = Instant::now();
+        assert!(last_ended > ended);
+        let idle_at = watcher.await.expect("the watcher ends");
+        check(idle_at - last_ended, IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_header_read_timeout_counts_from_the_first_request() {
+        let activity = Arc::new(Activity::new());
+        let watcher = watch(&activity, IDLE, HEADER_READ);
+        tokio::time::sleep(HEADER_READ / 10).await;
+        drop(Busy::start(&activity));
+        let ended = Instant::now();
+        let idle_at = watcher.await.expect("the watcher ends");
+        check(idle_at - ended, HEADER_READ);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_head_deadline_resolves_at_its_own_time_on_the_connections_one_timer() {
+        use hyper::rt::Timer as _;
+        let timer = HeadTimer::default();
+        // A head awaited for a while and then received: its sleep is dropped unfired.
+        let mut received = timer.sleep(HEADER_READ);
+        assert!(tokio::time::timeout(HEADER_READ / 10, &mut received).await.is_err());
+        drop(received);
+        tokio::time::sleep(HEADER_READ / 2).await;
+        // The next head: the connection's timer fires at the first deadline, and this sleep
+        // still waits for its own.
+        let start = Instant::now();
+        timer.sleep(HEADER_READ).await;
+        check(start.elapsed(), HEADER_READ);
+        // A shorter wait than the timer's is not held back by it either.
+        let mut long = timer.sleep(HEADER_READ * 10);
+        assert!(tokio::time::timeout(HEADER_READ / 10, &mut long).await.is_err());
+        let start = Instant::now();
+        timer.sleep(HEADER_READ).await;
+        check(start.elapsed(), HEADER_READ);
+    }
 }

@@ -147,7 +147,7 @@ where
     let now_ms = state.engine.clock().now_ms();
     let headers = response.headers_mut();
     headers.insert(header::DATE, state.dates.at(now_ms));
-    if let Ok(value) = HeaderValue::try_from(id.to_string()) {
+    if let Some(value) = id.header_value() {
         headers.insert(REQUEST_ID_HEADER, value);
     }
     Ok(response)

@@ -57,6 +57,27 @@ impl RequestId {
         REQUEST_ID.scope(self, future)
     }
 
+    /// The `X-Request-Id` header's value: the text of [`fmt::Display`], written without the
+    /// formatting machinery, since every response carries one.
+    pub(crate) fn header_value(&self) -> Option<HeaderValue> {
+        let mut digits = [0_u8; 20];
+        let mut start = digits.len();
+        let mut number = self.number;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (number % 10) as u8;
+            number /= 10;
+            if number == 0 {
+                break;
+            }
+        }
+        let mut text = Vec::with_capacity(self.node.len() + 1 + digits.len() - start);
+        text.extend_from_slice(self.node.as_bytes());
+        text.push(b'-');
+        text.extend_from_slice(&digits[start..]);
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
+    }
+
     /// The id of the request being answered, or `-` outside of any.
     fn current() -> String {
         REQUEST_ID.try_with(ToString::to_string).unwrap_or_else(|_| "-".to_owned())
