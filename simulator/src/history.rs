@@ -445,6 +445,9 @@ pub struct FinalReservation {
     /// When it was confirmed, if it ever was (a cancelled reservation keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmed_us: Option<u64>,
+    /// When it was cancelled or expired, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_us: Option<u64>,
     /// Points paid at confirmation (0 while held).
     pub amount_paid: u64,
 }
@@ -482,11 +485,15 @@ pub struct FinalSchedule {
 /// An event the outbox recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRecord {
+    /// The event's id: the outbox's order, the order the store wrote its events in.
+    pub id: u64,
     pub kind: OutboxKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<u64>,
     pub user_id: u64,
     pub at_us: u64,
+    /// Whether a relay published it (at least once) and marked it so.
+    pub sent: bool,
 }
 
 /// Builds a [`History`] while a run goes on.

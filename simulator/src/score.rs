@@ -321,6 +321,7 @@ pub fn run_result(
         "holds": { "outlived_ttl": violations_of(&["holds-expire"]) },
         "ledger": { "mismatches": violations_of(&["ledger-balances", "non-negative-balance", "charge-iff-sold"]) },
         "fences": { "regressions": violations_of(&["fences-monotonic"]) },
+        "outbox": { "mismatches": violations_of(&["outbox-faithful"]) },
         "admission": { "rate_violations": violations_of(&["admission-rate"]), "fifo_inversions": report.fifo_inversions },
         "unknown_outcomes": { "total": unknown, "unresolved": still_held },
         "seats": {

@@ -32,7 +32,7 @@ use tcore_engine::config::{
 use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
 use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::sessions::{SessionConfig, SessionKey};
-use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::store::{CacheStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
 use self::agent::{AgentHost, AgentRun};
@@ -62,6 +62,8 @@ pub const REPLICATION_WINDOW: Duration = Duration::from_secs(30);
 const DRAIN_CHECK_EVERY_US: u64 = 1_000_000;
 /// How often the progress callback is called, in simulated time.
 const PROGRESS_EVERY_US: u64 = 1_000_000;
+/// The most passes of the relay after a run: at 500 events a pass, 50 million events.
+const RELAY_PASSES_MAX: u32 = 100_000;
 
 /// A fault's time span, for the score and the report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -161,8 +163,8 @@ pub fn run_with(
     let store_host = |seed: u64, host: &str, replication: Replication| {
         StoreControl::new(StoreHostConfig {
             // A store host judges admission and locks by its own, unskewed clock. It keeps the
-            // whole outbox: no relay runs in a simulated world, and the checker reads every
-            // event at the end.
+            // whole outbox: no relay runs during a simulated run (one pass drains it at the
+            // end), and the checker reads every event.
             store: MemoryStoreConfig {
                 seed,
                 cache_clock: Some(Arc::new(SimClock::new(EPOCH_MS, Arc::new(AtomicI64::new(0))))),
@@ -431,6 +433,7 @@ pub fn run_with(
             },
         })
         .collect();
+    relay_outbox(&record)?;
     let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
     let mut recorder =
         Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
@@ -888,7 +891,22 @@ pub(crate) fn to_us(at_ms: u64) -> u64 {
     at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
 }
 
-/// Reads the stores after the run, in the history's terms.
+/// Publishes the record store's whole outbox once the run is over, with the engine's own relay
+/// (to the log, as a node without a stream does), pass after pass until one finds nothing. No
+/// relay runs during a simulated run: its store calls would change every run's timing. So
+/// "relayed at least once" means here that every event the store wrote can be drained through
+/// `outbox_pending` and comes out marked sent, not that a relay kept up under the run's faults.
+fn relay_outbox(record: &StoreControl) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().context("relay runtime")?;
+    let relay = OutboxRelay::to_log(Arc::new(record.clone()), OutboxRelayConfig::default());
+    for _ in 0..RELAY_PASSES_MAX {
+        if runtime.block_on(relay.relay_once())? == 0 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the outbox relay had not drained the outbox after {RELAY_PASSES_MAX} passes")
+}
+
 /// Whether any reservation is still HELD (and so has a hold left to expire).
 fn holds_pending(record: &StoreControl) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("drain runtime")?;
@@ -896,6 +914,7 @@ fn holds_pending(record: &StoreControl) -> anyhow::Result<bool> {
     Ok(dump.reservations.iter().any(|reservation| reservation.status == tcore_engine::domain::ReservationStatus::Held))
 }
 
+/// Reads the stores after the run, in the history's terms.
 fn read_final_state(
     record: &StoreControl,
     cache: &StoreControl,
@@ -917,6 +936,7 @@ fn read_final_state(
                 held_us: to_us(r.held_at_ms),
                 expires_us: to_us(r.expires_at_ms),
                 confirmed_us: r.confirmed_at_ms.map(to_us),
+                ended_us: r.ended_at_ms.map(to_us),
                 amount_paid: r.paid_points,
             })
             .collect(),
@@ -942,10 +962,12 @@ fn read_final_state(
             .outbox
             .iter()
             .map(|event| OutboxRecord {
+                id: event.id,
                 kind: event.kind,
                 reservation_id: event.reservation_id,
                 user_id: event.user_id,
                 at_us: to_us(event.at_ms),
+                sent: event.sent,
             })
             .collect(),
     };

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use tcore_sim::checker::{CheckReport, Invariant, check};
-use tcore_sim::history::Outcome;
+use tcore_sim::history::{OutboxKind, Outcome};
 use tcore_sim::scenario::{HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
@@ -160,4 +160,26 @@ fn a_fault_that_never_bites_is_listed_as_without_effect_in_the_run_result_and_th
     assert!(dodged[0]["reason"].as_str().is_some_and(|reason| reason.starts_with("nothing paused")), "{dodged:?}");
     let html = tcore_reports::render(&[result]).unwrap_or_else(|error| panic!("{error}"));
     assert!(html.contains("Faults without effect") && html.contains("nothing paused"));
+}
+
+/// Runs `scenario` and returns the world (for its history) and the run result.
+fn run_world(scenario: &Scenario) -> (world::WorldRun, Vec<u8>, CheckReport) {
+    let world =
+        world::run(scenario, "ci", &mut |_| {}).unwrap_or_else(|error| panic!("seed {}: {error:#}", scenario.seed));
+    let (bytes, report) = result_bytes(scenario, &world);
+    (world, bytes, report)
+}
+
+#[test]
+fn a_real_run_writes_and_relays_one_outbox_event_for_each_change() {
+    let base = scenario("concert-open.toml");
+    let (world, _, report) = run_world(&base);
+    let verdict = report.verdicts.iter().find(|verdict| verdict.invariant == Invariant::OutboxFaithful);
+    assert!(verdict.is_some_and(|verdict| verdict.passed), "seed {}: {report}", base.seed);
+    let final_state = &world.history.final_state;
+    assert!(final_state.outbox.iter().all(|event| event.sent), "the relay drained the outbox");
+    let confirmed = final_state.reservations.iter().filter(|reservation| reservation.confirmed_us.is_some()).count();
+    let confirmations =
+        final_state.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationConfirmed).count();
+    assert!(confirmed > 0 && confirmations == confirmed, "{confirmations} events for {confirmed} confirmations");
 }
