@@ -394,6 +394,7 @@ pub fn run_result(
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
         })).collect::<Vec<_>>(),
         "store_failovers": world.store_failovers,
+        "store_data_losses": world.store_data_losses,
         "faults_without_effect": faults_without_effect(world, history),
         "agent_actions": agent_actions,
         "history_overflow": report.history_overflow,

@@ -39,8 +39,8 @@ use self::agent::{AgentHost, AgentRun};
 use self::net::{ENGINE_PORT, HttpClient, RequestLog, SentRequest, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
-    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl, StoreHostConfig,
-    serve_store,
+    DataLossReport, DataLossTicket, FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication,
+    SemiSync, StoreControl, StoreHostConfig, serve_store,
 };
 use self::users::{ClientContext, SectionChoice, UserOutcomes};
 use crate::history::{
@@ -93,10 +93,23 @@ pub struct StoreFailoverOutcome {
     pub refused: Option<String>,
 }
 
+/// What a store host lost in a `crash` with `lose_data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreDataLossOutcome {
+    /// The index of the fault in the scenario's `[[faults]]`.
+    pub fault: usize,
+    pub host: String,
+    /// When the host crashed.
+    pub at_us: u64,
+    /// What the host held when it came back empty; `None` if it never came back.
+    pub lost: Option<DataLossReport>,
+}
+
 /// What the world hands back.
 #[derive(Debug)]
 pub struct WorldRun {
     pub store_failovers: Vec<StoreFailoverOutcome>,
+    pub store_data_losses: Vec<StoreDataLossOutcome>,
     pub history: History,
     pub outcomes: UserOutcomes,
     pub fault_windows: Vec<FaultWindow>,
@@ -133,7 +146,7 @@ enum Action {
     Hold { a: Vec<String>, b: Vec<String> },
     Release { a: Vec<String>, b: Vec<String> },
     Latency { a: Vec<String>, b: Vec<String>, latency: Duration },
-    Crash { host: String },
+    Crash { fault: usize, host: String, lose_data: bool },
     Restart { host: String },
     Skew { host: String, skew_ms: i64 },
     SlowStore { host: String, extra: Duration },
@@ -356,6 +369,7 @@ pub fn run_with(
     let mut next_action = 0;
     let mut next_progress_us = 0;
     let mut failover_tickets = Vec::new();
+    let mut data_loss_tickets = Vec::new();
     let mut healed = false;
     let mut healed_at_us = 0;
     let mut next_drain_check_us = 0;
@@ -363,7 +377,11 @@ pub fn run_with(
         let clients_done = sim.step().map_err(|error| anyhow::anyhow!("simulation failed: {error}"))?;
         let now_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
         while next_action < timeline.len() && timeline[next_action].0 <= now_us {
-            failover_tickets.extend(apply(&mut sim, &timeline[next_action].1, &skews, &stores));
+            match apply(&mut sim, &timeline[next_action].1, &skews, &stores) {
+                Some(Ticket::FailOver(fault, host, ticket)) => failover_tickets.push((fault, host, ticket)),
+                Some(Ticket::DataLoss(fault, host, ticket)) => data_loss_tickets.push((fault, host, now_us, ticket)),
+                None => {}
+            }
             next_action += 1;
         }
         if now_us >= next_progress_us {
@@ -434,6 +452,10 @@ pub fn run_with(
         })
         .collect();
     relay_outbox(&record)?;
+    let store_data_losses = data_loss_tickets
+        .into_iter()
+        .map(|(fault, host, at_us, mut ticket)| StoreDataLossOutcome { fault, host, at_us, lost: ticket.try_outcome() })
+        .collect();
     let (final_state, fences, admissions) = read_final_state(&record, &cache)?;
     let mut recorder =
         Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
@@ -453,6 +475,7 @@ pub fn run_with(
         fault_windows: fault_windows(scenario, &hosts),
         fired_pauses,
         store_failovers,
+        store_data_losses,
         users: users_total,
         agent: agent_log.map(|log| log.finish(scenario.agent.policy)),
         requests: request_logs.into_iter().map(|log| log.take()).collect(),
@@ -724,7 +747,8 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
                 ));
             }
             Fault::Crash(c) => {
-                actions.push((us(c.at_s), Action::Crash { host: c.host.clone() }));
+                actions
+                    .push((us(c.at_s), Action::Crash { fault: index, host: c.host.clone(), lose_data: c.lose_data }));
                 if let Some(restart_at_s) = c.restart_at_s {
                     actions.push((us(restart_at_s), Action::Restart { host: c.host.clone() }));
                 }
@@ -759,7 +783,7 @@ fn apply(
     action: &Action,
     skews: &BTreeMap<String, Arc<AtomicI64>>,
     stores: &BTreeMap<String, StoreControl>,
-) -> Option<(usize, String, FailoverTicket)> {
+) -> Option<Ticket> {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -770,9 +794,13 @@ fn apply(
         Action::Hold { a, b } => for_pairs(a, b, |x, y| sim.hold(x, y)),
         Action::Release { a, b } => for_pairs(a, b, |x, y| sim.release(x, y)),
         Action::Latency { a, b, latency } => for_pairs(a, b, |x, y| sim.set_link_latency(x, y, *latency)),
-        Action::Crash { host } => {
+        Action::Crash { fault, host, lose_data } => {
             if sim.is_host_running(host.as_str()) {
                 sim.crash(host.as_str());
+                // The loss runs on the store host when it comes back, before it answers anyone.
+                if let Some(store) = stores.get(host).filter(|_| *lose_data) {
+                    return Some(Ticket::DataLoss(*fault, host.clone(), store.lose_data()));
+                }
             }
         }
         Action::Restart { host } => sim.bounce(host.as_str()),
@@ -789,11 +817,18 @@ fn apply(
         Action::FailOver { fault, host, lose_last } => {
             if let Some(store) = stores.get(host) {
                 // The failover runs on the store host; its report is read after the run.
-                return Some((*fault, host.clone(), store.fail_over(*lose_last)));
+                return Some(Ticket::FailOver(*fault, host.clone(), store.fail_over(*lose_last)));
             }
         }
     }
     None
+}
+
+/// What a fault asked a store host to do, for its outcome after the run: the fault's index and
+/// the host.
+enum Ticket {
+    FailOver(usize, String, FailoverTicket),
+    DataLoss(usize, String, DataLossTicket),
 }
 
 fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
@@ -849,7 +884,7 @@ fn heal_all(
             Action::SlowStore { host, .. } => {
                 apply(sim, &Action::SlowStore { host: host.clone(), extra: Duration::ZERO }, skews, stores);
             }
-            Action::Crash { host } if !sim.is_host_running(host.as_str()) => sim.bounce(host.as_str()),
+            Action::Crash { host, .. } if !sim.is_host_running(host.as_str()) => sim.bounce(host.as_str()),
             _ => {}
         }
     }
@@ -893,9 +928,9 @@ pub(crate) fn to_us(at_ms: u64) -> u64 {
 
 /// Publishes the record store's whole outbox once the run is over, with the engine's own relay
 /// (to the log, as a node without a stream does), pass after pass until one finds nothing. No
-/// relay runs during a simulated run: its store calls would change every run's timing. So
-/// "relayed at least once" means here that every event the store wrote can be drained through
-/// `outbox_pending` and comes out marked sent, not that a relay kept up under the run's faults.
+/// relay runs during a simulated run: its store calls would change every run's timing. So "relayed at least once" means here that every event the
+/// store wrote can be drained through `outbox_pending` and comes out marked sent, not that a
+/// relay kept up under the run's faults.
 fn relay_outbox(record: &StoreControl) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("relay runtime")?;
     let relay = OutboxRelay::to_log(Arc::new(record.clone()), OutboxRelayConfig::default());
