@@ -918,7 +918,7 @@ impl StoreControl {
         (response, waiting)
     }
 
-    /// The state, after running any failover asked for.
+    /// The state, after running any loss of data or failover asked for.
     async fn lock_state(&self) -> AsyncMutexGuard<'_, HostState> {
         let mut state = self.shared.state.lock().await;
         let data_loss = self.shared.data_loss_pending.lock().take();
