@@ -16,6 +16,7 @@ mod admission;
 mod context;
 mod fences;
 mod money;
+mod outbox;
 mod replay;
 mod sale;
 
@@ -64,11 +65,15 @@ pub enum Invariant {
     HoldsExpire,
     /// Admissions in any window never exceed the rate times the window plus the burst.
     AdmissionRate,
+    /// Every change of a reservation (hold, confirmation and its charge, cancellation and its
+    /// refund, expiry) has exactly one outbox event, written with the change, in the order of
+    /// the reservation's changes; and every event was relayed at least once.
+    OutboxFaithful,
 }
 
 impl Invariant {
     /// Every invariant, in report order.
-    pub const ALL: [Invariant; 11] = [
+    pub const ALL: [Invariant; 12] = [
         Invariant::NoDoubleSale,
         Invariant::Capacity,
         Invariant::AcknowledgedConfirmationsDurable,
@@ -80,6 +85,7 @@ impl Invariant {
         Invariant::FencesMonotonic,
         Invariant::HoldsExpire,
         Invariant::AdmissionRate,
+        Invariant::OutboxFaithful,
     ];
 
     /// The stable kebab-case name used in reports, run results and gates.
@@ -96,6 +102,7 @@ impl Invariant {
             Invariant::FencesMonotonic => "fences-monotonic",
             Invariant::HoldsExpire => "holds-expire",
             Invariant::AdmissionRate => "admission-rate",
+            Invariant::OutboxFaithful => "outbox-faithful",
         }
     }
 
@@ -307,6 +314,7 @@ pub fn check(history: &History) -> CheckReport {
     replay::check_idempotent_replay(&context, &mut findings);
     fences::check_fences_monotonic(&context, &mut findings);
     admission::check_admission_rate(&context, &mut findings);
+    outbox::check_outbox_faithful(&context, &mut findings);
     let fifo_inversions = admission::count_fifo_inversions(&history.admissions);
     findings.into_report(history, fifo_inversions)
 }

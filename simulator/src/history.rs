@@ -448,6 +448,9 @@ pub struct FinalReservation {
     /// When it was confirmed, if it ever was (a cancelled reservation keeps it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirmed_us: Option<u64>,
+    /// When it was cancelled or expired, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_us: Option<u64>,
     /// Points paid at confirmation (0 while held).
     pub amount_paid: u64,
 }
@@ -485,11 +488,15 @@ pub struct FinalSchedule {
 /// An event the outbox recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRecord {
+    /// The event's id: the outbox's order, the order the store wrote its events in.
+    pub id: u64,
     pub kind: OutboxKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation_id: Option<u64>,
     pub user_id: u64,
     pub at_us: u64,
+    /// Whether a relay published it (at least once) and marked it so.
+    pub sent: bool,
 }
 
 /// Builds a [`History`] while a run goes on.
@@ -676,6 +683,7 @@ pub fn from_stores(dump: &RecordDump, admitted: &[Admitted], to_us: impl Fn(u64)
                 held_us: to_us(r.held_at_ms),
                 expires_us: to_us(r.expires_at_ms),
                 confirmed_us: r.confirmed_at_ms.map(&to_us),
+                ended_us: r.ended_at_ms.map(&to_us),
                 amount_paid: r.paid_points,
             })
             .collect(),
@@ -701,10 +709,12 @@ pub fn from_stores(dump: &RecordDump, admitted: &[Admitted], to_us: impl Fn(u64)
             .outbox
             .iter()
             .map(|event| OutboxRecord {
+                id: event.id,
                 kind: event.kind,
                 reservation_id: event.reservation_id,
                 user_id: event.user_id,
                 at_us: to_us(event.at_ms),
+                sent: event.sent,
             })
             .collect(),
     };

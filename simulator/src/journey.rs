@@ -6,8 +6,9 @@
 //! would sign it), joins the line, waits with long polls until admitted (or until their patience runs
 //! out, or the join or a long poll says the schedule is sold out), asks for the available seats
 //! of a section, holds one, pays with an idempotency key, retries with the same key when the
-//! outcome is unknown, and sometimes cancels. Every call is recorded in the history with the
-//! transport's times.
+//! outcome is unknown, and sometimes cancels. A user told that the line lost their place
+//! (`queue_place_lost`, after the cache store lost its memory) joins again, a few times at
+//! most. Every call is recorded in the history with the transport's times.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -28,6 +29,10 @@ const HOLD_ATTEMPTS_MAX: u32 = 6;
 const SEAT_PAGE: u32 = 20;
 /// The longest long poll a user asks for.
 pub const LONG_POLL_S: u64 = 30;
+/// The most times one user joins again after the line lost their place.
+const REJOINS_MAX: u32 = 3;
+/// The problem code of a place in line the cache store lost.
+const PLACE_LOST: &str = "queue_place_lost";
 
 /// A section as users choose it.
 #[derive(Debug, Clone)]
@@ -201,19 +206,29 @@ impl<T: Transport> Journeys<T> {
     async fn run_journey(&self, user: &mut VirtualUser) -> &'static str {
         let deadline_us = self.transport.now_us() + (self.plan.users.patience_s * 1e6) as u64;
         let (schedule_id, sections) = self.pick_schedule(user);
-        let Some(joined) = self.join(user, schedule_id).await else { return "join-failed" };
-        if joined.sold_out {
-            // The join already says that nothing is left: no long poll to learn it again.
-            return "sold-out-while-waiting";
-        }
-        let token = joined.token;
-        match self.wait_for_admission(user, &token, deadline_us).await {
-            Waited::Admitted => {}
-            Waited::SoldOut => return "sold-out-while-waiting",
-            Waited::GaveUp => return "gave-up-waiting",
-        }
-        let Some(reservation_id) = self.take_a_seat(user, &token, schedule_id, &sections).await else {
-            return "no-seat";
+        let mut rejoins = 0;
+        let (token, reservation_id) = loop {
+            let Some(joined) = self.join(user, schedule_id).await else { return "join-failed" };
+            if joined.sold_out {
+                // The join already says that nothing is left: no long poll to learn it again.
+                return "sold-out-while-waiting";
+            }
+            let token = joined.token;
+            match self.wait_for_admission(user, &token, deadline_us).await {
+                Waited::Admitted => match self.take_a_seat(user, &token, schedule_id, &sections).await {
+                    Seat::Held(reservation_id) => break (token, reservation_id),
+                    Seat::None => return "no-seat",
+                    Seat::PlaceLost => {}
+                },
+                Waited::SoldOut => return "sold-out-while-waiting",
+                Waited::GaveUp => return "gave-up-waiting",
+                Waited::PlaceLost => {}
+            }
+            // The line lost the user's place: they join again while their patience lasts.
+            if rejoins >= REJOINS_MAX || self.transport.now_us() >= deadline_us {
+                return "place-lost";
+            }
+            rejoins += 1;
         };
         match self.pay(user, &token, reservation_id).await {
             PayOutcome::Paid => {}
@@ -290,6 +305,7 @@ impl<T: Transport> Journeys<T> {
                     Some("WAITING") => {}
                     _ => return Waited::GaveUp,
                 },
+                Answer::Refused { code, .. } if code == PLACE_LOST => return Waited::PlaceLost,
                 Answer::Refused { status, .. } if !retryable(status) => return Waited::GaveUp,
                 _ => self.backoff(user).await,
             }
@@ -302,11 +318,11 @@ impl<T: Transport> Journeys<T> {
         token: &str,
         schedule_id: u64,
         sections: &[SectionChoice],
-    ) -> Option<u64> {
+    ) -> Seat {
         let mut sold_out: Vec<bool> = vec![false; sections.len()];
         let mut attempts = 0;
         while attempts < HOLD_ATTEMPTS_MAX {
-            let section = self.choose_section(user, sections, &sold_out)?;
+            let Some(section) = self.choose_section(user, sections, &sold_out) else { return Seat::None };
             let path = format!(
                 "/v1/schedules/{schedule_id}/seats?status=AVAILABLE&limit={SEAT_PAGE}&section={}",
                 sections[section].name
@@ -314,7 +330,8 @@ impl<T: Transport> Journeys<T> {
             let seats =
                 match self.call(user, OpKind::SeatMap { schedule_id }, "GET", path, Some(token), None, None).await {
                     Answer::Ok(reply) => reply.seat_ids,
-                    Answer::Refused { status, .. } if !retryable(status) => return None,
+                    Answer::Refused { code, .. } if code == PLACE_LOST => return Seat::PlaceLost,
+                    Answer::Refused { status, .. } if !retryable(status) => return Seat::None,
                     _ => {
                         attempts += 1;
                         self.backoff(user).await;
@@ -331,12 +348,13 @@ impl<T: Transport> Journeys<T> {
             };
             attempts += 1;
             match self.hold(user, token, schedule_id, seat_id, attempts).await {
-                HoldOutcome::Held(reservation_id) => return Some(reservation_id),
+                HoldOutcome::Held(reservation_id) => return Seat::Held(reservation_id),
                 HoldOutcome::Taken => {}
-                HoldOutcome::GiveUp => return None,
+                HoldOutcome::PlaceLost => return Seat::PlaceLost,
+                HoldOutcome::GiveUp => return Seat::None,
             }
         }
-        None
+        Seat::None
     }
 
     fn choose_section(&self, user: &mut VirtualUser, sections: &[SectionChoice], sold_out: &[bool]) -> Option<usize> {
@@ -384,6 +402,7 @@ impl<T: Transport> Journeys<T> {
                 {
                     return HoldOutcome::Taken;
                 }
+                Answer::Refused { code, .. } if code == PLACE_LOST => return HoldOutcome::PlaceLost,
                 Answer::Refused { status, .. } if !retryable(status) => return HoldOutcome::GiveUp,
                 _ => self.backoff(user).await,
             }
@@ -501,12 +520,23 @@ enum Waited {
     Admitted,
     SoldOut,
     GaveUp,
+    /// The line lost the user's place.
+    PlaceLost,
+}
+
+/// How looking for a seat ended.
+enum Seat {
+    Held(u64),
+    None,
+    /// The line lost the user's place (and with it their admission).
+    PlaceLost,
 }
 
 enum HoldOutcome {
     Held(u64),
     Taken,
     GiveUp,
+    PlaceLost,
 }
 
 enum PayOutcome {

@@ -465,7 +465,8 @@ decay_s = 5
         );
         check_error(
             "\n[[faults]]\nkind = \"crash\"\nat_s = 3\nhost = \"engine-1\"\nbogus = 1\n",
-            "t.toml:28:1: key `faults[0].bogus`: unknown field `bogus`, expected one of `at_s`, `restart_at_s`, `host`",
+            "t.toml:28:1: key `faults[0].bogus`: unknown field `bogus`, expected one of `at_s`, `restart_at_s`, `host`, \
+             `lose_data`",
         );
         check_error(
             "\n[[faults]]\nkind = \"crash\"\nat_s = 3\n",

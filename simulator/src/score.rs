@@ -321,6 +321,7 @@ pub fn run_result(
         "holds": { "outlived_ttl": violations_of(&["holds-expire"]) },
         "ledger": { "mismatches": violations_of(&["ledger-balances", "non-negative-balance", "charge-iff-sold"]) },
         "fences": { "regressions": violations_of(&["fences-monotonic"]) },
+        "outbox": { "mismatches": violations_of(&["outbox-faithful"]) },
         "admission": { "rate_violations": violations_of(&["admission-rate"]), "fifo_inversions": report.fifo_inversions },
         "unknown_outcomes": { "total": unknown, "unresolved": still_held },
         "seats": {
@@ -394,6 +395,7 @@ pub fn run_result(
             "fault": pause.fault_index, "host": pause.host, "point": pause.point, "at_us": pause.at_us, "pause_us": pause.pause_us,
         })).collect::<Vec<_>>(),
         "store_failovers": world.store_failovers,
+        "store_data_losses": world.store_data_losses,
         "faults_without_effect": faults_without_effect(world, history),
         "agent_actions": agent_actions,
         "history_overflow": report.history_overflow,

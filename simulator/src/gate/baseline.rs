@@ -46,7 +46,7 @@ impl Default for Tolerances {
 }
 
 /// Safety counts: any increase over the baseline fails.
-const SAFETY_COUNTS: [&str; 9] = [
+const SAFETY_COUNTS: [&str; 10] = [
     "oversell",
     "double_charge",
     "lost_confirmations",
@@ -54,6 +54,7 @@ const SAFETY_COUNTS: [&str; 9] = [
     "holds.outlived_ttl",
     "ledger.mismatches",
     "fences.regressions",
+    "outbox.mismatches",
     "admission.rate_violations",
     "unknown_outcomes.unresolved",
 ];

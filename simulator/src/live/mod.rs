@@ -189,6 +189,7 @@ pub fn load(
     };
     let world = WorldRun {
         store_failovers: Vec::new(),
+        store_data_losses: Vec::new(),
         history,
         outcomes: shared.outcomes.into_inner(),
         fault_windows: Vec::new(),

@@ -169,7 +169,8 @@ pub enum Fault {
     HoldLink(HoldLink),
     /// Messages between `a` and `b` take `latency_ms` for a while.
     Latency(LatencySpike),
-    /// A host stops (losing its memory) and, optionally, restarts.
+    /// A host stops and, optionally, restarts: an engine node without its memory, a store host
+    /// with its data unless it loses it (`lose_data`).
     Crash(Crash),
     /// An engine node pauses when it reaches a named fault point.
     PauseAt(PauseAt),
@@ -241,6 +242,12 @@ pub struct Crash {
     pub restart_at_s: Option<f64>,
     /// An engine node or a store host.
     pub host: String,
+    /// The host restarts empty. Only for the cache store (`store-cache`): its waiting lines,
+    /// admissions and locks are soft state the engine rebuilds from the system of record. An
+    /// engine node keeps nothing anyway, and the system of record keeps its data on disk and
+    /// its replica (`store-failover` is how it loses its last writes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lose_data: bool,
 }
 
 /// `kind = "pause-at"`.
@@ -410,6 +417,17 @@ impl Fault {
                     None => checks.time_in_run(at.0, at.1, duration_s),
                 }
                 check_host(checks, path, &crash.host, hosts, HostKind::EngineOrStore);
+                if crash.lose_data && crash.host != STORE_CACHE_HOST {
+                    checks.fail(
+                        path.key("lose_data"),
+                        format!(
+                            "only {STORE_CACHE_HOST} can lose its data (got `{}`): an engine node always \
+                             restarts empty, and {STORE_RECORD_HOST} is the system of record, which keeps its \
+                             data; to lose its last writes, use kind = \"store-failover\"",
+                            crash.host
+                        ),
+                    );
+                }
             }
             Fault::PauseAt(pause) => {
                 checks.time_in_run(at.0, at.1, duration_s);
@@ -627,12 +645,28 @@ mod tests {
 
     #[test]
     fn a_crash_of_a_host_that_does_not_exist_names_the_host() {
-        let fault = Fault::Crash(Crash { at_s: 10.0, restart_at_s: Some(20.0), host: "engine-7".into() });
+        let fault =
+            Fault::Crash(Crash { at_s: 10.0, restart_at_s: Some(20.0), host: "engine-7".into(), lose_data: false });
         assert_eq!(
             problems(&fault),
             ["faults[0].host: no host `engine-7` in this scenario (hosts: engine-1..engine-3, store-cache, \
               store-record, client-1..client-2, agent)"]
         );
+    }
+
+    #[test]
+    fn only_the_cache_store_can_lose_its_data_in_a_crash() {
+        let crash = |host: &str| {
+            Fault::Crash(Crash { at_s: 10.0, restart_at_s: Some(20.0), host: host.into(), lose_data: true })
+        };
+        assert!(problems(&crash("store-cache")).is_empty());
+        assert_eq!(
+            problems(&crash("store-record")),
+            ["faults[0].lose_data: only store-cache can lose its data (got `store-record`): an engine node always \
+              restarts empty, and store-record is the system of record, which keeps its data; to lose its last \
+              writes, use kind = \"store-failover\""]
+        );
+        assert_eq!(problems(&crash("engine-1")).len(), 1);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - `pause-at`, `on-event`: a pause fired;
 //! - `partition`, `hold-link`, `crash`: an operation in flight during the window failed with a
 //!   server error or went without an answer (a crash with no restart: until the end of the run);
+//!   a `crash` with `lose_data` must also have found data to lose;
 //! - `latency`, `slow-store`, `clock-skew`: an operation was in flight during the window.
 //!
 //! **Invariant:** a pure function of the world's outcome and history; the list follows the
@@ -59,15 +60,26 @@ fn no_effect(window: &FaultWindow, world: &WorldRun, history: &History) -> Optio
             let paused = world.fired_pauses.iter().any(|pause| pause.fault_index == window.index);
             (!paused).then(|| "nothing paused: the fault point or event was never reached".into())
         }
-        "partition" | "hold-link" | "crash" => {
-            let cut_off = history.operations.iter().filter(|operation| in_window(operation)).any(|operation| {
-                matches!(operation.outcome, Outcome::Unknown { .. } | Outcome::Fail { http_status: 500.., .. })
-            });
-            (!cut_off).then(|| "nobody cut off: no operation in its window failed or went unanswered".into())
-        }
+        "crash" => match world.store_data_losses.iter().find(|loss| loss.fault == window.index).map(|loss| loss.lost) {
+            Some(None) => Some("nothing lost: the store host never came back to lose its data".into()),
+            Some(Some(lost)) if lost.writes_lost == 0 => {
+                Some("nothing lost: the store held no data when it crashed".into())
+            }
+            _ => cut_off_in(history, &in_window),
+        },
+        "partition" | "hold-link" => cut_off_in(history, &in_window),
         _ => {
             let touched = history.operations.iter().any(in_window);
             (!touched).then(|| "nobody there: no operation was in flight in its window".into())
         }
     }
+}
+
+/// Why nobody was cut off in a window; `None` when an operation in it failed with a server error
+/// or went without an answer.
+fn cut_off_in(history: &History, in_window: &dyn Fn(&Operation) -> bool) -> Option<String> {
+    let cut_off = history.operations.iter().filter(|operation| in_window(operation)).any(|operation| {
+        matches!(operation.outcome, Outcome::Unknown { .. } | Outcome::Fail { http_status: 500.., .. })
+    });
+    (!cut_off).then(|| "nobody cut off: no operation in its window failed or went unanswered".into())
 }

@@ -32,15 +32,15 @@ use tcore_engine::config::{
 use tcore_engine::domain::AdmissionPolicy;
 use tcore_engine::faults::{FaultPoint, NoFaults};
 use tcore_engine::sessions::{SessionConfig, SessionKey};
-use tcore_engine::store::{CacheStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::store::{CacheStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 
 use self::agent::{AgentHost, AgentRun};
 use self::net::{ENGINE_PORT, HttpClient, RequestLog, SentRequest, SimListener};
 use self::node::{ArmedPause, FiredPause, SimClock, SimFaults, Trigger};
 use self::store_rpc::{
-    FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication, SemiSync, StoreControl, StoreHostConfig,
-    serve_store,
+    DataLossReport, DataLossTicket, FailoverTicket, JournalClock, RemoteStore, RemoteStoreConfig, Replication,
+    SemiSync, StoreControl, StoreHostConfig, serve_store,
 };
 use self::users::SimTransport;
 use crate::history::{CheckConfig, History, HistoryRecorder, StoresRead};
@@ -60,6 +60,8 @@ pub const REPLICATION_WINDOW: Duration = Duration::from_secs(30);
 const DRAIN_CHECK_EVERY_US: u64 = 1_000_000;
 /// How often the progress callback is called, in simulated time.
 const PROGRESS_EVERY_US: u64 = 1_000_000;
+/// The most passes of the relay after a run: at 500 events a pass, 50 million events.
+const RELAY_PASSES_MAX: u32 = 100_000;
 
 /// A fault's time span, for the score and the report.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -89,10 +91,23 @@ pub struct StoreFailoverOutcome {
     pub refused: Option<String>,
 }
 
+/// What a store host lost in a `crash` with `lose_data`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreDataLossOutcome {
+    /// The index of the fault in the scenario's `[[faults]]`.
+    pub fault: usize,
+    pub host: String,
+    /// When the host crashed.
+    pub at_us: u64,
+    /// What the host held when it came back empty; `None` if it never came back.
+    pub lost: Option<DataLossReport>,
+}
+
 /// What the world hands back.
 #[derive(Debug)]
 pub struct WorldRun {
     pub store_failovers: Vec<StoreFailoverOutcome>,
+    pub store_data_losses: Vec<StoreDataLossOutcome>,
     pub history: History,
     pub outcomes: UserOutcomes,
     pub fault_windows: Vec<FaultWindow>,
@@ -129,7 +144,7 @@ enum Action {
     Hold { a: Vec<String>, b: Vec<String> },
     Release { a: Vec<String>, b: Vec<String> },
     Latency { a: Vec<String>, b: Vec<String>, latency: Duration },
-    Crash { host: String },
+    Crash { fault: usize, host: String, lose_data: bool },
     Restart { host: String },
     Skew { host: String, skew_ms: i64 },
     SlowStore { host: String, extra: Duration },
@@ -159,8 +174,8 @@ pub fn run_with(
     let store_host = |seed: u64, host: &str, replication: Replication| {
         StoreControl::new(StoreHostConfig {
             // A store host judges admission and locks by its own, unskewed clock. It keeps the
-            // whole outbox: no relay runs in a simulated world, and the checker reads every
-            // event at the end.
+            // whole outbox: no relay runs during a simulated run (one pass drains it at the
+            // end), and the checker reads every event.
             store: MemoryStoreConfig {
                 seed,
                 cache_clock: Some(Arc::new(SimClock::new(EPOCH_MS, Arc::new(AtomicI64::new(0))))),
@@ -331,6 +346,7 @@ pub fn run_with(
     let mut next_action = 0;
     let mut next_progress_us = 0;
     let mut failover_tickets = Vec::new();
+    let mut data_loss_tickets = Vec::new();
     let mut healed = false;
     let mut healed_at_us = 0;
     let mut next_drain_check_us = 0;
@@ -338,7 +354,11 @@ pub fn run_with(
         let clients_done = sim.step().map_err(|error| anyhow::anyhow!("simulation failed: {error}"))?;
         let now_us = u64::try_from(sim.elapsed().as_micros()).unwrap_or(u64::MAX);
         while next_action < timeline.len() && timeline[next_action].0 <= now_us {
-            failover_tickets.extend(apply(&mut sim, &timeline[next_action].1, &skews, &stores));
+            match apply(&mut sim, &timeline[next_action].1, &skews, &stores) {
+                Some(Ticket::FailOver(fault, host, ticket)) => failover_tickets.push((fault, host, ticket)),
+                Some(Ticket::DataLoss(fault, host, ticket)) => data_loss_tickets.push((fault, host, now_us, ticket)),
+                None => {}
+            }
             next_action += 1;
         }
         if now_us >= next_progress_us {
@@ -408,6 +428,11 @@ pub fn run_with(
             },
         })
         .collect();
+    relay_outbox(&record)?;
+    let store_data_losses = data_loss_tickets
+        .into_iter()
+        .map(|(fault, host, at_us, mut ticket)| StoreDataLossOutcome { fault, host, at_us, lost: ticket.try_outcome() })
+        .collect();
     let recorder = Rc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("the recorder is still shared"))?.into_inner();
     let mut history = recorder.finish_with(read_final_state(&record, &cache)?);
     history.config.end_us = end_us;
@@ -419,6 +444,7 @@ pub fn run_with(
         fault_windows: fault_windows(scenario, &hosts),
         fired_pauses,
         store_failovers,
+        store_data_losses,
         users: users_total,
         agent: agent_log.map(|log| log.finish(scenario.agent.policy)),
         requests: request_logs.into_iter().map(|log| log.take()).collect(),
@@ -664,7 +690,8 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
                 ));
             }
             Fault::Crash(c) => {
-                actions.push((us(c.at_s), Action::Crash { host: c.host.clone() }));
+                actions
+                    .push((us(c.at_s), Action::Crash { fault: index, host: c.host.clone(), lose_data: c.lose_data }));
                 if let Some(restart_at_s) = c.restart_at_s {
                     actions.push((us(restart_at_s), Action::Restart { host: c.host.clone() }));
                 }
@@ -699,7 +726,7 @@ fn apply(
     action: &Action,
     skews: &BTreeMap<String, Arc<AtomicI64>>,
     stores: &BTreeMap<String, StoreControl>,
-) -> Option<(usize, String, FailoverTicket)> {
+) -> Option<Ticket> {
     match action {
         Action::Partition { a, b, one_way } => {
             for_pairs(a, b, |x, y| if *one_way { sim.partition_oneway(x, y) } else { sim.partition(x, y) });
@@ -710,9 +737,13 @@ fn apply(
         Action::Hold { a, b } => for_pairs(a, b, |x, y| sim.hold(x, y)),
         Action::Release { a, b } => for_pairs(a, b, |x, y| sim.release(x, y)),
         Action::Latency { a, b, latency } => for_pairs(a, b, |x, y| sim.set_link_latency(x, y, *latency)),
-        Action::Crash { host } => {
+        Action::Crash { fault, host, lose_data } => {
             if sim.is_host_running(host.as_str()) {
                 sim.crash(host.as_str());
+                // The loss runs on the store host when it comes back, before it answers anyone.
+                if let Some(store) = stores.get(host).filter(|_| *lose_data) {
+                    return Some(Ticket::DataLoss(*fault, host.clone(), store.lose_data()));
+                }
             }
         }
         Action::Restart { host } => sim.bounce(host.as_str()),
@@ -729,11 +760,18 @@ fn apply(
         Action::FailOver { fault, host, lose_last } => {
             if let Some(store) = stores.get(host) {
                 // The failover runs on the store host; its report is read after the run.
-                return Some((*fault, host.clone(), store.fail_over(*lose_last)));
+                return Some(Ticket::FailOver(*fault, host.clone(), store.fail_over(*lose_last)));
             }
         }
     }
     None
+}
+
+/// What a fault asked a store host to do, for its outcome after the run: the fault's index and
+/// the host.
+enum Ticket {
+    FailOver(usize, String, FailoverTicket),
+    DataLoss(usize, String, DataLossTicket),
 }
 
 fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
@@ -789,7 +827,7 @@ fn heal_all(
             Action::SlowStore { host, .. } => {
                 apply(sim, &Action::SlowStore { host: host.clone(), extra: Duration::ZERO }, skews, stores);
             }
-            Action::Crash { host } if !sim.is_host_running(host.as_str()) => sim.bounce(host.as_str()),
+            Action::Crash { host, .. } if !sim.is_host_running(host.as_str()) => sim.bounce(host.as_str()),
             _ => {}
         }
     }
@@ -823,7 +861,22 @@ pub(crate) fn to_us(at_ms: u64) -> u64 {
     at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000)
 }
 
-/// Reads the stores after the run, in the history's terms.
+/// Publishes the record store's whole outbox once the run is over, with the engine's own relay
+/// (to the log, as a node without a stream does), pass after pass until one finds nothing. No
+/// relay runs during a simulated run: its store calls would change every run's timing. So "relayed at least once" means here that every event the
+/// store wrote can be drained through `outbox_pending` and comes out marked sent, not that a
+/// relay kept up under the run's faults.
+fn relay_outbox(record: &StoreControl) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().build().context("relay runtime")?;
+    let relay = OutboxRelay::to_log(Arc::new(record.clone()), OutboxRelayConfig::default());
+    for _ in 0..RELAY_PASSES_MAX {
+        if runtime.block_on(relay.relay_once())? == 0 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the outbox relay had not drained the outbox after {RELAY_PASSES_MAX} passes")
+}
+
 /// Whether any reservation is still HELD (and so has a hold left to expire).
 fn holds_pending(record: &StoreControl) -> anyhow::Result<bool> {
     let runtime = tokio::runtime::Builder::new_current_thread().build().context("drain runtime")?;

@@ -25,7 +25,8 @@
 //! # Failover
 //!
 //! The state of a store host lives in its [`StoreControl`], not in the serving task, so a
-//! crashed and restarted host comes back with its data (a store with a disk). The control keeps:
+//! crashed and restarted host comes back with its data (a store with a disk), unless
+//! [`StoreControl::lose_data`] empties it (a cache server without persistence). The control keeps:
 //! - the **primary**, the `MemoryStore` every request runs against;
 //! - a **journal** of every mutating request with the time the primary applied it, for the last
 //!   [`StoreHostConfig::replication_window`] (and at most [`JOURNAL_ENTRIES_MAX`] entries);
@@ -700,6 +701,29 @@ impl FailoverTicket {
     }
 }
 
+/// What a loss of a host's data took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DataLossReport {
+    /// The writes the host's state held: every one since it last started empty.
+    pub writes_lost: u64,
+    /// The admissions out of its waiting lines it had recorded.
+    pub admissions_lost: u64,
+}
+
+/// A loss of a host's data asked for: it runs on the store host before the next request.
+#[derive(Debug)]
+pub struct DataLossTicket {
+    outcome: oneshot::Receiver<DataLossReport>,
+}
+
+impl DataLossTicket {
+    /// The report if the loss ran already; `None` while it has not (or never will: the host's
+    /// control was dropped, or another loss replaced it).
+    pub fn try_outcome(&mut self) -> Option<DataLossReport> {
+        self.outcome.try_recv().ok()
+    }
+}
+
 /// A store host's state and its fault controls. Cheap to clone; every clone is the same host.
 ///
 /// The state lives here rather than in [`serve_store`], so restarting the serving task (a turmoil
@@ -718,6 +742,8 @@ struct HostShared {
     state: AsyncMutex<HostState>,
     failovers_pending: parking_lot::Mutex<VecDeque<PendingFailover>>,
     failover_asked: Notify,
+    /// A loss of the host's data asked for and not yet run.
+    data_loss_pending: parking_lot::Mutex<Option<oneshot::Sender<DataLossReport>>>,
     /// The writes failovers took back, for answers that waited for the standby meanwhile.
     lost_writes: LostWrites,
     /// Requests that came over the network and are not answered yet.
@@ -750,6 +776,9 @@ struct HostState {
     sequence_next: u64,
     /// The sequence number of the newest write the primary's state holds.
     sequence_applied: u64,
+    /// How many writes the primary's state holds: since the host started empty, less those a
+    /// failover took back.
+    writes_held: u64,
 }
 
 struct JournalEntry {
@@ -788,6 +817,7 @@ impl StoreControl {
             },
             sequence_next: 1,
             sequence_applied: 0,
+            writes_held: 0,
         };
         let shared = HostShared {
             config,
@@ -796,6 +826,7 @@ impl StoreControl {
             state: AsyncMutex::new(state),
             failovers_pending: parking_lot::Mutex::new(VecDeque::new()),
             failover_asked: Notify::new(),
+            data_loss_pending: parking_lot::Mutex::new(None),
             lost_writes: LostWrites::default(),
             calls_in_flight: AtomicU64::new(0),
             failed_over: Notify::new(),
@@ -830,6 +861,18 @@ impl StoreControl {
         FailoverTicket { outcome }
     }
 
+    /// Empties the host: its primary, its standbys and its journal start again as they were when
+    /// the host was made, as a cache server without persistence comes back from a crash. It runs
+    /// on the host before any request that has not started yet (callable from anywhere, even
+    /// outside a runtime), so a host crashed meanwhile comes back empty; a second loss asked for
+    /// before the first ran replaces it.
+    pub fn lose_data(&self) -> DataLossTicket {
+        let (reply, outcome) = oneshot::channel();
+        *self.shared.data_loss_pending.lock() = Some(reply);
+        self.shared.failover_asked.notify_one();
+        DataLossTicket { outcome }
+    }
+
     /// Runs a request that came over the network. In semi-sync mode its answer waits until the
     /// standby holds every write the request saw; if a failover took one of those back
     /// meanwhile, the answer is `Unavailable` (the outcome is unknown), never what the lost
@@ -859,6 +902,7 @@ impl StoreControl {
     async fn apply(&self, request: StoreRequest) -> (StoreResponse, Option<(Durable, Duration)>) {
         let mut state = self.lock_state().await;
         let write = request.is_write();
+        state.writes_held += u64::from(write);
         // An async host without standbys can never fail over: a journal would only cost; and
         // an async host answers reads at once.
         if state.standby_stream.is_none() && !(write && state.journaling) {
@@ -874,9 +918,15 @@ impl StoreControl {
         (response, waiting)
     }
 
-    /// The state, after running any failover asked for.
+    /// The state, after running any loss of data or failover asked for.
     async fn lock_state(&self) -> AsyncMutexGuard<'_, HostState> {
         let mut state = self.shared.state.lock().await;
+        let data_loss = self.shared.data_loss_pending.lock().take();
+        if let Some(reply) = data_loss {
+            let report = state.lose_data(&self.shared.config).await;
+            tracing::info!(?report, "store host lost its data");
+            let _ = reply.send(report);
+        }
         loop {
             let Some(pending) = self.shared.failovers_pending.lock().pop_front() else { break };
             let now = self.clock_now(&mut state);
@@ -929,6 +979,22 @@ impl StoreControl {
 }
 
 impl HostState {
+    /// Starts the host's state again, empty, keeping only what must never go back: the journal's
+    /// clock and the sequence numbers.
+    async fn lose_data(&mut self, config: &StoreHostConfig) -> DataLossReport {
+        let report = DataLossReport {
+            writes_lost: self.writes_held,
+            admissions_lost: self.primary.admissions().await.map_or(0, |admissions| admissions.len() as u64),
+        };
+        let standbys_count = self.standbys.len();
+        self.primary = MemoryStore::new(config.store.clone());
+        self.standbys = (0..standbys_count).map(|_| MemoryStore::new(config.store.clone())).collect();
+        self.journal.clear();
+        self.standbys_through = None;
+        self.writes_held = 0;
+        report
+    }
+
     /// Runs a write against the primary, ships it to the standby (semi-sync mode) and journals
     /// it (a host that can fail over).
     async fn execute_write(
@@ -1007,6 +1073,7 @@ impl HostState {
             let first_lost = self.journal[writes_replayed].sequence;
             lost_writes.record(first_lost..=self.sequence_applied);
             self.sequence_applied = first_lost - 1;
+            self.writes_held = self.writes_held.saturating_sub(writes_lost as u64);
             self.journal.truncate(writes_replayed);
             for entry in &self.journal {
                 execute(&promoted, entry.request.clone()).await;

@@ -19,10 +19,16 @@ const S: u64 = 1_000_000;
 const ROUND_TRIP_US: u64 = 5 * MS;
 
 /// Checks `history` and asserts that exactly `expected` invariants failed, each with at least
-/// one counterexample carrying the run's seed.
+/// one counterexample carrying the run's seed. Unless the outbox is what is judged, the outbox
+/// is first written again for the final state as a faithful store would have written it: a test
+/// that doctors a reservation or the ledger doctors its events with it.
 #[track_caller]
 fn check(history: &History, expected: &[Invariant]) -> CheckReport {
-    let report = checker::check(history);
+    let mut history = history.clone();
+    if !expected.contains(&Invariant::OutboxFaithful) {
+        history.final_state.outbox = faithful_outbox(&history.final_state);
+    }
+    let report = checker::check(&history);
     assert_eq!(report.failed_invariants(), expected, "\n{report}");
     for invariant in expected {
         assert!(
@@ -45,6 +51,44 @@ fn only_violation(report: &CheckReport, invariant: Invariant) -> &Violation {
 
 fn op_ids(violation: &Violation) -> Vec<OpId> {
     violation.operations.iter().map(|operation| operation.op_id).collect()
+}
+
+/// The outbox a store that writes each change's event with the change holds for `final_state`:
+/// in time order, a reservation's stages in order at one time, every event relayed.
+fn faithful_outbox(final_state: &FinalState) -> Vec<OutboxRecord> {
+    let event =
+        |kind, reservation_id, user_id, at_us| OutboxRecord { id: 0, kind, reservation_id, user_id, at_us, sent: true };
+    let mut events = Vec::new();
+    for reservation in &final_state.reservations {
+        let (id, user_id) = (Some(reservation.id), reservation.user_id);
+        events.push(event(OutboxKind::ReservationHeld, id, user_id, reservation.held_us));
+        if let Some(confirmed_us) = reservation.confirmed_us {
+            events.push(event(OutboxKind::ReservationConfirmed, id, user_id, confirmed_us));
+        }
+        let ended_us = reservation.ended_us.unwrap_or(reservation.expires_us);
+        match reservation.status {
+            ReservationStatus::Cancelled => events.push(event(OutboxKind::ReservationCancelled, id, user_id, ended_us)),
+            ReservationStatus::Expired => events.push(event(OutboxKind::ReservationExpired, id, user_id, ended_us)),
+            ReservationStatus::Held | ReservationStatus::Confirmed => {}
+        }
+    }
+    for entry in &final_state.ledger {
+        let kind = match entry.reason {
+            LedgerReason::TopUp | LedgerReason::Charge => OutboxKind::PointsCharged,
+            LedgerReason::Refund => OutboxKind::PointsRefunded,
+        };
+        events.push(event(kind, entry.reservation_id, entry.user_id, entry.at_us));
+    }
+    let stage = |kind| match kind {
+        OutboxKind::ReservationHeld => 0,
+        OutboxKind::PointsCharged | OutboxKind::ReservationConfirmed => 1,
+        _ => 2,
+    };
+    events.sort_by_key(|event| (event.at_us, stage(event.kind)));
+    for (id, event) in (1..).zip(&mut events) {
+        event.id = id;
+    }
+    events
 }
 
 fn ip(client: u64) -> IpAddr {
@@ -216,6 +260,7 @@ fn clean() -> (History, Ops) {
         held_us,
         expires_us: held_us + 5 * S,
         confirmed_us: None,
+        ended_us: (status == ReservationStatus::Expired).then_some(held_us + 5 * S),
         amount_paid: 0,
     };
     let paid = |reservation: FinalReservation, confirmed_us: u64| FinalReservation {
@@ -226,16 +271,21 @@ fn clean() -> (History, Ops) {
     let entry = |user_id: u64, delta: i64, reason, reservation_id: Option<u64>, key: Option<&str>, at_us: u64| {
         LedgerRecord { user_id, delta, reason, reservation_id, idempotency_key: key.map(str::to_owned), at_us }
     };
-    let outbox = |kind, reservation_id: u64, user_id: u64, at_us: u64| OutboxRecord {
+    let outbox = |id: u64, kind, reservation_id: Option<u64>, user_id: u64, at_us: u64| OutboxRecord {
+        id,
         kind,
-        reservation_id: Some(reservation_id),
+        reservation_id,
         user_id,
         at_us,
+        sent: true,
     };
     let final_state = FinalState {
         reservations: vec![
             paid(reservation(1001, 11, 1, ReservationStatus::Confirmed, 1, 2 * S), 4 * S),
-            paid(reservation(1002, 12, 2, ReservationStatus::Cancelled, 1, 3_200 * MS), 4_100 * MS),
+            FinalReservation {
+                ended_us: Some(5 * S),
+                ..paid(reservation(1002, 12, 2, ReservationStatus::Cancelled, 1, 3_200 * MS), 4_100 * MS)
+            },
             reservation(1003, 13, 2, ReservationStatus::Expired, 1, 5_500 * MS),
             reservation(1004, 12, 1, ReservationStatus::Expired, 2, 6 * S),
         ],
@@ -248,10 +298,22 @@ fn clean() -> (History, Ops) {
             entry(2, 100, LedgerReason::Refund, Some(1002), None, 5 * S),
         ],
         schedules: vec![FinalSchedule { id: SCHEDULE, capacity: 3 }],
+        // Every change's event, in the order the store wrote them, and all relayed.
         outbox: vec![
-            outbox(OutboxKind::ReservationConfirmed, 1001, 1, 4 * S),
-            outbox(OutboxKind::ReservationCancelled, 1002, 2, 5 * S),
-            outbox(OutboxKind::PointsRefunded, 1002, 2, 5 * S),
+            outbox(1, OutboxKind::PointsCharged, None, 1, 300 * MS),
+            outbox(2, OutboxKind::PointsCharged, None, 2, 400 * MS),
+            outbox(3, OutboxKind::ReservationHeld, Some(1001), 1, 2 * S),
+            outbox(4, OutboxKind::ReservationHeld, Some(1002), 2, 3_200 * MS),
+            outbox(5, OutboxKind::PointsCharged, Some(1001), 1, 4 * S),
+            outbox(6, OutboxKind::ReservationConfirmed, Some(1001), 1, 4 * S),
+            outbox(7, OutboxKind::PointsCharged, Some(1002), 2, 4_100 * MS),
+            outbox(8, OutboxKind::ReservationConfirmed, Some(1002), 2, 4_100 * MS),
+            outbox(9, OutboxKind::PointsRefunded, Some(1002), 2, 5 * S),
+            outbox(10, OutboxKind::ReservationCancelled, Some(1002), 2, 5 * S),
+            outbox(11, OutboxKind::ReservationHeld, Some(1003), 2, 5_500 * MS),
+            outbox(12, OutboxKind::ReservationHeld, Some(1004), 1, 6 * S),
+            outbox(13, OutboxKind::ReservationExpired, Some(1003), 2, 10_500 * MS),
+            outbox(14, OutboxKind::ReservationExpired, Some(1004), 1, 11 * S),
         ],
     };
     let ops = Ops {
@@ -322,6 +384,7 @@ fn charge(user_id: u64, reservation_id: u64, key: &str, at_us: u64) -> LedgerRec
 #[test]
 fn a_clean_run_passes_every_invariant_and_counts_its_fifo_inversion() {
     let (history, _) = clean();
+    assert!(checker::check(&history).passed(), "the fixture's own outbox is faithful");
     let report = check(&history, &[]);
     assert!(report.passed());
     assert_eq!(report.verdicts.len(), Invariant::ALL.len());
@@ -368,6 +431,7 @@ fn two_confirmed_reservations_on_one_seat_are_a_double_sale() {
         held_us: 8 * S,
         expires_us: 13 * S,
         confirmed_us: Some(9 * S),
+        ended_us: None,
         amount_paid: 100,
     });
     history.final_state.ledger.push(charge(2, 1005, "confirm-1005", 9 * S));
@@ -684,6 +748,82 @@ fn a_hold_granted_longer_than_any_ttl_breaks_holds_expire_unless_the_ttl_was_rai
     check(&raised, &[]);
 }
 
+/// The outbox event of `kind` for `reservation_id` in the clean fixture.
+#[track_caller]
+fn event_mut(history: &mut History, kind: OutboxKind, reservation_id: u64) -> &mut OutboxRecord {
+    history
+        .final_state
+        .outbox
+        .iter_mut()
+        .find(|event| event.kind == kind && event.reservation_id == Some(reservation_id))
+        .expect("the fixture has this event")
+}
+
+/// Checks a history whose outbox alone was doctored: the outbox invariant, and only it, fails,
+/// once, for `reservation_id`, with a message that contains `says`.
+#[track_caller]
+fn check_outbox(history: &History, reservation_id: u64, says: &str) -> Violation {
+    let report = check(history, &[Invariant::OutboxFaithful]);
+    let violation = only_violation(&report, Invariant::OutboxFaithful).clone();
+    assert_eq!(violation.subject, Subject::Reservation { reservation_id });
+    assert!(violation.message.contains(says), "{violation}");
+    violation
+}
+
+#[test]
+fn a_confirmation_without_its_outbox_event_breaks_outbox_faithful() {
+    let (mut history, ops) = clean();
+    history
+        .final_state
+        .outbox
+        .retain(|event| !(event.kind == OutboxKind::ReservationConfirmed && event.reservation_id == Some(1001)));
+
+    let violation = check_outbox(
+        &history,
+        1001,
+        "1 change(s) call for a reservation_confirmed event and 0 such event(s) were written",
+    );
+    assert!(op_ids(&violation).contains(&ops.confirm_1001), "{violation}");
+    assert!(violation.to_string().contains("the change the reservation_confirmed event records"), "{violation}");
+}
+
+#[test]
+fn a_refund_with_two_outbox_events_breaks_outbox_faithful() {
+    let (mut history, ops) = clean();
+    let mut again = event_mut(&mut history, OutboxKind::PointsRefunded, 1002).clone();
+    again.id = 15;
+    history.final_state.outbox.push(again);
+
+    let violation = check_outbox(&history, 1002, "2 points_refunded event(s) were written for 1 such change(s)");
+    assert!(op_ids(&violation).contains(&ops.cancel_1002), "{violation}");
+}
+
+#[test]
+fn an_expiry_written_before_its_hold_breaks_outbox_faithful() {
+    let (mut history, _) = clean();
+    // The store wrote the expiry of 1003 (event 13) before its hold (event 11).
+    event_mut(&mut history, OutboxKind::ReservationHeld, 1003).id = 13;
+    event_mut(&mut history, OutboxKind::ReservationExpired, 1003).id = 11;
+
+    check_outbox(&history, 1003, "event #13 (reservation_held) comes after event #11 (reservation_expired)");
+}
+
+#[test]
+fn a_cancellation_event_written_apart_from_its_change_breaks_outbox_faithful() {
+    let (mut history, _) = clean();
+    event_mut(&mut history, OutboxKind::ReservationCancelled, 1002).at_us = 5_200 * MS;
+
+    check_outbox(&history, 1002, "1 reservation_cancelled event(s) carry another time than their change's");
+}
+
+#[test]
+fn an_event_never_relayed_breaks_outbox_faithful() {
+    let (mut history, _) = clean();
+    event_mut(&mut history, OutboxKind::ReservationConfirmed, 1001).sent = false;
+
+    check_outbox(&history, 1001, "1 event(s) never relayed (ids 6)");
+}
+
 fn admissions(schedule_id: u64, first_join_seq: u64, count: u64, admitted_us: u64) -> Vec<Admission> {
     (0..count)
         .map(|index| Admission {
@@ -768,7 +908,7 @@ fn a_violation_prints_the_seed_the_replay_command_the_times_and_the_operations()
     assert_eq!(report.violations[0].to_string(), expected);
     let summary = report.to_string();
     assert!(
-        summary.starts_with("check of scenarios/spike.toml with seed 42: FAIL (1 of 11 invariants violated)\n"),
+        summary.starts_with("check of scenarios/spike.toml with seed 42: FAIL (1 of 12 invariants violated)\n"),
         "{summary}"
     );
     assert!(summary.contains("  FAIL idempotent-replay (1 violations)\n"), "{summary}");
@@ -811,6 +951,7 @@ fn a_thousand_oversold_seats_keep_a_bounded_number_of_counterexamples() {
                 held_us: 8 * S,
                 expires_us: 13 * S,
                 confirmed_us: Some(9 * S),
+                ended_us: None,
                 amount_paid: 0,
             });
         }
@@ -840,6 +981,7 @@ fn every_invariant_has_a_stable_kebab_case_name() {
             "\"fences-monotonic\"",
             "\"holds-expire\"",
             "\"admission-rate\"",
+            "\"outbox-faithful\"",
         ]
     );
     for invariant in Invariant::ALL {

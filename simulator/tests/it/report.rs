@@ -64,7 +64,7 @@ fn a_passing_run_shows_every_invariant_passed_and_all_its_charts() {
     let html = render(std::slice::from_ref(run));
     assert_structure(&html, charts_expected(run));
     assert_eq!(occurrences(&html, "data-verdict=\"pass\""), 1);
-    assert_eq!(occurrences(&html, "data-passed=\"true\""), 11 + 6, "11 invariants and 6 SLOs pass");
+    assert_eq!(occurrences(&html, "data-passed=\"true\""), 12 + 6, "12 invariants and 6 SLOs pass");
     assert_eq!(occurrences(&html, "data-passed=\"false\""), 0);
     assert!(html.contains("<td>20261123</td>"), "the seed");
     assert!(html.contains("<td>test</td>"), "the commit");

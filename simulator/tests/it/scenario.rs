@@ -6,10 +6,12 @@ use tcore_engine::server::HTTP2_STREAMS_MAX;
 use tcore_sim::scenario::{ArrivalCurve, Fault, HoldMode, Scenario, ScenarioError, SloOp};
 
 /// The scenarios the repository ships, by path under `scenarios/`.
-const SHIPPED: [&str; 20] = [
+const SHIPPED: [&str; 22] = [
     "bot-storm.toml",
+    "cache-loss.toml",
     "calm-opening.toml",
     "ci/bot-storm.toml",
+    "ci/cache-loss.toml",
     "ci/calm-opening.toml",
     "ci/clock-skew.toml",
     "ci/concert-open.toml",
@@ -285,6 +287,25 @@ fn a_fault_aimed_at_a_host_that_does_not_exist_names_key_and_host() {
         "scenarios/x.toml:39:1: key `faults[0].b`: no host `db-*` in this scenario (hosts: engine-1..engine-2, \
          store-cache, store-record, client-1..client-4, agent)",
     );
+}
+
+#[test]
+fn a_crash_that_loses_the_data_of_the_system_of_record_names_line_and_key() {
+    let text = with(
+        "\n[[faults]]\nkind = \"crash\"\nat_s = 10\nrestart_at_s = 20\nhost = \"store-record\"\nlose_data = true\n",
+    );
+    let line = text.lines().position(|line| line == "lose_data = true").expect("the key") + 1;
+    check_error(
+        &text,
+        &format!(
+            "scenarios/x.toml:{line}:1: key `faults[0].lose_data`: only store-cache can lose its data (got \
+             `store-record`): an engine node always restarts empty, and store-record is the system of record, \
+             which keeps its data; to lose its last writes, use kind = \"store-failover\""
+        ),
+    );
+    let cache = text.replace("host = \"store-record\"", "host = \"store-cache\"");
+    let scenario = Scenario::parse(&cache, "scenarios/x.toml").unwrap_or_else(|error| panic!("{error}"));
+    assert!(matches!(scenario.faults.as_slice(), [Fault::Crash(crash)] if crash.lose_data));
 }
 
 #[test]

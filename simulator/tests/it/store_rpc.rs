@@ -1,7 +1,7 @@
 //! Store hosts over the network: every call answers as the memory store itself would, many
 //! calls share one connection, a slow host times calls out, a failover loses exactly the
-//! writes of its window, bad frames break nothing, and a client outlives a crashed,
-//! restarted or partitioned host (in turmoil).
+//! writes of its window, a host that loses its data comes back empty, bad frames break nothing,
+//! and a client outlives a crashed, restarted or partitioned host (in turmoil).
 
 use std::future::Future;
 use std::io;
@@ -326,6 +326,25 @@ async fn failover_loses_the_writes_of_the_last_window_and_keeps_older_ones() {
     assert_eq!(reservations, vec![(1, 1), (2, 2)], "the hold of 9.5 s is gone, the older ones remain");
     let again = store.try_hold(hold(3, 1), 10_000).await.expect("seat 3 is free again");
     assert_eq!(again.id, 3, "the store continues from the promoted state");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_that_loses_its_data_comes_back_empty_and_says_what_it_held() {
+    let harness = in_memory(host_config(JournalClock::Tokio), RemoteStoreConfig::default());
+    let store = &harness.store;
+    store.create_line(1, 0, QueueOrder::Fifo, AdmissionPolicy::default()).await.expect("line");
+    let first = store.join(1, 7, 0).await.expect("user 7 joins");
+    store.join(1, 8, 0).await.expect("user 8 joins");
+    let mut ticket = harness.control.lose_data();
+    assert!(ticket.try_outcome().is_none(), "it runs on the host, at its next request");
+
+    let lost = store.queue_status(1, first.seq, 0).await;
+    assert!(matches!(lost, Err(StoreError::NotFound { entity: "schedule", .. })), "{lost:?}");
+    let report = ticket.try_outcome().expect("the loss ran before the request");
+    assert_eq!((report.writes_lost, report.admissions_lost), (3, 0), "a line and two places");
+    store.create_line(1, 0, QueueOrder::Fifo, AdmissionPolicy::default()).await.expect("the line again");
+    let again = store.join(1, 8, 0).await.expect("user 8 joins again");
+    assert_eq!(again.seq, first.seq, "the new line hands its places out anew");
 }
 
 #[tokio::test(start_paused = true)]

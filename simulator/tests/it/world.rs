@@ -1,11 +1,12 @@
-//! Whole simulated runs: the same seed gives the same bytes, and the checker catches the
-//! known-unsafe hold mode with a counterexample while the safe modes pass.
+//! Whole simulated runs: the same seed gives the same bytes, the checker catches the
+//! known-unsafe hold mode with a counterexample while the safe modes pass, and a cache store
+//! that comes back empty costs fans their places but neither the sale nor its safety.
 
 use std::path::Path;
 
 use tcore_sim::checker::{CheckReport, Invariant, check};
-use tcore_sim::history::Outcome;
-use tcore_sim::scenario::{HoldMode, RecordReplication, Scenario};
+use tcore_sim::history::{OutboxKind, Outcome, ReservationStatus};
+use tcore_sim::scenario::{Fault, HoldMode, RecordReplication, Scenario};
 use tcore_sim::score::run_result;
 use tcore_sim::world;
 
@@ -160,4 +161,74 @@ fn a_fault_that_never_bites_is_listed_as_without_effect_in_the_run_result_and_th
     assert!(dodged[0]["reason"].as_str().is_some_and(|reason| reason.starts_with("nothing paused")), "{dodged:?}");
     let html = tcore_reports::render(&[result]).unwrap_or_else(|error| panic!("{error}"));
     assert!(html.contains("Faults without effect") && html.contains("nothing paused"));
+}
+
+/// Runs `scenario` and returns the world (for its history) and the run result.
+fn run_world(scenario: &Scenario) -> (world::WorldRun, Vec<u8>, CheckReport) {
+    let world =
+        world::run(scenario, "ci", &mut |_| {}).unwrap_or_else(|error| panic!("seed {}: {error:#}", scenario.seed));
+    let (bytes, report) = result_bytes(scenario, &world);
+    (world, bytes, report)
+}
+
+/// How many answers in a run result carried the problem `code`.
+fn answered(result: &serde_json::Value, code: &str) -> u64 {
+    result["score"]["errors"]["by_code"][code].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_cache_store_that_comes_back_empty_loses_places_and_the_sale_goes_on() {
+    let lossy = scenario("cache-loss.toml");
+    let Some(Fault::Crash(crash)) = lossy.faults.first() else { panic!("cache-loss.toml crashes a host first") };
+    assert!(crash.lose_data && crash.host == "store-cache", "{crash:?}");
+    let (crash_us, restart_us) = ((crash.at_s * 1e6) as u64, (crash.restart_at_s.expect("a restart") * 1e6) as u64);
+
+    let (world, bytes, report) = run_world(&lossy);
+    assert!(report.passed(), "seed {}: {report}", lossy.seed);
+    let result: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(result["faults_without_effect"], serde_json::json!([]), "the loss bit");
+    let loss = &result["store_data_losses"][0];
+    assert_eq!((loss["fault"].as_u64(), loss["host"].as_str()), (Some(0), Some("store-cache")), "{loss}");
+    assert!(loss["lost"]["writes_lost"].as_u64() > Some(0), "the store held data when it crashed: {loss}");
+    assert!(answered(&result, "queue_place_lost") > 0, "fans met the loss: {}", result["score"]["errors"]);
+    let sold_after_restart = world
+        .history
+        .final_state
+        .reservations
+        .iter()
+        .filter(|reservation| reservation.status == ReservationStatus::Confirmed)
+        .filter(|reservation| reservation.confirmed_us.is_some_and(|at_us| at_us > restart_us))
+        .count();
+    assert!(sold_after_restart > 0, "the sale went on after the cache store came back");
+    // The store forgot every admission it made before the crash; the history reads them from it.
+    assert!(world.history.admissions.iter().all(|admission| admission.admitted_us >= crash_us));
+
+    // The same run with a store that keeps its data: nobody's place is lost.
+    let mut keeping = lossy.clone();
+    if let Some(Fault::Crash(crash)) = keeping.faults.first_mut() {
+        crash.lose_data = false;
+    }
+    let (kept, kept_bytes, kept_report) = run_world(&keeping);
+    assert!(kept_report.passed(), "seed {}: {kept_report}", keeping.seed);
+    let kept_result: serde_json::Value = serde_json::from_slice(&kept_bytes).expect("JSON");
+    assert_eq!(answered(&kept_result, "queue_place_lost"), 0, "{}", kept_result["score"]["errors"]);
+    assert_eq!(kept_result["store_data_losses"], serde_json::json!([]));
+    assert!(kept.history.admissions.iter().any(|admission| admission.admitted_us < crash_us));
+
+    let (again, _) = run(&lossy);
+    assert!(bytes == again, "seed {}: two runs of one seed differ", lossy.seed);
+}
+
+#[test]
+fn a_real_run_writes_and_relays_one_outbox_event_for_each_change() {
+    let base = scenario("concert-open.toml");
+    let (world, _, report) = run_world(&base);
+    let verdict = report.verdicts.iter().find(|verdict| verdict.invariant == Invariant::OutboxFaithful);
+    assert!(verdict.is_some_and(|verdict| verdict.passed), "seed {}: {report}", base.seed);
+    let final_state = &world.history.final_state;
+    assert!(final_state.outbox.iter().all(|event| event.sent), "the relay drained the outbox");
+    let confirmed = final_state.reservations.iter().filter(|reservation| reservation.confirmed_us.is_some()).count();
+    let confirmations =
+        final_state.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationConfirmed).count();
+    assert!(confirmed > 0 && confirmations == confirmed, "{confirmations} events for {confirmed} confirmations");
 }
