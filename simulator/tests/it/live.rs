@@ -9,7 +9,7 @@ use tcore_engine::config::{AdminToken, EngineConfig, RateLimits, TrustedProxies}
 use tcore_engine::domain::ReservationStatus;
 use tcore_engine::faults::NoFaults;
 use tcore_engine::sessions::{SessionConfig, SessionKey};
-use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, RecordStore};
+use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, OutboxRelay, OutboxRelayConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts};
 use tcore_sim::checker::{CheckReport, check};
 use tcore_sim::history::{FinalReservation, History};
@@ -81,11 +81,14 @@ fn serve(scenario: &Scenario) -> (Deployment, tokio::runtime::Runtime) {
             config,
             clock: Arc::new(SystemClock::new()),
             record: Arc::clone(&store) as Arc<dyn RecordStore>,
-            cache: store as Arc<dyn CacheStore>,
+            cache: Arc::clone(&store) as Arc<dyn CacheStore>,
             faults: Arc::new(NoFaults),
         })
         .expect("an engine");
         scenario.catalogue(scenario.users_total()).load_into(&engine).await.expect("the sale loads");
+        // As `tcore-engine serve` runs a node on the memory store: its outbox relayed to the log.
+        let relay = OutboxRelay::to_log(Arc::clone(&store) as Arc<dyn RecordStore>, OutboxRelayConfig::default());
+        tokio::spawn(relay.run());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let address = listener.local_addr().expect("its address");
         tokio::spawn(tcore_engine::server::serve(listener, engine, std::future::pending()));
