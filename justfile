@@ -8,7 +8,7 @@ run SCENARIO="scenarios/concert-open.toml":
     cargo run --release -p tcore-sim --bin tcore -- run {{SCENARIO}}
 
 # A live run: goose drives engine nodes this command starts (Redis + MariaDB for the shared scenarios).
-live SCENARIO="scenarios/live/small-opening.toml":
+live SCENARIO="scenarios/live/concert-open.toml":
     cargo build -q --release -p tcore-engine -p tcore-sim --bins
     ./target/release/tcore load {{SCENARIO}} --spawn
 
@@ -43,6 +43,11 @@ bench-holds:
 # What a hostile flood leaves in a release engine's memory, wave by wave.
 bench-hostile:
     cargo bench -p tcore-engine --bench hostile_state
+
+# The live driver's most requests per second (goose, as `tcore load` sets it up) against `wrk`, same engine, same run.
+bench-live:
+    cargo build -q --release -p tcore-engine --bin tcore-engine
+    cargo bench -p tcore-sim --bench live_driver
 
 # Simulated requests per wall second against a bare handler in the same world.
 bench-sim:

@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::scenario::{SloOp, SloThreshold};
 use crate::score::lookup;
 
-pub use baseline::{BASELINE_SCHEMA, Baseline, Tolerances, compare, record};
+pub use baseline::{BASELINE_SCHEMA, Baseline, LIVE_TOLERANCE_PCT_DEFAULT, Tolerances, compare, record};
 pub use output::{junit_xml, markdown};
 
 /// Why a run could not be judged.

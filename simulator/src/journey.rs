@@ -144,6 +144,19 @@ pub struct Journeys<T> {
     pub plan: Arc<JourneyPlan>,
 }
 
+/// Every way a journey can end, as the score counts them (`score.journeys`).
+pub const JOURNEY_ENDINGS: [&str; 9] = [
+    "bought",
+    "bought-then-cancelled",
+    "join-failed",
+    "sold-out-while-waiting",
+    "no-seat",
+    "gave-up-waiting",
+    "place-lost",
+    "payment-refused",
+    "payment-unknown",
+];
+
 /// How users' journeys ended, and what bots got, for the score.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct UserOutcomes {

@@ -125,6 +125,10 @@ struct LoadArgs {
     /// With --spawn and redis+mariadb: the MariaDB server, without a database.
     #[arg(long, env = "TCORE_MARIADB_URL", default_value = "mysql://root@127.0.0.1:3306")]
     mariadb_url: String,
+    /// With --spawn and faults on store-cache: the Redis server program the run starts for
+    /// its own cache store (instead of --redis-url), to kill and stop.
+    #[arg(long, env = "TCORE_REDIS_SERVER_BIN", default_value = "redis-server")]
+    redis_server_bin: PathBuf,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -395,6 +399,7 @@ fn load(args: &LoadArgs) -> anyhow::Result<bool> {
             engine_bin,
             dir: out.clone(),
             redis_url: args.redis_url.clone(),
+            redis_server_bin: args.redis_server_bin.clone(),
             mariadb_url: args.mariadb_url.clone(),
         };
         live::deploy::Deployment::spawn(&scenario, &options, scenario.users_total())?
@@ -419,8 +424,13 @@ fn load(args: &LoadArgs) -> anyhow::Result<bool> {
         last = (Instant::now(), progress.requests);
         bar.set_length((progress.duration_s * 1e3) as u64);
         bar.set_position((progress.elapsed_s.max(0.0) * 1e3) as u64);
+        let faults = if progress.fault_steps_total > 0 {
+            format!(" · fault steps {}/{}", progress.fault_steps, progress.fault_steps_total)
+        } else {
+            String::new()
+        };
         bar.set_message(format!(
-            "{:>6.1} s of {:.0} s · arrivals {}/{users} ({} late) · {rate:.0} req/s · p99 {:.1} ms · {} errors",
+            "{:>6.1} s of {:.0} s · arrivals {}/{users} ({} late) · {rate:.0} req/s · p99 {:.1} ms · {} errors{faults}",
             progress.elapsed_s,
             progress.duration_s,
             progress.started,
@@ -460,9 +470,12 @@ fn load(args: &LoadArgs) -> anyhow::Result<bool> {
     if figures.partial {
         println!("partial: the run stopped before every arrival ran");
     }
+    for error in &figures.fault_errors {
+        println!("fault not applied: {error}");
+    }
     println!("run result: {}", run_path.display());
     println!("report: {}", report_path.display());
-    Ok(safety_passed(&result) && slo_passed(&result) && !figures.partial)
+    Ok(safety_passed(&result) && slo_passed(&result) && !figures.partial && figures.fault_errors.is_empty())
 }
 
 fn print_summary(result: &serde_json::Value, report: &tcore_sim::checker::CheckReport, wall_s: f64) {

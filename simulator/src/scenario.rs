@@ -37,7 +37,8 @@ use tcore_engine::catalogue::{AccountGroup, Catalogue, CatalogueSchedule};
 pub use arrivals::{ArrivalCurve, Constant, Ramp, Spike, Step, Steps, USERS_MAX};
 pub use faults::{
     AGENT_HOST, ClockSkew, Crash, FAULT_POINTS, Fault, FaultEvent, HoldLink, HostSet, LatencySpike, OnEvent, Partition,
-    PauseAction, PauseAt, STORE_CACHE_HOST, STORE_RECORD_HOST, SlowStore, StoreFailover, client_host, engine_host,
+    Pause, PauseAction, PauseAt, STORE_CACHE_HOST, STORE_RECORD_HOST, SlowStore, StoreFailover, client_host,
+    engine_host,
 };
 pub use sections::{
     Admission, AdmissionOrder, Agent, AgentPolicy, Bot, BotIps, BotTarget, Engine, HoldMode, Network, RangeMs,
@@ -181,8 +182,9 @@ impl Scenario {
         let mut checks = Checks::default();
         let root = KeyPath::root();
         for (index, fault) in self.faults.iter().enumerate() {
-            let message = format!("a `{}` fault is not applied in a live run (run it with `tcore run`)", fault.kind());
-            checks.fail(root.key("faults").index(index).key("kind"), message);
+            if let Some((key, message)) = self.live_fault_problem(fault) {
+                checks.fail(root.key("faults").index(index).key(key), message);
+            }
         }
         for index in 0..self.bots.len() {
             checks.fail(root.key("bots").index(index), "bots are not replayed in a live run (run it with `tcore run`)");
@@ -191,6 +193,55 @@ impl Scenario {
             checks.fail(root.key("agent").key("policy"), "the ops agent does not run in a live run yet");
         }
         checks.into_problems()
+    }
+
+    /// Why `fault` cannot be applied in a live run, with the key to blame; `None` if it can. A
+    /// live run kills, restarts, stops and continues processes of its own: engine nodes, and
+    /// the Redis server it starts for faults on the cache store. It never touches the MariaDB
+    /// server, which it shares with whatever else runs on the machine.
+    fn live_fault_problem(&self, fault: &Fault) -> Option<(&'static str, String)> {
+        let shared_stores = self.engine.store == StoreKind::RedisMariadb;
+        let host = match fault {
+            Fault::Crash(crash) => crash.host.as_str(),
+            Fault::Pause(pause) => pause.host.as_str(),
+            other => {
+                return Some((
+                    "kind",
+                    format!(
+                        "a `{}` fault is not applied in a live run (live runs apply `crash` and `pause`; \
+                         run this one with `tcore run`)",
+                        other.kind()
+                    ),
+                ));
+            }
+        };
+        if host == STORE_RECORD_HOST {
+            return Some((
+                "host",
+                format!(
+                    "a live run does not stop {host}: the system of record is the machine's MariaDB server, \
+                     shared with others (`just failover` kills a MariaDB of its own)"
+                ),
+            ));
+        }
+        if host == STORE_CACHE_HOST && !shared_stores {
+            return Some(("host", format!("{host} is a process of its own only with store = \"redis+mariadb\"")));
+        }
+        match fault {
+            Fault::Crash(crash) if crash.host == STORE_CACHE_HOST && !crash.lose_data => Some((
+                "lose_data",
+                "a live run's Redis keeps nothing on disk, so it restarts empty: set lose_data = true".to_owned(),
+            )),
+            Fault::Crash(crash) if !shared_stores => Some((
+                "host",
+                format!(
+                    "{} is the only node and holds the whole memory store: a crash would lose every sale; \
+                     crash a node with store = \"redis+mariadb\"",
+                    crash.host
+                ),
+            )),
+            _ => None,
+        }
     }
 
     /// The venue and the accounts to open, as the engine loads them (`tcore_engine::catalogue`):
@@ -475,7 +526,7 @@ decay_s = 5
         check_error(
             "\n[[faults]]\nkind = \"crush\"\n",
             "t.toml:25:8: key `faults[0].kind`: unknown variant `crush`, expected one of `partition`, `hold-link`, \
-             `latency`, `crash`, `pause-at`, `on-event`, `clock-skew`, `store-failover`, `slow-store`",
+             `latency`, `crash`, `pause`, `pause-at`, `on-event`, `clock-skew`, `store-failover`, `slow-store`",
         );
     }
 

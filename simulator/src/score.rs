@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::checker::CheckReport;
 use crate::history::{OpKind, Operation, Outcome, ReservationStatus};
+use crate::journey::JOURNEY_ENDINGS;
 use crate::scenario::Scenario;
 use crate::world::WorldRun;
 
@@ -344,7 +345,7 @@ pub fn run_result(
             "unknown_rate": ratio(unknown),
             "completed": completed,
         },
-        "journeys": world.outcomes.journeys_ended,
+        "journeys": journeys_ended(world),
         "bots": { "requests": world.outcomes.bot_requests, "dropped": world.outcomes.bot_dropped, "answers": world.outcomes.bot_answers },
     });
     let safety_passed = report.passed();
@@ -430,6 +431,14 @@ fn fans_queue_wait(history: &crate::history::History) -> Histogram<u64> {
 /// The value at a dotted path of the score, as a number.
 pub fn lookup(score: &Value, metric: &str) -> Option<f64> {
     metric.split('.').try_fold(score, |value, key| value.get(key))?.as_f64()
+}
+
+/// How the journeys ended, every ending named (0 for those none met), so an SLO can bound
+/// any of them.
+fn journeys_ended(world: &WorldRun) -> BTreeMap<String, u64> {
+    let mut ended: BTreeMap<String, u64> = JOURNEY_ENDINGS.iter().map(|ending| ((*ending).to_owned(), 0)).collect();
+    ended.extend(world.outcomes.journeys_ended.iter().map(|(ending, count)| (ending.clone(), *count)));
+    ended
 }
 
 /// Whether a run result passed its safety invariants.

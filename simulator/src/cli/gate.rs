@@ -42,15 +42,26 @@ pub struct GateArgs {
     /// How far (percent) a wall-clock figure may regress before it warns.
     #[arg(long, default_value_t = 50.0)]
     pub wall_tolerance_pct: f64,
+    /// How far (percent of the baseline) a live run's latency, goodput or time may regress.
+    #[arg(long, default_value_t = tcore_sim::gate::LIVE_TOLERANCE_PCT_DEFAULT)]
+    pub live_tolerance_pct: f64,
 }
 
 /// Runs the gate; `run_scenario(scenario_file, out_dir)` runs one scenario and writes its
 /// `run.json` and `wall.json` into `out_dir`. Returns whether every scenario passed.
 pub fn gate(args: &GateArgs, run_scenario: &mut dyn FnMut(&Path, &Path) -> anyhow::Result<()>) -> anyhow::Result<bool> {
-    for (name, value) in [("--tolerance-pct", args.tolerance_pct), ("--wall-tolerance-pct", args.wall_tolerance_pct)] {
+    for (name, value) in [
+        ("--tolerance-pct", args.tolerance_pct),
+        ("--wall-tolerance-pct", args.wall_tolerance_pct),
+        ("--live-tolerance-pct", args.live_tolerance_pct),
+    ] {
         anyhow::ensure!(value.is_finite() && value >= 0.0, "{name} must be a number >= 0 (got {value})");
     }
-    let tolerances = Tolerances { relative_pct: args.tolerance_pct, wall_pct: args.wall_tolerance_pct };
+    let tolerances = Tolerances {
+        relative_pct: args.tolerance_pct,
+        wall_pct: args.wall_tolerance_pct,
+        live_pct: args.live_tolerance_pct,
+    };
     let mut gates = Vec::with_capacity(args.inputs.len());
     for input in &args.inputs {
         gates.push(gate_one(args, input, &tolerances, run_scenario)?);

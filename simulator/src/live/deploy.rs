@@ -2,18 +2,21 @@
 //! embedded memory store, or the scenario's nodes on Redis + MariaDB, each run on a fresh
 //! database and key prefix), or nodes that already run (`--target`).
 
-use std::fs::File;
-use std::net::TcpListener;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use parking_lot::Mutex;
 
 use crate::scenario::{AdmissionOrder, Scenario, StoreKind};
+use crate::scenario::{Fault, STORE_CACHE_HOST};
 
 /// How long a spawned node may take to answer `/readyz` (migrations and the catalogue's
-/// accounts come first on the first node).
+/// accounts come first on the first node), or the run's own Redis server to answer `PING`.
 const READY_WITHIN: Duration = Duration::from_secs(120);
 /// How long a node may take to stop once asked to.
 const STOP_WITHIN: Duration = Duration::from_secs(10);
@@ -28,10 +31,104 @@ pub struct Deployment {
     pub admin_token: String,
     /// The HS256 secret fans' sessions are signed with.
     pub session_secret: Vec<u8>,
-    /// What was started, to stop at the end; empty for `--target`.
-    processes: Vec<Child>,
+    /// What was started, to stop at the end and for the fault timeline to kill, restart,
+    /// stop and continue; empty for `--target`.
+    processes: Mutex<Vec<Process>>,
     /// What the deployment is, for the run result.
     pub description: String,
+}
+
+/// A process a spawned deployment runs: an engine node, or the run's own Redis server.
+#[derive(Debug)]
+struct Process {
+    /// The scenario's name for its host: `engine-N` or `store-cache`.
+    host: String,
+    spec: ProcessSpec,
+    /// `None` while it is down (killed by a `crash` fault).
+    child: Option<Child>,
+}
+
+/// How to start a process, again after a crash: the same program, arguments, environment and
+/// port; its output goes on at the end of the same log.
+#[derive(Debug, Clone)]
+struct ProcessSpec {
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    ready: Readiness,
+}
+
+/// How to tell that a process is ready.
+#[derive(Debug, Clone)]
+enum Readiness {
+    /// An engine node: `GET {base}/readyz` answers 2xx.
+    Http(String),
+    /// A Redis server: `PING` on this port answers `+PONG`.
+    RedisPing(u16),
+}
+
+impl ProcessSpec {
+    fn start(&self) -> anyhow::Result<Child> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // A process group of its own: a Ctrl-C at the terminal stops the load, which then reads
+        // the state back from the nodes, rather than killing the nodes with it.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        command.spawn().with_context(|| format!("starting {}", self.program.display()))
+    }
+
+    /// Waits until the process is ready; fails with its log's tail if it exits first.
+    fn wait_ready(&self, child: &mut Child) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_WITHIN;
+        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let tail = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                anyhow::bail!(
+                    "{} exited ({status}) before it was ready; its log {} ends:\n{}\n\
+                     (with redis+mariadb, start Redis and MariaDB first: `bash .ci/run` shows how)",
+                    self.program.display(),
+                    self.log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            let ready = match &self.ready {
+                Readiness::Http(base) => {
+                    client.get(format!("{base}/readyz")).send().is_ok_and(|response| response.status().is_success())
+                }
+                Readiness::RedisPing(port) => redis_pongs(*port),
+            };
+            if ready {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} was not ready within {READY_WITHIN:?} (log: {})",
+                self.program.display(),
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Whether the Redis server on `port` answers `PING`.
+fn redis_pongs(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut answer = [0_u8; 7];
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && answer == *b"+PONG\r\n"
 }
 
 /// How `--spawn` starts the nodes.
@@ -40,7 +137,11 @@ pub struct SpawnOptions {
     pub engine_bin: PathBuf,
     /// Where the nodes' logs and the catalogue go.
     pub dir: PathBuf,
+    /// With redis+mariadb: the Redis server, unless the scenario has faults on `store-cache`:
+    /// then the run starts a Redis server of its own (`redis_server_bin`), which it may kill
+    /// and stop.
     pub redis_url: String,
+    pub redis_server_bin: PathBuf,
     /// The MariaDB server, without a database: each run makes its own.
     pub mariadb_url: String,
 }
@@ -50,10 +151,11 @@ impl Deployment {
     pub fn target(nodes: Vec<String>, admin_token: String, session_secret: Vec<u8>) -> Deployment {
         let description = format!("{} target node(s)", nodes.len());
         let nodes = nodes.into_iter().map(|node| node.trim_end_matches('/').to_owned()).collect();
-        Deployment { nodes, admin_token, session_secret, processes: Vec::new(), description }
+        Deployment { nodes, admin_token, session_secret, processes: Mutex::new(Vec::new()), description }
     }
 
-    /// Starts the scenario's nodes and waits until each is ready.
+    /// Starts the scenario's nodes (and, for faults on `store-cache`, a Redis server of the
+    /// run's own) and waits until each is ready.
     pub fn spawn(scenario: &Scenario, options: &SpawnOptions, users: u64) -> anyhow::Result<Deployment> {
         anyhow::ensure!(
             options.engine_bin.is_file(),
@@ -68,104 +170,151 @@ impl Deployment {
         let admin_token = format!("{ADMIN_TOKEN_NAME}={}", secret(&run_id, "admin"));
         let session_secret = secret(&run_id, "session");
         let token_secret = secret(&run_id, "token");
-        let (nodes_count, store, description) = match scenario.engine.store {
-            StoreKind::Memory => {
-                (1, Vec::new(), "1 spawned node on the embedded memory store (it cannot be shared)".to_owned())
-            }
-            StoreKind::RedisMariadb => {
-                let database = format!("tcore_live_{run_id}");
-                let database_url = format!("{}/{database}", options.mariadb_url.trim_end_matches('/'));
-                let store = vec![
-                    ("TCORE_STORE", "redis+mariadb".to_owned()),
-                    ("TCORE_REDIS_URL", options.redis_url.clone()),
-                    ("TCORE_REDIS_PREFIX", format!("tcore-live:{run_id}:")),
-                    ("TCORE_DATABASE_URL", database_url),
-                ];
-                let description = format!(
-                    "{} spawned node(s) on Redis + MariaDB (database {database}, key prefix tcore-live:{run_id}:)",
-                    scenario.engine.nodes
-                );
-                (scenario.engine.nodes.max(1), store, description)
-            }
-        };
         let mut deployment = Deployment {
             nodes: Vec::new(),
             admin_token: admin_token.split_once('=').map(|(_, secret)| secret.to_owned()).unwrap_or_default(),
             session_secret: session_secret.clone().into_bytes(),
-            processes: Vec::new(),
-            description,
+            processes: Mutex::new(Vec::new()),
+            description: String::new(),
+        };
+        let (nodes_count, store) = match scenario.engine.store {
+            StoreKind::Memory => {
+                deployment.description = "1 spawned node on the embedded memory store (it cannot be shared)".to_owned();
+                (1, Vec::new())
+            }
+            StoreKind::RedisMariadb => {
+                let redis_url = if has_cache_faults(scenario) {
+                    let port = free_port()?;
+                    deployment.start(
+                        STORE_CACHE_HOST,
+                        ProcessSpec {
+                            program: options.redis_server_bin.clone(),
+                            args: redis_server_args(port, &options.dir),
+                            env: Vec::new(),
+                            log: options.dir.join(format!("{STORE_CACHE_HOST}.log")),
+                            ready: Readiness::RedisPing(port),
+                        },
+                    )?;
+                    format!("redis://127.0.0.1:{port}")
+                } else {
+                    options.redis_url.clone()
+                };
+                let database = format!("tcore_live_{run_id}");
+                let database_url = format!("{}/{database}", options.mariadb_url.trim_end_matches('/'));
+                deployment.description = format!(
+                    "{} spawned node(s) on Redis {redis_url} + MariaDB (database {database}, key prefix tcore-live:{run_id}:)",
+                    scenario.engine.nodes
+                );
+                let store = vec![
+                    ("TCORE_STORE", "redis+mariadb".to_owned()),
+                    ("TCORE_REDIS_URL", redis_url),
+                    ("TCORE_REDIS_PREFIX", format!("tcore-live:{run_id}:")),
+                    ("TCORE_DATABASE_URL", database_url),
+                ];
+                (scenario.engine.nodes.max(1), store)
+            }
         };
         for index in 1..=nodes_count {
             let port = free_port()?;
-            let node = format!("engine-{index}");
-            let log = File::create(options.dir.join(format!("{node}.log")))?;
-            let mut command = Command::new(&options.engine_bin);
-            command
-                .arg("serve")
-                .env("TCORE_LISTEN", format!("127.0.0.1:{port}"))
-                .env("TCORE_NODE", &node)
-                .env("TCORE_CATALOG", &catalogue_path)
-                .env("TCORE_ADMIN_TOKENS", &admin_token)
-                .env("TCORE_SESSION_SECRET", &session_secret)
-                .env("TCORE_TOKEN_SECRET", &token_secret)
-                // Fans' addresses come in `X-Forwarded-For` from the load driver on loopback.
-                .env("TCORE_TRUSTED_PROXIES", "127.0.0.1/32")
-                .env("RUST_LOG", std::env::var("TCORE_ENGINE_LOG").unwrap_or_else(|_| "warn".into()))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            for (key, value) in engine_settings(scenario).into_iter().chain(store.iter().cloned()) {
-                command.env(key, value);
-            }
-            let child = command.spawn().with_context(|| format!("starting {}", options.engine_bin.display()))?;
-            deployment.processes.push(child);
+            let host = format!("engine-{index}");
             let base = format!("http://127.0.0.1:{port}");
+            let mut env: Vec<(String, String)> = vec![
+                ("TCORE_LISTEN".into(), format!("127.0.0.1:{port}")),
+                ("TCORE_NODE".into(), host.clone()),
+                ("TCORE_CATALOG".into(), catalogue_path.display().to_string()),
+                ("TCORE_ADMIN_TOKENS".into(), admin_token.clone()),
+                ("TCORE_SESSION_SECRET".into(), session_secret.clone()),
+                ("TCORE_TOKEN_SECRET".into(), token_secret.clone()),
+                // Fans' addresses come in `X-Forwarded-For` from the load driver on loopback.
+                ("TCORE_TRUSTED_PROXIES".into(), "127.0.0.1/32".into()),
+                ("RUST_LOG".into(), std::env::var("TCORE_ENGINE_LOG").unwrap_or_else(|_| "warn".into())),
+            ];
+            env.extend(
+                engine_settings(scenario).into_iter().chain(store.iter().cloned()).map(|(k, v)| (k.to_owned(), v)),
+            );
             // The first node loads the catalogue (and migrates the database) before it serves;
             // the others then find it there.
-            deployment.wait_ready(&base, &options.dir.join(format!("{node}.log")))?;
+            deployment.start(
+                &host,
+                ProcessSpec {
+                    program: options.engine_bin.clone(),
+                    args: vec!["serve".into()],
+                    env,
+                    log: options.dir.join(format!("{host}.log")),
+                    ready: Readiness::Http(base.clone()),
+                },
+            )?;
             deployment.nodes.push(base);
         }
         Ok(deployment)
     }
 
-    fn wait_ready(&mut self, base: &str, log: &Path) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_WITHIN;
-        let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(2)).build()?;
-        loop {
-            if let Some(child) = self.processes.last_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                let tail = std::fs::read_to_string(log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                anyhow::bail!(
-                    "the engine at {base} exited ({status}) before it was ready; its log {} ends:\n{}\n\
-                     (with redis+mariadb, start Redis and MariaDB first: `bash .ci/run` shows how)",
-                    log.display(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            if client.get(format!("{base}/readyz")).send().is_ok_and(|response| response.status().is_success()) {
+    /// Starts a process for `host` and waits until it is ready.
+    fn start(&self, host: &str, spec: ProcessSpec) -> anyhow::Result<()> {
+        let mut child = spec.start()?;
+        let ready = spec.wait_ready(&mut child);
+        self.processes.lock().push(Process { host: host.to_owned(), spec, child: Some(child) });
+        ready
+    }
+
+    /// Whether this deployment runs `host`'s process (it can crash and pause it).
+    pub fn runs(&self, host: &str) -> bool {
+        self.processes.lock().iter().any(|process| process.host == host)
+    }
+
+    /// Kills `host`'s process at once (SIGKILL), as a crash does.
+    pub fn kill(&self, host: &str) -> anyhow::Result<()> {
+        let mut processes = self.processes.lock();
+        let process = find(&mut processes, host)?;
+        if let Some(mut child) = process.child.take() {
+            child.kill().with_context(|| format!("killing {host}"))?;
+            child.wait().with_context(|| format!("reaping {host}"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts `host`'s process again after a crash, on the same port, and waits until it is
+    /// ready. A process that runs is left alone.
+    pub fn restart(&self, host: &str) -> anyhow::Result<()> {
+        let spec = {
+            let mut processes = self.processes.lock();
+            let process = find(&mut processes, host)?;
+            if process.child.is_some() {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "the engine at {base} was not ready within {READY_WITHIN:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            process.spec.clone()
+        };
+        let mut child = spec.start()?;
+        let ready = spec.wait_ready(&mut child);
+        find(&mut self.processes.lock(), host)?.child = Some(child);
+        ready
+    }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) `host`'s process.
+    pub fn pause(&self, host: &str, stopped: bool) -> anyhow::Result<()> {
+        let mut processes = self.processes.lock();
+        let process = find(&mut processes, host)?;
+        let child = process.child.as_ref().with_context(|| format!("{host} is down"))?;
+        signal(child, if stopped { ProcessSignal::Stop } else { ProcessSignal::Continue })
+            .with_context(|| format!("signalling {host}"))
     }
 
     /// Stops what was started: SIGTERM, then SIGKILL after a while.
     pub fn stop(&mut self) {
-        for child in &mut self.processes {
-            terminate(child);
+        let mut processes = std::mem::take(&mut *self.processes.lock());
+        for child in processes.iter().filter_map(|process| process.child.as_ref()) {
+            // A stopped process would not act on SIGTERM.
+            let _ = signal(child, ProcessSignal::Continue);
+            let _ = signal(child, ProcessSignal::Terminate);
         }
         let deadline = Instant::now() + STOP_WITHIN;
-        for child in &mut self.processes {
+        for child in processes.iter_mut().filter_map(|process| process.child.as_mut()) {
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.processes.clear();
     }
 }
 
@@ -175,18 +324,66 @@ impl Drop for Deployment {
     }
 }
 
+fn find<'a>(processes: &'a mut [Process], host: &str) -> anyhow::Result<&'a mut Process> {
+    processes
+        .iter_mut()
+        .find(|process| process.host == host)
+        .with_context(|| format!("no process of {host} was started"))
+}
+
+/// Whether any fault of `scenario` aims at the cache store's process.
+fn has_cache_faults(scenario: &Scenario) -> bool {
+    scenario.faults.iter().any(|fault| match fault {
+        Fault::Crash(crash) => crash.host == STORE_CACHE_HOST,
+        Fault::Pause(pause) => pause.host == STORE_CACHE_HOST,
+        _ => false,
+    })
+}
+
+/// A Redis server that keeps nothing on disk, as the engine's cache store is run: restarted,
+/// it comes back empty.
+fn redis_server_args(port: u16, dir: &Path) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        &dir.display().to_string(),
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ProcessSignal {
+    Stop,
+    Continue,
+    Terminate,
+}
+
 #[cfg(target_os = "linux")]
-fn terminate(child: &Child) {
+fn signal(child: &Child, which: ProcessSignal) -> anyhow::Result<()> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
+    let pid = i32::try_from(child.id())?;
+    let signal = match which {
+        ProcessSignal::Stop => Signal::SIGSTOP,
+        ProcessSignal::Continue => Signal::SIGCONT,
+        ProcessSignal::Terminate => Signal::SIGTERM,
+    };
+    kill(Pid::from_raw(pid), signal)?;
+    Ok(())
 }
 
 #[cfg(not(target_os = "linux"))]
-fn terminate(child: &mut Child) {
-    let _ = child.kill();
+fn signal(_child: &Child, which: ProcessSignal) -> anyhow::Result<()> {
+    anyhow::bail!("{which:?}: process signals are only sent on Linux")
 }
 
 /// The scenario's engine settings, as the engine reads them from its environment.

@@ -12,10 +12,11 @@
 //! its run result says so (`"mode": "live"`, `"reproducible": false`).
 
 pub mod deploy;
+pub mod faults;
 pub mod transport;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -27,6 +28,7 @@ use tcore_engine::domain::{Account, Admitted, LedgerEntry, OutboxEvent, Reservat
 use tcore_engine::store::{AcceptedFence, RecordDump};
 
 use self::deploy::Deployment;
+use self::faults::LiveFaults;
 use self::transport::{LiveShared, LiveTransport};
 use crate::history::HistoryRecorder;
 use crate::journey::{JourneyPlan, Journeys, LONG_POLL_S};
@@ -67,6 +69,8 @@ pub struct LiveFigures {
     pub lateness_max_us: u64,
     /// Stopped before every arrival ran (interrupted).
     pub partial: bool,
+    /// Fault steps (kill, restart, stop, continue) that could not be applied, with why.
+    pub fault_errors: Vec<String>,
     /// Requests goose counted (its own metrics, fed the journeys' times).
     pub goose_requests: usize,
     pub wall_s: f64,
@@ -83,6 +87,9 @@ pub struct LiveProgress {
     pub requests: u64,
     pub errors: u64,
     pub p99_us: u64,
+    /// Fault steps applied so far, of all the timeline's.
+    pub fault_steps: u64,
+    pub fault_steps_total: u64,
 }
 
 /// The arrival tickets, handed out in order.
@@ -90,6 +97,8 @@ pub struct LiveProgress {
 struct Dispatch {
     arrivals: Vec<u64>,
     next: AtomicUsize,
+    /// Journeys that began (a ticket taken when the run was stopped is not one).
+    begun: AtomicU64,
     late: AtomicU64,
     lateness: Mutex<Histogram<u64>>,
 }
@@ -101,7 +110,7 @@ impl Dispatch {
     }
 
     fn started(&self) -> u64 {
-        self.next.load(Ordering::Relaxed).min(self.arrivals.len()) as u64
+        self.begun.load(Ordering::Relaxed)
     }
 }
 
@@ -140,29 +149,48 @@ pub fn load(
     let dispatch = Arc::new(Dispatch {
         arrivals,
         next: AtomicUsize::new(0),
+        begun: AtomicU64::new(0),
         late: AtomicU64::new(0),
         lateness: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
     });
 
-    let attack = {
-        let (shared, plan, dispatch) = (Arc::clone(&shared), Arc::clone(&plan), Arc::clone(&dispatch));
-        let host = deployment.nodes.first().cloned().context("no engine node to load")?;
-        std::thread::spawn(move || attack(host, pool, shared, plan, dispatch))
-    };
-    let duration_s = duration_us as f64 / 1e6;
-    while !attack.is_finished() {
-        std::thread::sleep(Duration::from_millis(250));
-        progress(LiveProgress {
-            elapsed_s: shared.now_us() as f64 / 1e6,
-            duration_s,
-            started: dispatch.started(),
-            late: dispatch.late.load(Ordering::Relaxed),
-            requests: shared.requests.load(Ordering::Relaxed),
-            errors: shared.errors.load(Ordering::Relaxed),
-            p99_us: shared.latency.lock().value_at_quantile(0.99),
-        });
+    let faults = LiveFaults::of(scenario);
+    if let Some(host) = faults.hosts().find(|host| !deployment.runs(host)) {
+        anyhow::bail!(
+            "the scenario's faults act on {host}, a process this run did not start: run it with --spawn \
+             (the faults of a live run stop and kill processes of its own)"
+        );
     }
-    let goose_requests = attack.join().map_err(|_| anyhow::anyhow!("the load driver panicked"))??;
+    let ended = AtomicBool::new(false);
+    let fault_steps = AtomicU64::new(0);
+    let (goose_requests, applied) = std::thread::scope(|scope| {
+        let timeline = scope.spawn(|| faults.run(deployment, &|| shared.now_us(), &ended, &fault_steps));
+        let attack = {
+            let (shared, plan, dispatch) = (Arc::clone(&shared), Arc::clone(&plan), Arc::clone(&dispatch));
+            let host = deployment.nodes.first().cloned().context("no engine node to load")?;
+            scope.spawn(move || attack(host, pool, shared, plan, dispatch))
+        };
+        let duration_s = duration_us as f64 / 1e6;
+        while !attack.is_finished() {
+            std::thread::sleep(Duration::from_millis(250));
+            progress(LiveProgress {
+                elapsed_s: shared.now_us() as f64 / 1e6,
+                duration_s,
+                started: dispatch.started(),
+                late: dispatch.late.load(Ordering::Relaxed),
+                requests: shared.requests.load(Ordering::Relaxed),
+                errors: shared.errors.load(Ordering::Relaxed),
+                p99_us: shared.latency.lock().value_at_quantile(0.99),
+                fault_steps: fault_steps.load(Ordering::Relaxed),
+                fault_steps_total: faults.steps_total(),
+            });
+        }
+        let goose_requests = attack.join().map_err(|_| anyhow::anyhow!("the load driver panicked"));
+        // Faults still open are healed before the state is read.
+        ended.store(true, Ordering::Relaxed);
+        let applied = timeline.join().map_err(|_| anyhow::anyhow!("the fault timeline panicked"))?;
+        anyhow::Ok((goose_requests??, applied))
+    })?;
     let partial = dispatch.started() < users_total;
 
     let exporter = Exporter::new(deployment)?;
@@ -183,6 +211,7 @@ pub fn load(
         lateness_p99_us: lateness.value_at_quantile(0.99),
         lateness_max_us: lateness.max(),
         partial,
+        fault_errors: applied.errors,
         goose_requests,
         wall_s: wall.elapsed().as_secs_f64(),
         deployment: deployment.description.clone(),
@@ -192,7 +221,7 @@ pub fn load(
         store_data_losses: Vec::new(),
         history,
         outcomes: shared.outcomes.into_inner(),
-        fault_windows: Vec::new(),
+        fault_windows: applied.windows,
         fired_pauses: Vec::new(),
         users: users_total,
         agent: None,
@@ -212,14 +241,21 @@ fn attack(
 ) -> anyhow::Result<usize> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("the load runtime")?;
     runtime.block_on(async move {
+        // A stop of an earlier run in this process is not this run's.
+        goose::reset_killswitch();
+        let stopped = watch_for_stop();
         let journeys: TransactionFunction = Arc::new(move |user: &mut GooseUser| {
             let (shared, plan, dispatch) = (Arc::clone(&shared), Arc::clone(&plan), Arc::clone(&dispatch));
+            let mut stopped = stopped.clone();
             Box::pin(async move {
                 while let Some((index, intended_us)) = dispatch.take() {
-                    let now_us = shared.now_us();
-                    if now_us < intended_us {
-                        tokio::time::sleep(Duration::from_micros(intended_us - now_us)).await;
+                    // Until the intended instant itself: before the run's start (the pool
+                    // starts first) the run's clock reads 0, so a sleep for the difference
+                    // would start the journey early.
+                    if !wait_until(shared.started + Duration::from_micros(intended_us), &mut stopped).await {
+                        break;
                     }
+                    dispatch.begun.fetch_add(1, Ordering::Relaxed);
                     let lateness_us = shared.now_us().saturating_sub(intended_us);
                     let _ = dispatch.lateness.lock().record(lateness_us.max(1));
                     if lateness_us > LATE_AFTER_US {
@@ -273,6 +309,31 @@ fn attack(
             .map_err(goose_error)?;
         Ok(metrics.requests.values().map(|request| request.success_count + request.fail_count).sum())
     })
+}
+
+/// How often the attack looks whether it was stopped (Ctrl-C trips goose's killswitch).
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// A flag that turns true once the run is stopped, from one task that watches goose's
+/// killswitch (so that thousands of waiting journeys do not each poll it).
+fn watch_for_stop() -> tokio::sync::watch::Receiver<bool> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while !goose::is_killswitch_triggered() {
+            tokio::time::sleep(STOP_CHECK).await;
+        }
+        let _ = stop.send(true);
+    });
+    stopped
+}
+
+/// Waits until `at`, or until the run is stopped; returns whether `at` came. A journey under
+/// way when the run is stopped goes on to its end.
+async fn wait_until(at: Instant, stopped: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep_until(at.into()) => true,
+        _ = stopped.wait_for(|stopped| *stopped) => false,
+    }
 }
 
 /// Reads the engine's state through the admin API's export, page by page.

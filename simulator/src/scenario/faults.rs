@@ -172,6 +172,9 @@ pub enum Fault {
     /// A host stops and, optionally, restarts: an engine node without its memory, a store host
     /// with its data unless it loses it (`lose_data`).
     Crash(Crash),
+    /// A whole host stops for `pause_ms` and then goes on where it was (SIGSTOP and SIGCONT
+    /// of a process in a live run).
+    Pause(Pause),
     /// An engine node pauses when it reaches a named fault point.
     PauseAt(PauseAt),
     /// An engine node pauses when a domain event happens (a lock about to expire).
@@ -248,6 +251,25 @@ pub struct Crash {
     /// its replica (`store-failover` is how it loses its last writes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lose_data: bool,
+}
+
+/// `kind = "pause"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pause {
+    /// When the host stops.
+    pub at_s: f64,
+    /// An engine node or a store host.
+    pub host: String,
+    /// How long it stays stopped.
+    pub pause_ms: u64,
+}
+
+impl Pause {
+    /// When the host goes on again, in seconds since the start of the run.
+    pub fn resume_at_s(&self) -> f64 {
+        self.at_s + self.pause_ms as f64 / 1000.0
+    }
 }
 
 /// `kind = "pause-at"`.
@@ -355,6 +377,7 @@ impl Fault {
             Fault::HoldLink(_) => "hold-link",
             Fault::Latency(_) => "latency",
             Fault::Crash(_) => "crash",
+            Fault::Pause(_) => "pause",
             Fault::PauseAt(_) => "pause-at",
             Fault::OnEvent(_) => "on-event",
             Fault::ClockSkew(_) => "clock-skew",
@@ -370,6 +393,7 @@ impl Fault {
             | Fault::HoldLink(HoldLink { at_s, .. })
             | Fault::Latency(LatencySpike { at_s, .. })
             | Fault::Crash(Crash { at_s, .. })
+            | Fault::Pause(Pause { at_s, .. })
             | Fault::PauseAt(PauseAt { at_s, .. })
             | Fault::OnEvent(OnEvent { at_s, .. })
             | Fault::ClockSkew(ClockSkew { at_s, .. })
@@ -386,6 +410,7 @@ impl Fault {
             Fault::HoldLink(hold) => Some(hold.release_at_s),
             Fault::Latency(latency) => Some(latency.until_s),
             Fault::Crash(crash) => crash.restart_at_s,
+            Fault::Pause(pause) => Some(pause.resume_at_s()),
             Fault::SlowStore(slow) => Some(slow.until_s),
             Fault::PauseAt(_) | Fault::OnEvent(_) | Fault::ClockSkew(_) | Fault::StoreFailover(_) => None,
         }
@@ -428,6 +453,20 @@ impl Fault {
                         ),
                     );
                 }
+            }
+            Fault::Pause(pause) => {
+                checks.time_in_run(at.0, at.1, duration_s);
+                if pause.resume_at_s() > duration_s {
+                    checks.fail(
+                        path.key("pause_ms"),
+                        format!(
+                            "the pause would end at {} s, after the run ends ({duration_s} s)",
+                            pause.resume_at_s()
+                        ),
+                    );
+                }
+                check_host(checks, path, &pause.host, hosts, HostKind::EngineOrStore);
+                checks.in_range(path.key("pause_ms"), pause.pause_ms, 1..=FAULT_MS_MAX);
             }
             Fault::PauseAt(pause) => {
                 checks.time_in_run(at.0, at.1, duration_s);
@@ -490,6 +529,12 @@ impl Fault {
             Fault::PauseAt(pause) => {
                 pause.at_s = perturb_time(rng, pause.at_s, duration_s);
                 pause.pause_ms = perturb_ms(rng, pause.pause_ms);
+            }
+            Fault::Pause(pause) => {
+                pause.at_s = perturb_time(rng, pause.at_s, duration_s);
+                // The pause still ends within the run.
+                let left_ms = ((duration_s - pause.at_s).max(0.0) * 1000.0) as u64;
+                pause.pause_ms = perturb_ms(rng, pause.pause_ms).min(left_ms.max(1));
             }
             Fault::OnEvent(on_event) => {
                 on_event.at_s = perturb_time(rng, on_event.at_s, duration_s);

@@ -9,7 +9,7 @@
 //! - `partition`, `hold-link`, `crash`: an operation in flight during the window failed with a
 //!   server error or went without an answer (a crash with no restart: until the end of the run);
 //!   a `crash` with `lose_data` must also have found data to lose;
-//! - `latency`, `slow-store`, `clock-skew`: an operation was in flight during the window.
+//! - `latency`, `slow-store`, `clock-skew`, `pause`: an operation was in flight during the window.
 //!
 //! **Invariant:** a pure function of the world's outcome and history; the list follows the
 //! scenario's fault order.

@@ -139,16 +139,57 @@ pub struct Progress {
 /// One change the timeline makes to the world at a moment.
 #[derive(Debug, Clone)]
 enum Action {
-    Partition { a: Vec<String>, b: Vec<String>, one_way: bool },
-    Repair { a: Vec<String>, b: Vec<String>, one_way: bool },
-    Hold { a: Vec<String>, b: Vec<String> },
-    Release { a: Vec<String>, b: Vec<String> },
-    Latency { a: Vec<String>, b: Vec<String>, latency: Duration },
-    Crash { fault: usize, host: String, lose_data: bool },
-    Restart { host: String },
-    Skew { host: String, skew_ms: i64 },
-    SlowStore { host: String, extra: Duration },
-    FailOver { fault: usize, host: String, lose_last: Duration },
+    Partition {
+        a: Vec<String>,
+        b: Vec<String>,
+        one_way: bool,
+    },
+    Repair {
+        a: Vec<String>,
+        b: Vec<String>,
+        one_way: bool,
+    },
+    Hold {
+        a: Vec<String>,
+        b: Vec<String>,
+    },
+    Release {
+        a: Vec<String>,
+        b: Vec<String>,
+    },
+    /// Every link of the host is held (a stopped process), then released.
+    Pause {
+        host: String,
+    },
+    Resume {
+        host: String,
+    },
+    Latency {
+        a: Vec<String>,
+        b: Vec<String>,
+        latency: Duration,
+    },
+    Crash {
+        fault: usize,
+        host: String,
+        lose_data: bool,
+    },
+    Restart {
+        host: String,
+    },
+    Skew {
+        host: String,
+        skew_ms: i64,
+    },
+    SlowStore {
+        host: String,
+        extra: Duration,
+    },
+    FailOver {
+        fault: usize,
+        host: String,
+        lose_last: Duration,
+    },
 }
 
 /// Runs `scenario` (already carrying the run's seed and hold mode) and returns its history.
@@ -696,6 +737,12 @@ fn timeline(scenario: &Scenario, hosts: &[String]) -> Vec<(u64, Action)> {
                     actions.push((us(restart_at_s), Action::Restart { host: c.host.clone() }));
                 }
             }
+            Fault::Pause(pause) => {
+                // A stopped process answers nothing and sends nothing; what reached it waits in
+                // its sockets until it goes on.
+                actions.push((us(pause.at_s), Action::Pause { host: pause.host.clone() }));
+                actions.push((us(pause.resume_at_s()), Action::Resume { host: pause.host.clone() }));
+            }
             Fault::ClockSkew(s) => {
                 actions.push((us(s.at_s), Action::Skew { host: s.host.clone(), skew_ms: s.skew_ms }))
             }
@@ -737,6 +784,8 @@ fn apply(
         Action::Hold { a, b } => for_pairs(a, b, |x, y| sim.hold(x, y)),
         Action::Release { a, b } => for_pairs(a, b, |x, y| sim.release(x, y)),
         Action::Latency { a, b, latency } => for_pairs(a, b, |x, y| sim.set_link_latency(x, y, *latency)),
+        Action::Pause { host } => links_of(sim, host).into_iter().for_each(|(a, b)| sim.hold(a, b)),
+        Action::Resume { host } => links_of(sim, host).into_iter().for_each(|(a, b)| sim.release(a, b)),
         Action::Crash { fault, host, lose_data } => {
             if sim.is_host_running(host.as_str()) {
                 sim.crash(host.as_str());
@@ -772,6 +821,17 @@ fn apply(
 enum Ticket {
     FailOver(usize, String, FailoverTicket),
     DataLoss(usize, String, DataLossTicket),
+}
+
+/// The links `host` has (turmoil makes a link at a pair's first message), in the network's
+/// order.
+fn links_of(sim: &turmoil::Sim<'_>, host: &str) -> Vec<(std::net::IpAddr, std::net::IpAddr)> {
+    let address = sim.lookup(host);
+    let mut pairs = Vec::new();
+    sim.links(|links| {
+        pairs.extend(links.map(|link| link.pair()).filter(|(a, b)| *a == address || *b == address));
+    });
+    pairs
 }
 
 fn for_pairs(a: &[String], b: &[String], mut f: impl FnMut(&str, &str)) {
@@ -824,6 +884,9 @@ fn heal_all(
             Action::Hold { a, b } => {
                 apply(sim, &Action::Release { a: a.clone(), b: b.clone() }, skews, stores);
             }
+            Action::Pause { host } => {
+                apply(sim, &Action::Resume { host: host.clone() }, skews, stores);
+            }
             Action::SlowStore { host, .. } => {
                 apply(sim, &Action::SlowStore { host: host.clone(), extra: Duration::ZERO }, skews, stores);
             }
@@ -846,6 +909,7 @@ fn fault_windows(scenario: &Scenario, hosts: &[String]) -> Vec<FaultWindow> {
                 Fault::HoldLink(h) => [h.a.resolve(hosts), h.b.resolve(hosts)].concat(),
                 Fault::Latency(l) => [l.a.resolve(hosts), l.b.resolve(hosts)].concat(),
                 Fault::Crash(c) => vec![c.host.clone()],
+                Fault::Pause(p) => vec![p.host.clone()],
                 Fault::PauseAt(p) => vec![p.host.clone()],
                 Fault::OnEvent(e) => vec![e.host.clone()],
                 Fault::ClockSkew(s) => vec![s.host.clone()],

@@ -123,6 +123,14 @@ fn a_live_run_passes_and_its_history_doctored_with_a_double_sale_or_a_lost_confi
     assert_eq!(figures.arrivals, 100);
     assert_eq!(figures.journeys_started, 100);
     assert!(!figures.partial);
+    // The open model: no journey starts before its arrival time (the pool is started ahead of
+    // the run, so a journey that slept from then would), and the first starts on time.
+    let first_arrival_us = scenario.arrival_times_us()[0];
+    let first_call_us = world.history.operations.iter().map(|operation| operation.invoke_us).min().expect("calls");
+    assert!(
+        (first_arrival_us..first_arrival_us + 50_000).contains(&first_call_us),
+        "the first call went out at {first_call_us} us, the first arrival is at {first_arrival_us} us"
+    );
     let report = check(&world.history);
     assert!(report.verdicts.iter().all(|verdict| verdict.passed), "{:#?}", report.violations);
     let sold = confirmed(&world.history);
@@ -144,4 +152,58 @@ fn a_live_run_passes_and_its_history_doctored_with_a_double_sale_or_a_lost_confi
     lost.final_state.reservations.retain(|reservation| reservation.id != sold[0].id);
     let (passed, violations) = verdict(&check(&lost), "acknowledged-confirmations-durable");
     assert!(!passed && violations > 0, "a lost confirmation went unseen");
+}
+
+/// `tcore load` interrupted with SIGINT (Ctrl-C) stops the fans, still reads the nodes' state
+/// back, writes a run result marked partial and exits 1.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_interrupted_live_run_writes_a_partial_run_result_and_stops_its_nodes() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let tcore = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tcore"));
+    let engine = tcore.with_file_name("tcore-engine");
+    assert!(engine.is_file(), "{} is built with the workspace (`cargo build --workspace --bins`)", engine.display());
+    let scenario = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/live/small-opening.toml");
+    let out = std::env::temp_dir().join(format!("tcore-interrupted-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut child = Command::new(&tcore)
+        .args(["load", "--spawn", "--quiet", "--out"])
+        .arg(&out)
+        .arg(&scenario)
+        .env("TCORE_ENGINE_BIN", &engine)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcore load starts");
+    // Well into the spike (it starts at 1 s, after a 2 s launch lead), long before its end.
+    std::thread::sleep(Duration::from_secs(6));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tcore load did not stop within 90 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = child.wait_with_output().expect("output");
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(status.code(), Some(1), "a partial run does not pass:\n{printed}");
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("run.json")).unwrap_or_else(|error| panic!("{error}\n{printed}")),
+    )
+    .expect("JSON");
+    assert_eq!(run["partial"], serde_json::json!(true), "{printed}");
+    assert_eq!(run["mode"], serde_json::json!("live"));
+    let started = run["live"]["journeys_started"].as_u64().expect("a count");
+    assert!(started > 0 && started < run["live"]["arrivals"].as_u64().expect("a count"), "{}", run["live"]);
+    assert_eq!(run["safety"]["passed"], serde_json::json!(true), "what ran was judged: {}", run["safety"]);
+    assert!(printed.contains("partial: the run stopped before every arrival ran"), "{printed}");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -655,3 +655,69 @@ fn errors_inside_arrival_curves_point_at_the_key() {
          decay_s), after the run's duration_s = 60",
     );
 }
+
+#[test]
+fn live_scenarios_load_for_a_live_run() {
+    let directory = scenarios_dir().join("live");
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(&directory).expect("scenarios/live/ is readable") {
+        let path = entry.expect("directory entry").path();
+        if path.extension().is_some_and(|extension| extension == "toml") {
+            Scenario::load_live(&path).unwrap_or_else(|error| panic!("{error}"));
+            loaded += 1;
+        }
+    }
+    assert!(loaded >= 2, "{loaded} live scenarios");
+}
+
+#[test]
+fn a_fault_a_live_run_cannot_apply_is_refused_with_file_line_and_key() {
+    let base = std::fs::read_to_string(scenarios_dir().join("live/small-opening-shared.toml")).expect("scenario");
+    let base_lines = base.lines().count();
+    let cases = [
+        (
+            "[[faults]]\nkind = \"clock-skew\"\nhost = \"engine-1\"\nat_s = 5\nskew_ms = 100\n",
+            Some(1),
+            "faults[0].kind",
+            "is not applied in a live run",
+        ),
+        (
+            "[[faults]]\nkind = \"crash\"\nhost = \"store-record\"\nat_s = 5\n",
+            Some(2),
+            "faults[0].host",
+            "does not stop store-record",
+        ),
+        (
+            "[[faults]]\nkind = \"crash\"\nhost = \"store-cache\"\nat_s = 5\nrestart_at_s = 8\n",
+            None,
+            "faults[0].lose_data",
+            "restarts empty",
+        ),
+        ("[[faults]]\nkind = \"pause\"\nhost = \"engine-2\"\nat_s = 5\npause_ms = 1_000\n", None, "", ""),
+    ];
+    for (faults, line, key, words) in cases {
+        let path = std::env::temp_dir().join(format!("tcore-live-refusal-{}.toml", std::process::id()));
+        std::fs::write(&path, format!("{base}\n{faults}")).expect("a temporary scenario");
+        let outcome = Scenario::load_live(&path);
+        std::fs::remove_file(&path).ok();
+        if key.is_empty() {
+            outcome.unwrap_or_else(|error| panic!("{faults}: {error}"));
+            continue;
+        }
+        let error = outcome.expect_err(faults);
+        match &error {
+            ScenarioError::Invalid { line: at, key: named, .. } => {
+                assert_eq!(named.as_deref(), Some(key), "{error}");
+                // The fault's table starts after the base and a blank line; a key not written
+                // (`lose_data`) is blamed on its fault's lines.
+                let first = base_lines + 2;
+                match line {
+                    Some(offset) => assert_eq!(*at, first + offset, "{error}"),
+                    None => assert!((first..first + 6).contains(at), "{error}"),
+                }
+            }
+            ScenarioError::Read { .. } => panic!("unexpected {error}"),
+        }
+        assert!(error.to_string().contains(words), "{error}");
+    }
+}

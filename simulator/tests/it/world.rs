@@ -232,3 +232,42 @@ fn a_real_run_writes_and_relays_one_outbox_event_for_each_change() {
         final_state.outbox.iter().filter(|event| event.kind == OutboxKind::ReservationConfirmed).count();
     assert!(confirmed > 0 && confirmations == confirmed, "{confirmations} events for {confirmed} confirmations");
 }
+
+#[test]
+fn a_paused_engine_node_answers_nothing_until_it_goes_on_and_the_sale_stays_safe() {
+    let base = scenario("concert-open.toml");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci/concert-open.toml"))
+        .expect("scenario");
+    // Longer than a request's timeout (2 s), while fans pour in.
+    let paused = format!("{text}\n[[faults]]\nkind = \"pause\"\nhost = \"engine-1\"\nat_s = 8\npause_ms = 4_000\n");
+    let paused = Scenario::parse(&paused, "paused.toml").unwrap_or_else(|error| panic!("{error}"));
+    let (start_us, end_us) = (8_000_000, 12_000_000);
+    let timed_out_in_window = |world: &world::WorldRun| {
+        world
+            .history
+            .operations
+            .iter()
+            .filter(|operation| (start_us..end_us).contains(&operation.invoke_us))
+            .filter(|operation| matches!(operation.outcome, Outcome::Unknown { .. }))
+            .count()
+    };
+
+    let (world, bytes, report) = run_world(&paused);
+    assert!(report.passed(), "seed {}: {report}", paused.seed);
+    let result: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+    assert_eq!(result["faults_without_effect"], serde_json::json!([]), "the pause bit");
+    let window = &result["faults"][0];
+    assert_eq!(
+        (window["kind"].as_str(), window["start_us"].as_u64(), window["end_us"].as_u64()),
+        (Some("pause"), Some(start_us), Some(end_us))
+    );
+    let (calm, _, _) = run_world(&base);
+    assert!(
+        timed_out_in_window(&world) > timed_out_in_window(&calm),
+        "calls to the paused node went unanswered: {} against {} without the pause",
+        timed_out_in_window(&world),
+        timed_out_in_window(&calm)
+    );
+    let (again, _) = run(&paused);
+    assert!(bytes == again, "seed {}: two runs of one seed differ", paused.seed);
+}
