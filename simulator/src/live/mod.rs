@@ -12,6 +12,7 @@
 //! its run result says so (`"mode": "live"`, `"reproducible": false`).
 
 pub mod deploy;
+pub mod proxy;
 pub mod transport;
 
 use std::sync::Arc;
