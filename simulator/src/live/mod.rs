@@ -13,6 +13,7 @@
 
 pub mod deploy;
 pub mod faults;
+pub mod proxy;
 pub mod transport;
 
 use std::sync::Arc;
