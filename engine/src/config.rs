@@ -80,6 +80,9 @@ pub mod bounds {
     pub const ADMIN_AUTH_FAILURES_MAX: RangeInclusive<u32> = 1..=10_000;
     /// From a minute (longer than a request's lease) to thirty days.
     pub const IDEMPOTENCY_TTL_S: RangeInclusive<u64> = 60..=2_592_000;
+    /// From a second (a client told `Retry-After: 1` finds it lapsed at its next try, at the
+    /// earliest) to half a minute (shorter than a record's shortest life).
+    pub const IDEMPOTENCY_LEASE_MS: RangeInclusive<u64> = 1_000..=30_000;
 }
 
 /// Settings an admin call may change while the engine runs (on this node).
@@ -90,6 +93,14 @@ pub struct RuntimeSettings {
     /// The most seats one user may hold or buy per schedule.
     pub seats_per_user_max: u32,
 }
+
+/// How long an idempotency key stays claimed without word from its request, unless configured.
+/// The request renews its claim every third of it, so a claim outlives its node by at most
+/// this: a fan whose payment's node died may retry it on another node after 5 s, where a lease
+/// that had to cover the longest request (30 s) kept such a retry refused (409) for up to 30 s,
+/// past some fans' patience. Renewals cost one record-store write per third of a lease per
+/// running request, none for a request that ends sooner.
+pub const IDEMPOTENCY_LEASE_MS_DEFAULT: u64 = 5_000;
 
 /// What is fixed when an engine node starts.
 #[derive(Debug, Clone)]
@@ -126,7 +137,9 @@ pub struct EngineConfig {
     pub trusted_proxies: TrustedProxies,
     /// Timeouts and the maximum of client connections.
     pub connections: ConnectionLimits,
-    /// How long an idempotency key stays claimed by a request that never finishes.
+    /// How long an idempotency key stays claimed without word from its request: the request
+    /// renews its claim every third of it while it runs, so this is how soon a retry may run
+    /// again once the node running the request died (see [`IDEMPOTENCY_LEASE_MS_DEFAULT`]).
     pub idempotency_lease_ms: u64,
     /// How long an idempotency record is kept: after it, the key counts as never seen, and the
     /// sweep purges the record.
@@ -162,7 +175,7 @@ impl Default for EngineConfig {
             admin_auth_failures_max: crate::api::admin_auth::FAILURES_MAX,
             trusted_proxies: TrustedProxies::default(),
             connections: ConnectionLimits::default(),
-            idempotency_lease_ms: 30_000,
+            idempotency_lease_ms: IDEMPOTENCY_LEASE_MS_DEFAULT,
             idempotency_ttl_ms: 24 * 3_600 * 1_000,
             seats_per_user_max: 4,
             admission_tick_ms: 100,
@@ -342,6 +355,7 @@ impl EngineConfig {
         check_bound("rate limit burst", self.rate_limits.burst, &bounds::RATE_LIMIT_BURST)?;
         check_bound("seats per user", self.seats_per_user_max, &bounds::SEATS_PER_USER_MAX)?;
         check_bound("idempotency TTL (s)", self.idempotency_ttl_ms / 1000, &bounds::IDEMPOTENCY_TTL_S)?;
+        check_bound("idempotency lease (ms)", self.idempotency_lease_ms, &bounds::IDEMPOTENCY_LEASE_MS)?;
         check_bound("admin authentication failures", self.admin_auth_failures_max, &bounds::ADMIN_AUTH_FAILURES_MAX)?;
         self.check_admin_tokens()?;
         self.check_connections()
@@ -413,6 +427,22 @@ mod tests {
         assert_eq!(config.validate(), Err(ConfigError::UnsafeHoldMode));
         let allowed = EngineConfig { allow_unsafe_hold_mode: true, ..config };
         assert_eq!(allowed.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_idempotency_lease_is_short_by_default_and_bounded() {
+        let config = EngineConfig::default();
+        assert_eq!(config.idempotency_lease_ms, 5_000, "a dead node's key is free again within 5 s");
+        for lease_ms in [1_000, 30_000] {
+            assert_eq!(EngineConfig { idempotency_lease_ms: lease_ms, ..config.clone() }.validate(), Ok(()));
+        }
+        for lease_ms in [0, 999, 30_001] {
+            let refused = EngineConfig { idempotency_lease_ms: lease_ms, ..config.clone() }.validate();
+            assert!(
+                matches!(refused, Err(ConfigError::OutOfBounds { name: "idempotency lease (ms)", .. })),
+                "{lease_ms}"
+            );
+        }
     }
 
     /// The client of a request from `peer` with `forwarded` (X-Forwarded-For lines), behind

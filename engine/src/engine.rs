@@ -1194,6 +1194,35 @@ impl Engine {
         self.timed("idempotency_complete", complete).await
     }
 
+    /// Keeps the claim on idempotency key `key` while its request runs: renews the lease
+    /// (`lease_ms`, as claimed) every third of it, so a claim outlives its node by at most a
+    /// lease while a slow request keeps it however long it runs. A request that ends within the
+    /// first third renews nothing. Renews nothing while the node is paused (a stopped process
+    /// could not), tries again after a failed renewal, and gives up for good once the claim is
+    /// lost. Never completes: the request's end drops it.
+    pub async fn idempotency_watchdog(
+        &self,
+        key: &str,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+    ) -> std::convert::Infallible {
+        let period = Duration::from_millis((lease_ms / 3).max(1));
+        loop {
+            tokio::time::sleep(period).await;
+            if self.paused_until_us.load(Ordering::Relaxed) > self.clock.monotonic_us() {
+                continue;
+            }
+            let renew = self.record.idempotency_renew(key.to_owned(), fingerprint, lease_ms, self.now_ms());
+            match self.timed("idempotency_renew", renew).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(error) => tracing::warn!(%error, "idempotency lease not renewed; trying again"),
+            }
+        }
+        tracing::warn!("idempotency claim lost before its request finished; a retry may run it again");
+        std::future::pending().await
+    }
+
     /// Gives a claimed key up so the request can be retried.
     pub async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), EngineError> {
         self.timed("idempotency_release", self.record.idempotency_release(key, fingerprint)).await

@@ -12,7 +12,8 @@ use rand::RngExt;
 use tcore_engine::catalogue::{Catalogue, Loaded};
 use tcore_engine::clock::SystemClock;
 use tcore_engine::config::{
-    AdminToken, ConnectionLimits, EngineConfig, HoldMode, RateLimits, TrustedProxies, connection_defaults,
+    AdminToken, ConnectionLimits, EngineConfig, HoldMode, IDEMPOTENCY_LEASE_MS_DEFAULT, RateLimits, TrustedProxies,
+    connection_defaults,
 };
 use tcore_engine::domain::{AdmissionPolicy, QueueOrder};
 use tcore_engine::faults::NoFaults;
@@ -272,6 +273,11 @@ struct ServeArgs {
     /// never seen and the record is purged.
     #[arg(long, env = "TCORE_IDEMPOTENCY_TTL_S", default_value_t = 86_400)]
     idempotency_ttl_s: u64,
+    /// How long a request's claim on its idempotency key lasts without word from it, in
+    /// milliseconds (1000 to 30000). The request renews it every third of that while it runs;
+    /// once its node dies, a retry with the same key waits at most this long.
+    #[arg(long, env = "TCORE_IDEMPOTENCY_LEASE_MS", default_value_t = IDEMPOTENCY_LEASE_MS_DEFAULT)]
+    idempotency_lease_ms: u64,
     /// A proxy (address or CIDR range) whose X-Forwarded-For is believed; repeat for more.
     /// From a trusted proxy the client is the rightmost X-Forwarded-For address that is not
     /// a trusted proxy; from anyone else, the connection's peer.
@@ -381,6 +387,7 @@ impl ServeArgs {
             accounts_per_ip_per_hour: self.accounts_per_ip_per_hour,
             seats_per_user_max: self.seats_per_user_max,
             idempotency_ttl_ms: self.idempotency_ttl_s.saturating_mul(1000),
+            idempotency_lease_ms: self.idempotency_lease_ms,
             admin_tokens: self.admin_tokens.clone(),
             admin_auth_failures_max: self.admin_auth_failures_max,
             trusted_proxies: TrustedProxies::new(self.trusted_proxies.clone()),

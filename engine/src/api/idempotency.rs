@@ -1,6 +1,11 @@
 //! `Idempotency-Key` on every mutating call: the same key with the same request returns the
 //! same response, byte for byte; the same key with another request is a 422; a key whose
-//! request is still running is a 409.
+//! request is still running is a 409 (`Retry-After: 1`).
+//!
+//! A request claims its key with a short lease (`EngineConfig::idempotency_lease_ms`) and
+//! renews it every third of the lease while it runs ([`crate::Engine::idempotency_watchdog`]):
+//! a slow request keeps its claim, and once the node running it dies, a retry with the same
+//! key runs at most a lease later (the confirm it runs again is itself idempotent).
 //!
 //! Keys are scoped: the record is kept under a digest of the session's user (or, for a caller
 //! without a session, the client address), the method, the route template and the key, so one
@@ -119,10 +124,20 @@ where
         )
         .into_response(),
         IdempotencyDecision::Proceed => {
-            let response = answer(inner.call(Request::from_parts(parts, Body::from(body))).await);
-            let status = response.status();
-            let (response_parts, response_body) = response.into_parts();
-            let Ok(bytes) = to_bytes(response_body, STORED_RESPONSE_MAX).await else {
+            let running = async {
+                let response = answer(inner.call(Request::from_parts(parts, Body::from(body))).await);
+                let (response_parts, response_body) = response.into_parts();
+                (response_parts, to_bytes(response_body, STORED_RESPONSE_MAX).await)
+            };
+            // The claim stays ours only as long as this node keeps renewing it: a retry meets
+            // 409 while the request runs, and runs it again a lease after the node died.
+            let (response_parts, bytes) = tokio::select! {
+                biased;
+                done = running => done,
+                never = engine.idempotency_watchdog(&key, fingerprint, lease_ms) => match never {},
+            };
+            let status = response_parts.status;
+            let Ok(bytes) = bytes else {
                 let _ = engine.idempotency_release(key, fingerprint).await;
                 return ApiError::internal("response too large to store").into_response();
             };

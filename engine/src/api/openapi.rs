@@ -223,6 +223,14 @@ fn completed_responses(facts: Facts, mut responses: Map<String, Value>) -> Map<S
                 headers["Retry-After"] =
                     json!({ "description": "Seconds to wait before trying again.", "schema": { "type": "integer" } });
             }
+            // A request with the same Idempotency-Key still runs (its node renews its claim;
+            // a claim whose node died lapses within the lease, 5 s by default).
+            if status == "409" && facts.public && facts.post {
+                headers["Retry-After"] = json!({
+                    "description": "With `idempotency_in_progress` (and `seat_locked`): seconds to wait before trying again.",
+                    "schema": { "type": "integer" }
+                });
+            }
             if status == "401" {
                 headers["WWW-Authenticate"] = json!({ "description": "`Bearer`, when a credential is missing or refused.", "schema": { "type": "string" } });
             }

@@ -1350,6 +1350,33 @@ impl RecordStore for MariaDbStore {
         Ok(())
     }
 
+    async fn idempotency_renew(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        // One statement, on the primary key. The connection reports rows found, not rows changed
+        // (sqlx sets CLIENT_FOUND_ROWS), so a renewal that moves nothing still counts as held.
+        self.call(|| async {
+            let renewed = sqlx::query(
+                "UPDATE idempotency_records SET lease_until_ms = GREATEST(lease_until_ms, ?) \
+                 WHERE idempotency_key = ? AND fingerprint = ? AND state = 'in_progress' AND lease_until_ms > ? \
+                 AND expires_at_ms > ?",
+            )
+            .bind(now_ms.saturating_add(lease_ms))
+            .bind(&key)
+            .bind(&fingerprint[..])
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+            Ok(renewed.rows_affected() == 1)
+        })
+        .await
+    }
+
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
         self.call(|| async {
             sqlx::query(

@@ -680,6 +680,26 @@ impl RecordStore for MemoryStore {
         Ok(())
     }
 
+    async fn idempotency_renew(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let mut records = self.records.lock();
+        match records.idempotency.get_mut(&key) {
+            // The expiry stays, so the record keeps its place in `idempotency_by_expiry`.
+            Some(IdempotencyRecord::InProgress { fingerprint: held, lease_until_ms, expires_at_ms })
+                if *held == fingerprint && *lease_until_ms > now_ms && *expires_at_ms > now_ms =>
+            {
+                *lease_until_ms = (*lease_until_ms).max(now_ms.saturating_add(lease_ms));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
         let mut records = self.records.lock();
         let holds_lease = matches!(records.idempotency.get(&key), Some(IdempotencyRecord::InProgress { fingerprint: held, .. }) if *held == fingerprint);

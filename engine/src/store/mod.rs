@@ -229,7 +229,9 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
     async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError>;
 
     /// Claims an idempotency key for a request with `fingerprint`, or says why not. The claim
-    /// expires `ttl_ms` from now; a key whose record expired counts as never seen.
+    /// expires `ttl_ms` from now; a key whose record expired counts as never seen. Its lease
+    /// lapses `lease_ms` from now unless renewed ([`RecordStore::idempotency_renew`]); a claim
+    /// with the same fingerprint whose lease lapsed (its holder died) is taken over.
     async fn idempotency_begin(
         &self,
         key: String,
@@ -247,6 +249,18 @@ pub trait RecordStore: Send + Sync + std::fmt::Debug {
         ttl_ms: u64,
         now_ms: u64,
     ) -> Result<(), StoreError>;
+    /// Extends a claim's lease to `lease_ms` from now (never shortens it), if the key is still
+    /// in progress with `fingerprint`, its lease has not lapsed and its record has not expired;
+    /// whether it did. The request holding the claim calls it while it runs. A lapsed lease is
+    /// never revived, even if no one took the key since; a completed, released or expired key,
+    /// or one claimed with another fingerprint, is left as it is.
+    async fn idempotency_renew(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError>;
     /// Gives up a claimed key without a response (the request may be retried).
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError>;
     /// Deletes up to `limit` idempotency records expired as of `now_ms`; returns how many.

@@ -360,6 +360,75 @@ contract!(
 );
 
 contract!(
+    async fn a_renewed_idempotency_claim_outlives_its_first_lease_and_an_unrenewed_one_lapses(stores) {
+        let record = stores.record.as_ref();
+        const LEASE: u64 = 1_000;
+        let begin = |key: &str, fingerprint: u8, now_ms: u64| {
+            record.idempotency_begin(key.into(), [fingerprint; 32], LEASE, IDEMPOTENCY_TTL_MS, now_ms)
+        };
+        let renew = |key: &str, fingerprint: u8, now_ms: u64| {
+            record.idempotency_renew(key.into(), [fingerprint; 32], LEASE, now_ms)
+        };
+        // Renewed every third of the lease, a claim stays in progress long past its first lease.
+        assert_eq!(begin("kept", 1, T0).await, Ok(IdempotencyDecision::Proceed));
+        for at_ms in [T0 + 333, T0 + 666, T0 + 999, T0 + 1_332] {
+            assert_eq!(renew("kept", 1, at_ms).await, Ok(true), "renewed at {at_ms}");
+        }
+        assert_eq!(renew("kept", 1, T0 + 1_332).await, Ok(true), "a renewal that moves nothing still holds");
+        let long_after = begin("kept", 1, T0 + 2_000).await;
+        assert_eq!(long_after, Ok(IdempotencyDecision::InProgress), "the first lease is long gone");
+        assert_eq!(begin("kept", 1, T0 + 2_331).await, Ok(IdempotencyDecision::InProgress));
+        // A shorter renewal does not shorten it.
+        assert_eq!(record.idempotency_renew("kept".into(), [1; 32], 10, T0 + 2_000).await, Ok(true));
+        assert_eq!(begin("kept", 1, T0 + 2_331).await, Ok(IdempotencyDecision::InProgress));
+        // Once its holder stops renewing, it lapses a lease after the last renewal, and the
+        // next request with the key takes it over.
+        assert_eq!(begin("kept", 1, T0 + 2_332).await, Ok(IdempotencyDecision::Proceed), "taken over");
+        assert_eq!(begin("kept", 1, T0 + 2_333).await, Ok(IdempotencyDecision::InProgress), "by the new holder");
+
+        // Never renewed: lapsed after one lease, and not revived by a late renewal.
+        assert_eq!(begin("lapsed", 1, T0).await, Ok(IdempotencyDecision::Proceed));
+        assert_eq!(begin("lapsed", 1, T0 + LEASE - 1).await, Ok(IdempotencyDecision::InProgress));
+        assert_eq!(renew("lapsed", 1, T0 + LEASE).await, Ok(false), "a lapsed lease is not revived");
+        assert_eq!(begin("lapsed", 1, T0 + LEASE).await, Ok(IdempotencyDecision::Proceed), "the next request proceeds");
+
+        // Another fingerprint's renewal changes nothing.
+        assert_eq!(begin("other", 1, T0).await, Ok(IdempotencyDecision::Proceed));
+        assert_eq!(renew("other", 2, T0 + 500).await, Ok(false));
+        assert_eq!(begin("other", 2, T0 + 600).await, Ok(IdempotencyDecision::Mismatch));
+        assert_eq!(begin("other", 1, T0 + LEASE).await, Ok(IdempotencyDecision::Proceed), "lapsed as if never renewed");
+
+        // A completed key stays completed, its response replayed; a released or unknown key
+        // stays free.
+        let response = StoredResponse { status: 200, content_type: "application/json".into(), body: b"{}".to_vec() };
+        assert_eq!(begin("done", 1, T0).await, Ok(IdempotencyDecision::Proceed));
+        let ttl_ms = IDEMPOTENCY_TTL_MS;
+        record.idempotency_complete("done".into(), [1; 32], response.clone(), ttl_ms, T0 + 10).await.expect("complete");
+        assert_eq!(renew("done", 1, T0 + 20).await, Ok(false));
+        assert_eq!(begin("done", 1, T0 + 30).await, Ok(IdempotencyDecision::Replay(response.clone())));
+        assert_eq!(begin("done", 2, T0 + 30).await, Ok(IdempotencyDecision::Mismatch));
+        assert_eq!(begin("freed", 1, T0).await, Ok(IdempotencyDecision::Proceed));
+        record.idempotency_release("freed".into(), [1; 32]).await.expect("release");
+        assert_eq!(renew("freed", 1, T0 + 10).await, Ok(false));
+        assert_eq!(renew("never", 1, T0 + 10).await, Ok(false));
+        assert_eq!(begin("freed", 2, T0 + 20).await, Ok(IdempotencyDecision::Proceed), "still free");
+        assert_eq!(begin("never", 2, T0 + 20).await, Ok(IdempotencyDecision::Proceed), "still unknown");
+
+        // An expired claim is not renewed, whatever its lease.
+        let record_ttl = 5_000;
+        let claimed = record.idempotency_begin("old".into(), [1; 32], LEASE, record_ttl, T0).await;
+        assert_eq!(claimed, Ok(IdempotencyDecision::Proceed));
+        assert_eq!(record.idempotency_renew("old".into(), [1; 32], 10_000, T0 + 900).await, Ok(true));
+        assert_eq!(record.idempotency_renew("old".into(), [1; 32], LEASE, T0 + record_ttl).await, Ok(false), "expired");
+        assert_eq!(
+            record.idempotency_begin("old".into(), [2; 32], LEASE, record_ttl, T0 + record_ttl).await,
+            Ok(IdempotencyDecision::Proceed),
+            "an expired record counts as never seen"
+        );
+    }
+);
+
+contract!(
     async fn outbox_events_stay_pending_until_marked_sent(stores) {
         let record = stores.record.as_ref();
         let ada = user(record, "ada", 0).await;

@@ -212,6 +212,15 @@ impl RecordStore for SlowFirstLockedRead {
     ) -> Result<(), StoreError> {
         self.inner.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await
     }
+    async fn idempotency_renew(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.idempotency_renew(key, fingerprint, lease_ms, now_ms).await
+    }
     async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
         self.inner.idempotency_release(key, fingerprint).await
     }

@@ -7,6 +7,7 @@ mod connections;
 mod contract;
 mod edges;
 mod hold_modes;
+mod idempotency_lease;
 mod services;
 mod shared_stores;
 mod store_faults;

@@ -144,6 +144,7 @@ enum StoreRequest {
     ExpireHolds { now_ms: u64, limit: u32 },
     IdempotencyBegin { key: String, fingerprint: [u8; 32], lease_ms: u64, ttl_ms: u64, now_ms: u64 },
     IdempotencyComplete { key: String, fingerprint: [u8; 32], response: StoredResponse, ttl_ms: u64, now_ms: u64 },
+    IdempotencyRenew { key: String, fingerprint: [u8; 32], lease_ms: u64, now_ms: u64 },
     IdempotencyRelease { key: String, fingerprint: [u8; 32] },
     PurgeIdempotency { now_ms: u64, limit: u32 },
     OutboxPending { limit: u32 },
@@ -198,6 +199,7 @@ impl StoreRequest {
             | Q::ExpireHolds { .. }
             | Q::IdempotencyBegin { .. }
             | Q::IdempotencyComplete { .. }
+            | Q::IdempotencyRenew { .. }
             | Q::IdempotencyRelease { .. }
             | Q::PurgeIdempotency { .. }
             | Q::OutboxMarkSent { .. }
@@ -238,6 +240,7 @@ enum StoreResponse {
     Admissions(Result<Vec<Admitted>, WireError>),
     Lock(Result<Option<LockGrant>, WireError>),
     Wait(Result<Option<u64>, WireError>),
+    Flag(Result<bool, WireError>),
     /// The host could not run the request at all (undecodable, or its answer too large).
     Refused(WireError),
 }
@@ -264,6 +267,7 @@ impl StoreResponse {
             Self::Admissions(_) => "admissions",
             Self::Lock(_) => "lock",
             Self::Wait(_) => "wait",
+            Self::Flag(_) => "flag",
             Self::Refused(_) => "refused",
         }
     }
@@ -497,6 +501,9 @@ async fn execute(store: &MemoryStore, request: StoreRequest) -> StoreResponse {
         }
         Q::IdempotencyComplete { key, fingerprint, response, ttl_ms, now_ms } => {
             A::Unit(wire(store.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await))
+        }
+        Q::IdempotencyRenew { key, fingerprint, lease_ms, now_ms } => {
+            A::Flag(wire(store.idempotency_renew(key, fingerprint, lease_ms, now_ms).await))
         }
         Q::IdempotencyRelease { key, fingerprint } => A::Unit(wire(store.idempotency_release(key, fingerprint).await)),
         Q::PurgeIdempotency { now_ms, limit } => A::Count(wire(store.purge_idempotency(now_ms, limit).await)),
@@ -1769,6 +1776,16 @@ macro_rules! impl_store_traits {
                 now_ms: u64,
             ) -> Result<(), StoreError> {
                 answer!(self, StoreRequest::IdempotencyComplete { key, fingerprint, response, ttl_ms, now_ms }, Unit)
+            }
+
+            async fn idempotency_renew(
+                &self,
+                key: String,
+                fingerprint: [u8; 32],
+                lease_ms: u64,
+                now_ms: u64,
+            ) -> Result<bool, StoreError> {
+                answer!(self, StoreRequest::IdempotencyRenew { key, fingerprint, lease_ms, now_ms }, Flag)
             }
 
             async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {

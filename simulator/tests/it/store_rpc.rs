@@ -167,9 +167,13 @@ async fn every_call(record: &dyn RecordStore, cache: &dyn CacheStore) -> Vec<Str
     step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 100));
     step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 101));
     step!(record.idempotency_begin("key".into(), [2; 32], 5_000, IDEMPOTENCY_TTL_MS, 101));
+    step!(record.idempotency_renew("key".into(), [1; 32], 5_000, 101));
+    step!(record.idempotency_renew("key".into(), [2; 32], 5_000, 101));
+    step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 5_100));
     let response = StoredResponse { status: 201, content_type: "application/json".into(), body: b"{}".to_vec() };
     step!(record.idempotency_complete("key".into(), [1; 32], response, IDEMPOTENCY_TTL_MS, 102));
     step!(record.idempotency_begin("key".into(), [1; 32], 5_000, IDEMPOTENCY_TTL_MS, 103));
+    step!(record.idempotency_renew("key".into(), [1; 32], 5_000, 104));
     step!(record.idempotency_begin("other".into(), [3; 32], 5_000, IDEMPOTENCY_TTL_MS, 103));
     step!(record.idempotency_release("other".into(), [3; 32]));
     step!(record.idempotency_begin("other".into(), [4; 32], 5_000, IDEMPOTENCY_TTL_MS, 104));
