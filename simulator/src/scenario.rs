@@ -204,12 +204,32 @@ impl Scenario {
         let host = match fault {
             Fault::Crash(crash) => crash.host.as_str(),
             Fault::Pause(pause) => pause.host.as_str(),
+            Fault::Partition(_) | Fault::HoldLink(_) | Fault::Latency(_) | Fault::SlowStore(_) => {
+                let links = crate::live::faults::link_modes(self, fault);
+                let key = if matches!(fault, Fault::SlowStore(_)) { "host" } else { "b" };
+                if links.is_empty() {
+                    return Some((
+                        key,
+                        "no live link between these hosts: a live run's links go from the load driver (every \
+                         client-*) to each engine node, and from each engine node to store-cache and store-record"
+                            .to_owned(),
+                    ));
+                }
+                if !shared_stores && links.iter().any(|((_, to), _)| to == STORE_CACHE_HOST || to == STORE_RECORD_HOST) {
+                    return Some((
+                        key,
+                        "with store = \"memory\" the stores are inside the engine node: no link to put a fault on"
+                            .to_owned(),
+                    ));
+                }
+                return None;
+            }
             other => {
                 return Some((
                     "kind",
                     format!(
-                        "a `{}` fault is not applied in a live run (live runs apply `crash` and `pause`; \
-                         run this one with `tcore run`)",
+                        "a `{}` fault is not applied in a live run (live runs apply `crash`, `pause`, \
+                         `partition`, `hold-link`, `latency` and `slow-store`; run this one with `tcore run`)",
                         other.kind()
                     ),
                 ));

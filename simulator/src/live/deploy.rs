@@ -2,6 +2,7 @@
 //! embedded memory store, or the scenario's nodes on Redis + MariaDB, each run on a fresh
 //! database and key prefix), or nodes that already run (`--target`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,7 +14,9 @@ use anyhow::Context;
 use parking_lot::Mutex;
 
 use crate::scenario::{AdmissionOrder, Scenario, StoreKind};
-use crate::scenario::{Fault, STORE_CACHE_HOST};
+use super::faults::{Link, faulted_links};
+use super::proxy::{FaultProxy, LinkMode, ProxyCounts};
+use crate::scenario::{Fault, STORE_CACHE_HOST, STORE_RECORD_HOST};
 
 /// How long a spawned node may take to answer `/readyz` (migrations and the catalogue's
 /// accounts come first on the first node), or the run's own Redis server to answer `PING`.
@@ -36,6 +39,8 @@ pub struct Deployment {
     processes: Mutex<Vec<Process>>,
     /// What the deployment is, for the run result.
     pub description: String,
+    /// The fault proxies, when faults act on links.
+    proxies: Option<Proxies>,
 }
 
 /// A process a spawned deployment runs: an engine node, or the run's own Redis server.
@@ -151,7 +156,7 @@ impl Deployment {
     pub fn target(nodes: Vec<String>, admin_token: String, session_secret: Vec<u8>) -> Deployment {
         let description = format!("{} target node(s)", nodes.len());
         let nodes = nodes.into_iter().map(|node| node.trim_end_matches('/').to_owned()).collect();
-        Deployment { nodes, admin_token, session_secret, processes: Mutex::new(Vec::new()), description }
+        Deployment { nodes, admin_token, session_secret, processes: Mutex::new(Vec::new()), description, proxies: None }
     }
 
     /// Starts the scenario's nodes (and, for faults on `store-cache`, a Redis server of the
@@ -176,6 +181,7 @@ impl Deployment {
             session_secret: session_secret.clone().into_bytes(),
             processes: Mutex::new(Vec::new()),
             description: String::new(),
+            proxies: None,
         };
         let (nodes_count, store) = match scenario.engine.store {
             StoreKind::Memory => {
@@ -214,10 +220,32 @@ impl Deployment {
                 (scenario.engine.nodes.max(1), store)
             }
         };
+        let links = faulted_links(scenario);
+        if !links.is_empty() {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("fault-proxy")
+                .enable_all()
+                .build()
+                .context("the fault proxies' runtime")?;
+            deployment.proxies = Some(Proxies { runtime, links: BTreeMap::new() });
+        }
         for index in 1..=nodes_count {
             let port = free_port()?;
             let host = format!("engine-{index}");
             let base = format!("http://127.0.0.1:{port}");
+            // The links faults act on go through a proxy each.
+            let store: Vec<(&str, String)> = store
+                .iter()
+                .map(|(key, value)| {
+                    let to = match *key {
+                        "TCORE_REDIS_URL" => STORE_CACHE_HOST,
+                        "TCORE_DATABASE_URL" => STORE_RECORD_HOST,
+                        _ => return Ok((*key, value.clone())),
+                    };
+                    Ok((*key, deployment.proxied_url(&links, (&host, to), value)?))
+                })
+                .collect::<anyhow::Result<_>>()?;
             let mut env: Vec<(String, String)> = vec![
                 ("TCORE_LISTEN".into(), format!("127.0.0.1:{port}")),
                 ("TCORE_NODE".into(), host.clone()),
@@ -244,9 +272,60 @@ impl Deployment {
                     ready: Readiness::Http(base.clone()),
                 },
             )?;
-            deployment.nodes.push(base);
+            let driver_link = links.iter().any(|(from, to)| *to == host && from.starts_with("client-"));
+            let url = if driver_link { deployment.proxied_url(&links, (DRIVER, &host), &base)? } else { base };
+            deployment.nodes.push(url);
         }
         Ok(deployment)
+    }
+
+    /// `url` with its host and port replaced by those of a new proxy for `link`, if a fault
+    /// acts on that link; `url` as it is otherwise.
+    fn proxied_url(&mut self, links: &BTreeSet<Link>, link: (&str, &str), url: &str) -> anyhow::Result<String> {
+        let key = (link_end(link.0).to_owned(), link.1.to_owned());
+        let faulted = links.iter().any(|(from, to)| (link_end(from), to.as_str()) == (key.0.as_str(), link.1));
+        let Some(proxies) = self.proxies.as_mut().filter(|_| faulted) else { return Ok(url.to_owned()) };
+        let mut parsed = reqwest::Url::parse(url).with_context(|| format!("reading the URL {url}"))?;
+        let upstream = parsed
+            .socket_addrs(|| None)
+            .with_context(|| format!("resolving {url}"))?
+            .into_iter()
+            .next()
+            .with_context(|| format!("no address for {url}"))?;
+        let proxy = {
+            let _runtime = proxies.runtime.enter();
+            FaultProxy::start(upstream).with_context(|| format!("a fault proxy for {} → {}", link.0, link.1))?
+        };
+        parsed.set_ip_host(proxy.local_addr().ip()).map_err(|()| anyhow::anyhow!("cannot proxy {url}"))?;
+        parsed.set_port(Some(proxy.local_addr().port())).map_err(|()| anyhow::anyhow!("cannot proxy {url}"))?;
+        proxies.links.insert(key, proxy);
+        // A base URL keeps no trailing slash.
+        Ok(parsed.as_str().trim_end_matches('/').to_owned())
+    }
+
+    /// Whether a fault proxy sits on `from` → `to`.
+    pub fn has_link(&self, from: &str, to: &str) -> bool {
+        self.proxies.as_ref().is_some_and(|proxies| proxies.links.contains_key(&(link_end(from).to_owned(), to.to_owned())))
+    }
+
+    /// Sets the mode of the proxy on `from` → `to`.
+    pub fn set_link(&self, from: &str, to: &str, mode: LinkMode) -> anyhow::Result<()> {
+        let proxy = self
+            .proxies
+            .as_ref()
+            .and_then(|proxies| proxies.links.get(&(link_end(from).to_owned(), to.to_owned())))
+            .with_context(|| format!("no fault proxy on {from} → {to}"))?;
+        proxy.set(mode);
+        Ok(())
+    }
+
+    /// What went through each fault proxy, by link.
+    pub fn link_counts(&self) -> BTreeMap<String, ProxyCounts> {
+        self.proxies
+            .iter()
+            .flat_map(|proxies| &proxies.links)
+            .map(|((from, to), proxy)| (format!("{from} → {to}"), proxy.counts()))
+            .collect()
     }
 
     /// Starts a process for `host` and waits until it is ready.
@@ -322,6 +401,21 @@ impl Drop for Deployment {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Every `client-*` host of a scenario is the one load driver of a live run.
+const DRIVER: &str = "client-*";
+
+/// The name a link end has among a deployment's proxies.
+fn link_end(host: &str) -> &str {
+    if host.starts_with("client-") { DRIVER } else { host }
+}
+
+/// The fault proxies on a deployment's links, and the runtime they run on.
+#[derive(Debug)]
+struct Proxies {
+    runtime: tokio::runtime::Runtime,
+    links: BTreeMap<Link, FaultProxy>,
 }
 
 fn find<'a>(processes: &'a mut [Process], host: &str) -> anyhow::Result<&'a mut Process> {

@@ -70,8 +70,11 @@ pub struct LiveFigures {
     pub lateness_max_us: u64,
     /// Stopped before every arrival ran (interrupted).
     pub partial: bool,
-    /// Fault steps (kill, restart, stop, continue) that could not be applied, with why.
+    /// Fault steps (kill, restart, stop, continue, link modes) that could not be applied, with
+    /// why.
     pub fault_errors: Vec<String>,
+    /// What went through each fault proxy, by link (`from → to`).
+    pub links: std::collections::BTreeMap<String, self::proxy::ProxyCounts>,
     /// Requests goose counted (its own metrics, fed the journeys' times).
     pub goose_requests: usize,
     pub wall_s: f64,
@@ -156,6 +159,11 @@ pub fn load(
     });
 
     let faults = LiveFaults::of(scenario);
+    if let Some((from, to)) = faults.links().find(|(from, to)| !deployment.has_link(from, to)) {
+        anyhow::bail!(
+            "the scenario's faults act on the link {from} → {to}, which this run has no proxy on: run it with --spawn"
+        );
+    }
     if let Some(host) = faults.hosts().find(|host| !deployment.runs(host)) {
         anyhow::bail!(
             "the scenario's faults act on {host}, a process this run did not start: run it with --spawn \
@@ -213,6 +221,7 @@ pub fn load(
         lateness_max_us: lateness.max(),
         partial,
         fault_errors: applied.errors,
+        links: deployment.link_counts(),
         goose_requests,
         wall_s: wall.elapsed().as_secs_f64(),
         deployment: deployment.description.clone(),

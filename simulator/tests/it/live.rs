@@ -207,3 +207,53 @@ fn an_interrupted_live_run_writes_a_partial_run_result_and_stops_its_nodes() {
     assert!(printed.contains("partial: the run stopped before every arrival ran"), "{printed}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The open model: with the driver's link to the node slowed by a `latency` fault (a fault
+/// proxy on the link), journeys still start on schedule, and the latency measured from each
+/// call's intended start takes the slowdown in.
+#[test]
+fn journeys_start_on_schedule_against_a_slowed_node_and_their_latency_shows_it() {
+    use std::process::Command;
+
+    let tcore = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tcore"));
+    let engine = tcore.with_file_name("tcore-engine");
+    assert!(engine.is_file(), "{} is built with the workspace (`cargo build --workspace --bins`)", engine.display());
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/live/small-opening.toml");
+    let text = std::fs::read_to_string(&base).expect("scenario");
+    // Across the spike (1 s to about 7 s): 250 ms each way, so a join takes half a second.
+    let slowed = format!(
+        "{text}\n[[faults]]\nkind = \"latency\"\nat_s = 1\nuntil_s = 8\na = \"client-*\"\nb = \"engine-1\"\nlatency_ms = 250\n"
+    );
+    let dir = std::env::temp_dir().join(format!("tcore-slowed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let scenario = dir.join("slowed.toml");
+    std::fs::write(&scenario, slowed).expect("a scenario");
+    let output = Command::new(&tcore)
+        .args(["load", "--spawn", "--quiet", "--out"])
+        .arg(dir.join("out"))
+        .arg(&scenario)
+        .env("TCORE_ENGINE_BIN", &engine)
+        .output()
+        .expect("tcore load runs");
+    let printed = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let run: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.join("out/run.json")).unwrap_or_else(|error| panic!("{error}\n{printed}")),
+    )
+    .expect("JSON");
+    assert_eq!(run["safety"]["passed"], serde_json::json!(true), "{printed}");
+    let live = &run["live"];
+    assert_eq!(live["journeys_started"], live["arrivals"], "{live}");
+    // On schedule: a scheduler's hiccup on a busy machine may make one start a little late,
+    // never the slowed node (its joins take 500 ms).
+    let late = live["journeys_late"].as_u64().expect("a count");
+    let lateness_p99_us = live["lateness_p99_us"].as_u64().expect("a lateness");
+    assert!(late <= 4 && lateness_p99_us < 50_000, "journeys started on schedule: {live}");
+    assert_eq!(live["fault_errors"], serde_json::json!([]), "{live}");
+    let window = &run["faults"][0];
+    assert_eq!(window["kind"], serde_json::json!("latency"), "{}", run["faults"]);
+    let join_p99_us = run["score"]["latency"]["queue_join"]["p99_us"].as_u64().expect("a join p99");
+    assert!(join_p99_us >= 500_000, "a join took a round trip of 2 × 250 ms: p99 {join_p99_us} us\n{printed}");
+    let proxied = live["links"]["client-* → engine-1"]["bytes_to_upstream"].as_u64().unwrap_or(0);
+    assert!(proxied > 0, "the fans' calls went through the proxy: {}", live["links"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
