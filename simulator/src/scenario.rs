@@ -215,7 +215,8 @@ impl Scenario {
                             .to_owned(),
                     ));
                 }
-                if !shared_stores && links.iter().any(|((_, to), _)| to == STORE_CACHE_HOST || to == STORE_RECORD_HOST) {
+                if !shared_stores && links.iter().any(|((_, to), _)| to == STORE_CACHE_HOST || to == STORE_RECORD_HOST)
+                {
                     return Some((
                         key,
                         "with store = \"memory\" the stores are inside the engine node: no link to put a fault on"

@@ -238,7 +238,10 @@ impl WaitingLine {
     /// stopped polling are skipped and expire.
     pub fn admit(&mut self, now_ms: u64, rng: &mut impl rand::Rng) -> Vec<Admitted> {
         self.expire_admitted(now_ms);
-        let last_ms = self.last_admit_ms.replace(now_ms).unwrap_or(self.opens_at_ms);
+        // Ticks may come out of order (several nodes, each with its own `now`): the last tick's
+        // time never moves back, or the credit since it would be earned twice.
+        let last_ms = self.last_admit_ms.unwrap_or(self.opens_at_ms);
+        self.last_admit_ms = Some(now_ms.max(last_ms));
         if self.policy.paused || now_ms < self.opens_at_ms {
             self.admit_credit = 0.0;
             return Vec::new();

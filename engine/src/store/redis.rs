@@ -198,7 +198,9 @@ end
 
 local last_ms = opens
 if m[10] ~= '' then last_ms = tonumber(m[10]) end
-redis.call('HSET', base, 'last_admit', int(now))
+-- Ticks come from several nodes, each with its own now: the last tick's time never moves back,
+-- or the credit since it would be earned twice.
+redis.call('HSET', base, 'last_admit', int(math.max(now, last_ms)))
 if paused == '1' or now < opens then
   credit = 0
   return report(0)

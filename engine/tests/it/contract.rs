@@ -519,6 +519,21 @@ contract!(
 );
 
 contract!(
+    async fn an_admission_tick_from_the_past_earns_no_credit_twice(stores) {
+        let cache = stores.cache.as_ref();
+        cache.create_line(1, T0, QueueOrder::Fifo, policy(10.0, 1_000)).await.expect("line");
+        for user_id in 1..=50 {
+            cache.join(1, user_id, T0 - 1_000 + user_id).await.expect("join");
+        }
+        assert_eq!(cache.admit(1, T0 + 1_000).await.expect("admit").admitted_now, 10, "a second's credit");
+        // Another node's tick, read from its clock a little earlier, arrives after.
+        assert_eq!(cache.admit(1, T0 + 500).await.expect("admit").admitted_now, 0);
+        // Half a second after the newest tick: half a second's credit, not the 1 s since the older one.
+        assert_eq!(cache.admit(1, T0 + 1_500).await.expect("admit").admitted_now, 5);
+    }
+);
+
+contract!(
     async fn admitted_tokens_expire_and_waiters_who_stop_polling_are_skipped(stores) {
         let cache = stores.cache.as_ref();
         cache.create_line(1, T0, QueueOrder::Fifo, policy(100.0, 1)).await.expect("line");

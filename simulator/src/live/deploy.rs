@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use parking_lot::Mutex;
 
-use crate::scenario::{AdmissionOrder, Scenario, StoreKind};
 use super::faults::{Link, faulted_links};
 use super::proxy::{FaultProxy, LinkMode, ProxyCounts};
+use crate::scenario::{AdmissionOrder, Scenario, StoreKind};
 use crate::scenario::{Fault, STORE_CACHE_HOST, STORE_RECORD_HOST};
 
 /// How long a spawned node may take to answer `/readyz` (migrations and the catalogue's
@@ -305,7 +305,9 @@ impl Deployment {
 
     /// Whether a fault proxy sits on `from` → `to`.
     pub fn has_link(&self, from: &str, to: &str) -> bool {
-        self.proxies.as_ref().is_some_and(|proxies| proxies.links.contains_key(&(link_end(from).to_owned(), to.to_owned())))
+        self.proxies
+            .as_ref()
+            .is_some_and(|proxies| proxies.links.contains_key(&(link_end(from).to_owned(), to.to_owned())))
     }
 
     /// Sets the mode of the proxy on `from` → `to`.

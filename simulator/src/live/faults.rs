@@ -148,7 +148,11 @@ impl LiveFaults {
                 let hosts: BTreeSet<String> =
                     links.iter().flat_map(|((from, to), _)| [from.clone(), to.clone()]).collect();
                 let healed = links.iter().map(|(link, _)| link.clone()).collect();
-                (hosts.into_iter().collect::<Vec<_>>().join(","), (us(start_s), Step::Links(links)), Some((us(end_s), Step::Heal(healed))))
+                (
+                    hosts.into_iter().collect::<Vec<_>>().join(","),
+                    (us(start_s), Step::Links(links)),
+                    Some((us(end_s), Step::Heal(healed))),
+                )
             };
             let (host, start, end) = match entry {
                 Fault::Crash(crash) => (
@@ -192,11 +196,13 @@ impl LiveFaults {
 
     /// The links the faults act on.
     pub fn links(&self) -> impl Iterator<Item = &Link> {
-        self.steps.iter().filter_map(|scheduled| match &scheduled.step {
-            Step::Links(links) => Some(links.iter().map(|(link, _)| link)),
-            _ => None,
-        })
-        .flatten()
+        self.steps
+            .iter()
+            .filter_map(|scheduled| match &scheduled.step {
+                Step::Links(links) => Some(links.iter().map(|(link, _)| link)),
+                _ => None,
+            })
+            .flatten()
     }
 
     /// How many steps the timeline has.
@@ -235,8 +241,12 @@ impl LiveFaults {
                 Step::Restart(host) => deployment.restart(host),
                 Step::Stop(host) => deployment.pause(host, true),
                 Step::Continue(host) => deployment.pause(host, false),
-                Step::Links(links) => links.iter().try_for_each(|((from, to), mode)| deployment.set_link(from, to, *mode)),
-                Step::Heal(links) => links.iter().try_for_each(|(from, to)| deployment.set_link(from, to, LinkMode::Pass)),
+                Step::Links(links) => {
+                    links.iter().try_for_each(|((from, to), mode)| deployment.set_link(from, to, *mode))
+                }
+                Step::Heal(links) => {
+                    links.iter().try_for_each(|(from, to)| deployment.set_link(from, to, LinkMode::Pass))
+                }
             };
             applied.fetch_add(1, Ordering::Relaxed);
             tracing::info!(fault = scheduled.fault, step = ?scheduled.step, at_us, "live fault step");
