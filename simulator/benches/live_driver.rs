@@ -51,7 +51,7 @@ fn start_engine(addr: SocketAddr) -> Engine {
     );
     let child = Command::new(&bin)
         .args(["serve", "--listen", &addr.to_string(), "--demo-seats", "1000", "--demo-users", "10"])
-        .args(["--rate-limit-per-ip", "10000000", "--rate-limit-burst", "10000000"])
+        .args(["--rate-limit-per-ip", "100000", "--rate-limit-burst", "100000"])
         .args(["--session-secret", "bench-session-secret-of-at-least-32-bytes"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
