@@ -243,11 +243,12 @@ fn journeys_start_on_schedule_against_a_slowed_node_and_their_latency_shows_it()
     assert_eq!(run["safety"]["passed"], serde_json::json!(true), "{printed}");
     let live = &run["live"];
     assert_eq!(live["journeys_started"], live["arrivals"], "{live}");
-    // On schedule: a scheduler's hiccup on a busy machine may make one start a little late,
-    // never the slowed node (its joins take 500 ms).
+    // On schedule: on a machine busy with other tests a few may start some milliseconds late
+    // (past the 10 ms that counts as late), none by anything like the slowed node's 500 ms join,
+    // which a closed model would wait for.
     let late = live["journeys_late"].as_u64().expect("a count");
-    let lateness_p99_us = live["lateness_p99_us"].as_u64().expect("a lateness");
-    assert!(late <= 4 && lateness_p99_us < 50_000, "journeys started on schedule: {live}");
+    let lateness_max_us = live["lateness_max_us"].as_u64().expect("a lateness");
+    assert!(late <= 20 && lateness_max_us < 200_000, "journeys started on schedule: {live}");
     assert_eq!(live["fault_errors"], serde_json::json!([]), "{live}");
     let window = &run["faults"][0];
     assert_eq!(window["kind"], serde_json::json!("latency"), "{}", run["faults"]);
