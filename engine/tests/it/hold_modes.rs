@@ -7,17 +7,12 @@ use std::time::Duration;
 
 use tcore_engine::clock::TokioClock;
 use tcore_engine::config::HoldMode;
-use tcore_engine::domain::{
-    Account, FenceToken, IdempotencyDecision, OutboxEvent, Reservation, ReservationId, ReservationStatus, Schedule,
-    ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView, StoredResponse, UserId, WriteGuard,
-};
+use tcore_engine::domain::{FenceToken, ReservationStatus};
 use tcore_engine::faults::{FaultContext, FaultHook, FaultPoint, NoFaults};
-use tcore_engine::store::{
-    AuditEntry, HoldRequest, MemoryStore, MemoryStoreConfig, RecordDump, RecordStore, SeatFilter, StoreError,
-};
+use tcore_engine::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineError, EngineParts};
 
-use crate::support::{START_MS, config, engine_with, session_of, two_admitted_for_one_seat};
+use crate::support::{RecordTap, START_MS, Tapped, config, engine_with, session_of, two_admitted_for_one_seat};
 
 /// Pauses the first `holders` holds that reach `hold.after_check` (lock taken, seat seen
 /// available).
@@ -109,138 +104,20 @@ async fn a_fenced_read_stops_an_older_holder_whose_lock_ran_out() {
     assert_eq!(race.fences, vec![FenceToken(2)]);
 }
 
-/// The memory store, where the first seat read under a lock takes `delay`: a slow store
-/// call, while the node itself keeps running.
+/// The first seat read under a lock takes `delay`: a slow store call, while the node itself
+/// keeps running.
 #[derive(Debug)]
 struct SlowFirstLockedRead {
-    inner: Arc<MemoryStore>,
     delay: Duration,
     slowed: AtomicBool,
 }
 
 #[async_trait::async_trait]
-impl RecordStore for SlowFirstLockedRead {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn put_schedule(&self, schedule: Schedule) -> Result<(), StoreError> {
-        self.inner.put_schedule(schedule).await
-    }
-    async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError> {
-        self.inner.schedules(now_ms).await
-    }
-    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError> {
-        RecordStore::schedule(self.inner.as_ref(), schedule_id).await
-    }
-    async fn seat_map(
-        &self,
-        schedule_id: ScheduleId,
-        filter: SeatFilter,
-        now_ms: u64,
-    ) -> Result<Vec<SeatView>, StoreError> {
-        self.inner.seat_map(schedule_id, filter, now_ms).await
-    }
-    async fn seat(
-        &self,
-        schedule_id: ScheduleId,
-        seat_id: SeatId,
-        fence: Option<FenceToken>,
-    ) -> Result<SeatSlot, StoreError> {
+impl RecordTap for SlowFirstLockedRead {
+    async fn before_seat(&self) {
         if !self.slowed.swap(true, Ordering::SeqCst) {
             tokio::time::sleep(self.delay).await;
         }
-        self.inner.seat(schedule_id, seat_id, fence).await
-    }
-    async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {
-        self.inner.create_user(name, points, now_ms).await
-    }
-    async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
-        self.inner.account(user_id).await
-    }
-    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
-        self.inner.existing_users(first, count).await
-    }
-    async fn top_up(&self, user_id: UserId, amount: u64, key: String, now_ms: u64) -> Result<Account, StoreError> {
-        self.inner.top_up(user_id, amount, key, now_ms).await
-    }
-    async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError> {
-        self.inner.try_hold(request, now_ms).await
-    }
-    async fn write_hold(
-        &self,
-        request: HoldRequest,
-        guard: WriteGuard,
-        now_ms: u64,
-    ) -> Result<Reservation, StoreError> {
-        self.inner.write_hold(request, guard, now_ms).await
-    }
-    async fn confirm(
-        &self,
-        id: ReservationId,
-        user_id: UserId,
-        key: Option<String>,
-        now_ms: u64,
-    ) -> Result<Reservation, StoreError> {
-        self.inner.confirm(id, user_id, key, now_ms).await
-    }
-    async fn cancel(&self, id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
-        self.inner.cancel(id, user_id, now_ms).await
-    }
-    async fn reservation(&self, id: ReservationId) -> Result<Reservation, StoreError> {
-        self.inner.reservation(id).await
-    }
-    async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
-        self.inner.expire_holds(now_ms, limit).await
-    }
-    async fn idempotency_begin(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        lease_ms: u64,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> Result<IdempotencyDecision, StoreError> {
-        self.inner.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, now_ms).await
-    }
-    async fn idempotency_complete(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        response: StoredResponse,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.inner.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await
-    }
-    async fn idempotency_renew(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        lease_ms: u64,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
-        self.inner.idempotency_renew(key, fingerprint, lease_ms, now_ms).await
-    }
-    async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
-        self.inner.idempotency_release(key, fingerprint).await
-    }
-    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
-        self.inner.purge_idempotency(now_ms, limit).await
-    }
-    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.outbox_pending(limit).await
-    }
-    async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError> {
-        self.inner.outbox_mark_sent(ids).await
-    }
-    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
-        self.inner.append_audit(entry).await
-    }
-    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
-        self.inner.audit(limit).await
-    }
-    async fn dump(&self) -> Result<RecordDump, StoreError> {
-        self.inner.dump().await
     }
 }
 
@@ -251,10 +128,9 @@ impl RecordStore for SlowFirstLockedRead {
 async fn the_lock_watchdog_keeps_a_slow_holders_lock() {
     let clock = Arc::new(TokioClock::new(START_MS));
     let inner = Arc::new(MemoryStore::new(MemoryStoreConfig { seed: 7, ..MemoryStoreConfig::default() }));
-    let record = Arc::new(SlowFirstLockedRead {
-        inner: Arc::clone(&inner),
-        delay: Duration::from_secs(3),
-        slowed: AtomicBool::new(false),
+    let record = Arc::new(Tapped {
+        inner: Arc::clone(&inner) as Arc<dyn RecordStore>,
+        tap: SlowFirstLockedRead { delay: Duration::from_secs(3), slowed: AtomicBool::new(false) },
     });
     let engine = Engine::new(EngineParts {
         config: config(HoldMode::FencedLock),

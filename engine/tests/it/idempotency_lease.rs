@@ -13,29 +13,24 @@ use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use tcore_engine::clock::{Clock, ManualClock, TokioClock};
 use tcore_engine::config::{EngineConfig, HoldMode};
-use tcore_engine::domain::{
-    Account, FenceToken, IdempotencyDecision, LedgerReason, OutboxEvent, Reservation, ReservationId, ReservationStatus,
-    Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView, StoredResponse, UserId, WriteGuard,
-};
+use tcore_engine::domain::{LedgerReason, ReservationStatus};
 use tcore_engine::faults::NoFaults;
-use tcore_engine::store::{
-    AuditEntry, CacheStore, HoldRequest, MemoryStore, MemoryStoreConfig, RecordDump, RecordStore, SeatFilter,
-    StoreError,
-};
+use tcore_engine::store::{CacheStore, MemoryStore, MemoryStoreConfig, RecordStore};
 use tcore_engine::{Engine, EngineParts, app};
 use tokio::sync::Notify;
 use tower::ServiceExt;
 
 use crate::contract;
-use crate::support::{START_MS, config, oneshot_peer_trusted, schedule, session, session_credential};
+use crate::support::{
+    RecordTap, START_MS, Tapped, config, oneshot_peer_trusted, schedule, session, session_credential,
+};
 
-/// A record store in front of another, where a test can hold calls up: the next confirm takes
-/// a while (a slow store call, the node running on), or the next completion of an idempotency
-/// record never returns (the node dies after the payment, before the record is completed).
-/// Counts renewals of idempotency leases.
+/// Holds calls of a record store up: the next confirm takes a while (a slow store call, the
+/// node running on), or the next completion of an idempotency record never returns (the node
+/// dies after the payment, before the record is completed). Counts renewals of idempotency
+/// leases.
 #[derive(Debug)]
 struct Held {
-    inner: Arc<dyn RecordStore>,
     next_confirm_delay: Mutex<Option<Duration>>,
     next_completion_hangs: AtomicBool,
     completion_reached: Notify,
@@ -43,14 +38,14 @@ struct Held {
 }
 
 impl Held {
-    fn new(inner: Arc<dyn RecordStore>) -> Self {
-        Self {
-            inner,
+    fn in_front_of(inner: Arc<dyn RecordStore>) -> Tapped<Held> {
+        let tap = Self {
             next_confirm_delay: Mutex::new(None),
             next_completion_hangs: AtomicBool::new(false),
             completion_reached: Notify::new(),
             renewals: AtomicU32::new(0),
-        }
+        };
+        Tapped { inner, tap }
     }
 
     fn renewals(&self) -> u32 {
@@ -59,134 +54,23 @@ impl Held {
 }
 
 #[async_trait::async_trait]
-impl RecordStore for Held {
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    async fn put_schedule(&self, schedule: Schedule) -> Result<(), StoreError> {
-        self.inner.put_schedule(schedule).await
-    }
-    async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError> {
-        self.inner.schedules(now_ms).await
-    }
-    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError> {
-        self.inner.schedule(schedule_id).await
-    }
-    async fn seat_map(
-        &self,
-        schedule_id: ScheduleId,
-        filter: SeatFilter,
-        now_ms: u64,
-    ) -> Result<Vec<SeatView>, StoreError> {
-        self.inner.seat_map(schedule_id, filter, now_ms).await
-    }
-    async fn seat(
-        &self,
-        schedule_id: ScheduleId,
-        seat_id: SeatId,
-        fence: Option<FenceToken>,
-    ) -> Result<SeatSlot, StoreError> {
-        self.inner.seat(schedule_id, seat_id, fence).await
-    }
-    async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {
-        self.inner.create_user(name, points, now_ms).await
-    }
-    async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
-        self.inner.account(user_id).await
-    }
-    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
-        self.inner.existing_users(first, count).await
-    }
-    async fn top_up(&self, user_id: UserId, amount: u64, key: String, now_ms: u64) -> Result<Account, StoreError> {
-        self.inner.top_up(user_id, amount, key, now_ms).await
-    }
-    async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError> {
-        self.inner.try_hold(request, now_ms).await
-    }
-    async fn write_hold(
-        &self,
-        request: HoldRequest,
-        guard: WriteGuard,
-        now_ms: u64,
-    ) -> Result<Reservation, StoreError> {
-        self.inner.write_hold(request, guard, now_ms).await
-    }
-    async fn confirm(
-        &self,
-        id: ReservationId,
-        user_id: UserId,
-        key: Option<String>,
-        now_ms: u64,
-    ) -> Result<Reservation, StoreError> {
+impl RecordTap for Held {
+    async fn before_confirm(&self) {
         let delay = self.next_confirm_delay.lock().take();
         if let Some(delay) = delay {
             tokio::time::sleep(delay).await;
         }
-        self.inner.confirm(id, user_id, key, now_ms).await
     }
-    async fn cancel(&self, id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
-        self.inner.cancel(id, user_id, now_ms).await
-    }
-    async fn reservation(&self, id: ReservationId) -> Result<Reservation, StoreError> {
-        self.inner.reservation(id).await
-    }
-    async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
-        self.inner.expire_holds(now_ms, limit).await
-    }
-    async fn idempotency_begin(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        lease_ms: u64,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> Result<IdempotencyDecision, StoreError> {
-        self.inner.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, now_ms).await
-    }
-    async fn idempotency_complete(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        response: StoredResponse,
-        ttl_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
+
+    async fn before_idempotency_complete(&self) {
         if self.next_completion_hangs.swap(false, Ordering::SeqCst) {
             self.completion_reached.notify_one();
             std::future::pending::<()>().await;
         }
-        self.inner.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await
     }
-    async fn idempotency_renew(
-        &self,
-        key: String,
-        fingerprint: [u8; 32],
-        lease_ms: u64,
-        now_ms: u64,
-    ) -> Result<bool, StoreError> {
+
+    fn on_idempotency_renew(&self) {
         self.renewals.fetch_add(1, Ordering::SeqCst);
-        self.inner.idempotency_renew(key, fingerprint, lease_ms, now_ms).await
-    }
-    async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
-        self.inner.idempotency_release(key, fingerprint).await
-    }
-    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
-        self.inner.purge_idempotency(now_ms, limit).await
-    }
-    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.outbox_pending(limit).await
-    }
-    async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError> {
-        self.inner.outbox_mark_sent(ids).await
-    }
-    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
-        self.inner.append_audit(entry).await
-    }
-    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
-        self.inner.audit(limit).await
-    }
-    async fn dump(&self) -> Result<RecordDump, StoreError> {
-        self.inner.dump().await
     }
 }
 
@@ -222,11 +106,11 @@ async fn post(router: Router, uri: String, user_id: u64, token: String, key: &st
     Reply { status, headers, body: response.into_body().collect().await.expect("body").to_bytes() }
 }
 
-/// A node on `record` (a [`Held`] in front of the real one) and `cache`, with schedule 1 of two
+/// A node on `record` (the real one, [`Held`] up) and `cache`, with schedule 1 of two
 /// seats and one fan with 1,000 points, admitted once `wait` (which moves `clock`) is over;
 /// returns the node and the fan's (user id, token).
 async fn node_with_a_fan(
-    record: Arc<Held>,
+    record: Arc<Tapped<Held>>,
     cache: Arc<dyn CacheStore>,
     clock: Arc<dyn Clock>,
     wait: impl Future<Output = ()>,
@@ -255,7 +139,7 @@ async fn charges(record: &dyn RecordStore) -> usize {
 #[tokio::test(start_paused = true)]
 async fn a_payment_running_past_a_third_of_its_lease_keeps_its_idempotency_key() {
     let memory = Arc::new(MemoryStore::new(MemoryStoreConfig { seed: 7, ..MemoryStoreConfig::default() }));
-    let record = Arc::new(Held::new(memory.clone()));
+    let record = Arc::new(Held::in_front_of(memory.clone()));
     let clock = Arc::new(TokioClock::new(START_MS));
     let wait = tokio::time::sleep(Duration::from_secs(1));
     let (engine, user_id, token) = node_with_a_fan(Arc::clone(&record), memory.clone(), clock, wait).await;
@@ -268,9 +152,9 @@ async fn a_payment_running_past_a_third_of_its_lease_keeps_its_idempotency_key()
     let hold: serde_json::Value = serde_json::from_slice(&held.body).expect("a hold");
     let reservation_id = hold["reservation_id"].as_u64().expect("the hold's reservation");
     let confirm = format!("/v1/reservations/{reservation_id}/confirm");
-    assert_eq!(record.renewals(), 0, "a request that ends within a third of the lease renews nothing");
+    assert_eq!(record.tap.renewals(), 0, "a request that ends within a third of the lease renews nothing");
 
-    *record.next_confirm_delay.lock() = Some(lease * 3);
+    *record.tap.next_confirm_delay.lock() = Some(lease * 3);
     let owner = tokio::spawn(post(router.clone(), confirm.clone(), user_id, token.clone(), "pay-1", None));
     for waited in [lease, lease * 2] {
         tokio::time::sleep(lease).await;
@@ -284,10 +168,10 @@ async fn a_payment_running_past_a_third_of_its_lease_keeps_its_idempotency_key()
     }
     let paid = owner.await.expect("task");
     assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
-    let renewals = record.renewals();
+    let renewals = record.tap.renewals();
     assert!(renewals >= 8, "renewed every third of the lease for three leases: {renewals}");
     tokio::time::sleep(lease * 2).await;
-    assert_eq!(record.renewals(), renewals, "the renewals end with the request");
+    assert_eq!(record.tap.renewals(), renewals, "the renewals end with the request");
 
     let replay = post(router.clone(), confirm, user_id, token, "pay-1", None).await;
     assert_eq!((replay.status, &replay.body), (StatusCode::OK, &paid.body), "replayed byte for byte");
@@ -308,7 +192,7 @@ contract!(
     /// progress; then the retry takes the key over, its confirm finds the reservation already
     /// confirmed and answers it, and the fan is charged once.
     async fn a_payment_whose_node_died_is_taken_over_after_the_lease_and_charged_once(stores) {
-        let record = Arc::new(Held::new(Arc::clone(&stores.record)));
+        let record = Arc::new(Held::in_front_of(Arc::clone(&stores.record)));
         let clock = ManualClock::starting_at_ms(START_MS);
         let wait = async { clock.advance(Duration::from_secs(1)) };
         let (engine, user_id, token) =
@@ -318,9 +202,9 @@ contract!(
         let router = app(Arc::clone(&engine));
         let confirm = format!("/v1/reservations/{}/confirm", held.id);
 
-        record.next_completion_hangs.store(true, Ordering::SeqCst);
+        record.tap.next_completion_hangs.store(true, Ordering::SeqCst);
         let owner = tokio::spawn(post(router.clone(), confirm.clone(), user_id, token.clone(), "pay-1", None));
-        record.completion_reached.notified().await;
+        record.tap.completion_reached.notified().await;
         owner.abort();
         assert!(owner.await.is_err_and(|error| error.is_cancelled()), "the node died before answering");
         assert_eq!(stores.record.reservation(held.id).await.expect("read").status, ReservationStatus::Confirmed);

@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use tcore_engine::clock::{Clock, ManualClock};
 use tcore_engine::config::{ADMIN_TOKEN_NAME_DEFAULT, AdminToken, EngineConfig, HoldMode, TrustedProxies};
-use tcore_engine::domain::{AdmissionPolicy, Concert, Schedule, Section};
+use tcore_engine::domain::{
+    Account, AdmissionPolicy, Concert, FenceToken, IdempotencyDecision, OutboxEvent, Reservation, ReservationId,
+    Schedule, ScheduleId, ScheduleSummary, SeatId, SeatSlot, SeatView, Section, StoredResponse, UserId, WriteGuard,
+};
 use tcore_engine::faults::{FaultHook, NoFaults};
 use tcore_engine::sessions::{SESSION_AUDIENCE_DEFAULT, Session, SessionClaims, SessionConfig, SessionKey, sign_hs256};
-use tcore_engine::store::{MemoryStore, MemoryStoreConfig};
+use tcore_engine::store::{
+    AuditEntry, HoldRequest, MemoryStore, MemoryStoreConfig, RecordDump, RecordStore, SeatFilter, StoreError,
+};
 use tcore_engine::{Engine, EngineParts};
 
 pub const START_MS: u64 = 1_800_000_000_000;
@@ -111,4 +116,152 @@ pub async fn two_admitted_for_one_seat(engine: &Engine, wait: std::time::Duratio
     tokio::time::sleep(wait).await;
     engine.tick_admission().await.expect("tick");
     (token_a, token_b)
+}
+
+/// What a test does to some calls of a record store it stands in front of ([`Tapped`]): wait,
+/// hang, count. Every other call passes through untouched.
+#[async_trait::async_trait]
+pub trait RecordTap: std::fmt::Debug + Send + Sync {
+    /// Before a seat is read.
+    async fn before_seat(&self) {}
+    /// Before a confirm reaches the store.
+    async fn before_confirm(&self) {}
+    /// Before an idempotency record is completed.
+    async fn before_idempotency_complete(&self) {}
+    /// When an idempotency lease is renewed.
+    fn on_idempotency_renew(&self) {}
+}
+
+/// A record store in front of `inner`, with `tap` acting on some of its calls.
+#[derive(Debug)]
+pub struct Tapped<T> {
+    pub inner: Arc<dyn RecordStore>,
+    pub tap: T,
+}
+
+#[async_trait::async_trait]
+impl<T: RecordTap> RecordStore for Tapped<T> {
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    async fn put_schedule(&self, schedule: Schedule) -> Result<(), StoreError> {
+        self.inner.put_schedule(schedule).await
+    }
+    async fn schedules(&self, now_ms: u64) -> Result<Vec<ScheduleSummary>, StoreError> {
+        self.inner.schedules(now_ms).await
+    }
+    async fn schedule(&self, schedule_id: ScheduleId) -> Result<Schedule, StoreError> {
+        self.inner.schedule(schedule_id).await
+    }
+    async fn seat_map(
+        &self,
+        schedule_id: ScheduleId,
+        filter: SeatFilter,
+        now_ms: u64,
+    ) -> Result<Vec<SeatView>, StoreError> {
+        self.inner.seat_map(schedule_id, filter, now_ms).await
+    }
+    async fn seat(
+        &self,
+        schedule_id: ScheduleId,
+        seat_id: SeatId,
+        fence: Option<FenceToken>,
+    ) -> Result<SeatSlot, StoreError> {
+        self.tap.before_seat().await;
+        self.inner.seat(schedule_id, seat_id, fence).await
+    }
+    async fn create_user(&self, name: String, points: u64, now_ms: u64) -> Result<Account, StoreError> {
+        self.inner.create_user(name, points, now_ms).await
+    }
+    async fn account(&self, user_id: UserId) -> Result<Account, StoreError> {
+        self.inner.account(user_id).await
+    }
+    async fn existing_users(&self, first: UserId, count: u32) -> Result<Vec<UserId>, StoreError> {
+        self.inner.existing_users(first, count).await
+    }
+    async fn top_up(&self, user_id: UserId, amount: u64, key: String, now_ms: u64) -> Result<Account, StoreError> {
+        self.inner.top_up(user_id, amount, key, now_ms).await
+    }
+    async fn try_hold(&self, request: HoldRequest, now_ms: u64) -> Result<Reservation, StoreError> {
+        self.inner.try_hold(request, now_ms).await
+    }
+    async fn write_hold(
+        &self,
+        request: HoldRequest,
+        guard: WriteGuard,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
+        self.inner.write_hold(request, guard, now_ms).await
+    }
+    async fn confirm(
+        &self,
+        id: ReservationId,
+        user_id: UserId,
+        key: Option<String>,
+        now_ms: u64,
+    ) -> Result<Reservation, StoreError> {
+        self.tap.before_confirm().await;
+        self.inner.confirm(id, user_id, key, now_ms).await
+    }
+    async fn cancel(&self, id: ReservationId, user_id: UserId, now_ms: u64) -> Result<Reservation, StoreError> {
+        self.inner.cancel(id, user_id, now_ms).await
+    }
+    async fn reservation(&self, id: ReservationId) -> Result<Reservation, StoreError> {
+        self.inner.reservation(id).await
+    }
+    async fn expire_holds(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        self.inner.expire_holds(now_ms, limit).await
+    }
+    async fn idempotency_begin(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<IdempotencyDecision, StoreError> {
+        self.inner.idempotency_begin(key, fingerprint, lease_ms, ttl_ms, now_ms).await
+    }
+    async fn idempotency_complete(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        response: StoredResponse,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.tap.before_idempotency_complete().await;
+        self.inner.idempotency_complete(key, fingerprint, response, ttl_ms, now_ms).await
+    }
+    async fn idempotency_renew(
+        &self,
+        key: String,
+        fingerprint: [u8; 32],
+        lease_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.tap.on_idempotency_renew();
+        self.inner.idempotency_renew(key, fingerprint, lease_ms, now_ms).await
+    }
+    async fn idempotency_release(&self, key: String, fingerprint: [u8; 32]) -> Result<(), StoreError> {
+        self.inner.idempotency_release(key, fingerprint).await
+    }
+    async fn purge_idempotency(&self, now_ms: u64, limit: u32) -> Result<u32, StoreError> {
+        self.inner.purge_idempotency(now_ms, limit).await
+    }
+    async fn outbox_pending(&self, limit: u32) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.inner.outbox_pending(limit).await
+    }
+    async fn outbox_mark_sent(&self, ids: Vec<u64>) -> Result<(), StoreError> {
+        self.inner.outbox_mark_sent(ids).await
+    }
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.inner.append_audit(entry).await
+    }
+    async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit(limit).await
+    }
+    async fn dump(&self) -> Result<RecordDump, StoreError> {
+        self.inner.dump().await
+    }
 }

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use parking_lot::Mutex;
 
-use super::faults::{Link, faulted_links};
+use super::faults::{Link, LiveFaults, faulted_links};
 use super::proxy::{FaultProxy, LinkMode, ProxyCounts};
 use crate::scenario::{AdmissionOrder, Scenario, StoreKind};
-use crate::scenario::{Fault, STORE_CACHE_HOST, STORE_RECORD_HOST};
+use crate::scenario::{STORE_CACHE_HOST, STORE_RECORD_HOST};
 
 /// How long a spawned node may take to answer `/readyz` (migrations and the catalogue's
 /// accounts come first on the first node), or the run's own Redis server to answer `PING`.
@@ -189,7 +189,8 @@ impl Deployment {
                 (1, Vec::new())
             }
             StoreKind::RedisMariadb => {
-                let redis_url = if has_cache_faults(scenario) {
+                // The faults that stop or kill the cache store need a Redis server of the run's own.
+                let redis_url = if LiveFaults::of(scenario).hosts().any(|host| host == STORE_CACHE_HOST) {
                     let port = free_port()?;
                     deployment.start(
                         STORE_CACHE_HOST,
@@ -272,8 +273,7 @@ impl Deployment {
                     ready: Readiness::Http(base.clone()),
                 },
             )?;
-            let driver_link = links.iter().any(|(from, to)| *to == host && from.starts_with("client-"));
-            let url = if driver_link { deployment.proxied_url(&links, (DRIVER, &host), &base)? } else { base };
+            let url = deployment.proxied_url(&links, (DRIVER, &host), &base)?;
             deployment.nodes.push(url);
         }
         Ok(deployment)
@@ -425,15 +425,6 @@ fn find<'a>(processes: &'a mut [Process], host: &str) -> anyhow::Result<&'a mut 
         .iter_mut()
         .find(|process| process.host == host)
         .with_context(|| format!("no process of {host} was started"))
-}
-
-/// Whether any fault of `scenario` aims at the cache store's process.
-fn has_cache_faults(scenario: &Scenario) -> bool {
-    scenario.faults.iter().any(|fault| match fault {
-        Fault::Crash(crash) => crash.host == STORE_CACHE_HOST,
-        Fault::Pause(pause) => pause.host == STORE_CACHE_HOST,
-        _ => false,
-    })
 }
 
 /// A Redis server that keeps nothing on disk, as the engine's cache store is run: restarted,

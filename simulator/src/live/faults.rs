@@ -125,7 +125,7 @@ struct Scheduled {
 #[derive(Debug, Default)]
 pub struct LiveFaults {
     steps: Vec<Scheduled>,
-    kinds: Vec<(usize, &'static str, String)>,
+    kinds: Vec<(usize, &'static str, Vec<String>)>,
 }
 
 /// What the timeline did.
@@ -149,19 +149,19 @@ impl LiveFaults {
                     links.iter().flat_map(|((from, to), _)| [from.clone(), to.clone()]).collect();
                 let healed = links.iter().map(|(link, _)| link.clone()).collect();
                 (
-                    hosts.into_iter().collect::<Vec<_>>().join(","),
+                    hosts.into_iter().collect::<Vec<_>>(),
                     (us(start_s), Step::Links(links)),
                     Some((us(end_s), Step::Heal(healed))),
                 )
             };
-            let (host, start, end) = match entry {
+            let (hosts, start, end) = match entry {
                 Fault::Crash(crash) => (
-                    crash.host.clone(),
+                    vec![crash.host.clone()],
                     (us(crash.at_s), Step::Kill(crash.host.clone())),
                     crash.restart_at_s.map(|at_s| (us(at_s), Step::Restart(crash.host.clone()))),
                 ),
                 Fault::Pause(pause) => (
-                    pause.host.clone(),
+                    vec![pause.host.clone()],
                     (us(pause.at_s), Step::Stop(pause.host.clone())),
                     Some((us(pause.resume_at_s()), Step::Continue(pause.host.clone()))),
                 ),
@@ -171,7 +171,7 @@ impl LiveFaults {
                 Fault::SlowStore(slow) => window(slow.at_s, slow.until_s),
                 _ => continue,
             };
-            faults.kinds.push((fault, entry.kind(), host));
+            faults.kinds.push((fault, entry.kind(), hosts));
             faults.steps.push(Scheduled { at_us: start.0, fault, step: start.1 });
             if let Some((at_us, step)) = end {
                 faults.steps.push(Scheduled { at_us, fault, step });
@@ -266,14 +266,14 @@ impl LiveFaults {
         let windows = windows
             .into_iter()
             .zip(&self.kinds)
-            .filter_map(|((fault, start, end), (_, kind, host))| {
+            .filter_map(|((fault, start, end), (_, kind, hosts))| {
                 let start_us = start?;
                 Some(FaultWindow {
                     index: fault,
                     kind,
                     start_us,
                     end_us: end.unwrap_or(start_us).max(start_us),
-                    hosts: host.split(',').map(str::to_owned).collect(),
+                    hosts: hosts.clone(),
                 })
             })
             .collect();

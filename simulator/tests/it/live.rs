@@ -158,7 +158,7 @@ fn a_live_run_passes_and_its_history_doctored_with_a_double_sale_or_a_lost_confi
 /// back, writes a run result marked partial and exits 1.
 #[cfg(target_os = "linux")]
 #[test]
-fn an_interrupted_live_run_writes_a_partial_run_result_and_stops_its_nodes() {
+fn an_interrupted_live_run_reads_the_nodes_back_and_writes_a_partial_run_result() {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
